@@ -1,0 +1,170 @@
+"""The cpu backend: Megatron-Core 0.16.1's real engine on gloo with pure-PyTorch kernels.
+
+Megatron-Core assumes CUDA in many places. ``install()`` makes those assumptions hold on a
+CPU, once per process and only when asked. What each piece serves (Megatron-Core 0.16.1):
+
+- Mamba kernels registered as ``mamba_ssm`` / ``causal_conv1d`` (``kernels.register``) before
+  Megatron-Core is imported: ``ssm/mamba_mixer.py`` binds them at import (and otherwise makes
+  ``ExtendedRMSNorm`` a MagicMock); ModelOpt's megatron plugin imports ``mamba_ssm`` too.
+- ``_CudaDeviceRedirect``, a TorchFunctionMode mapping CUDA device arguments to the CPU (or to
+  ``meta`` inside :func:`cuda_device_is`): ``torch.cuda.current_device()`` as a device in
+  ~100 places (``utils.py`` global memory buffer, ``distributed/param_and_grad_buffer.py``,
+  ``pipeline_parallel/p2p_communication.py``, ``tensor_parallel/layers.py``,
+  ``ssm/mamba_mixer.py``), ``device='cuda'`` literals (``optimizer/optimizer.py``
+  FP32Optimizer ``_scale``, ``optimizer/clip_grads.py``, ``pipeline_parallel/schedules.py``
+  token count, ``tensor_parallel/data.py``), ``Tensor.cuda()``, and the
+  ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks of ``optimizer/clip_grads.py``,
+  ``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py``.
+- ``torch.cuda`` stand-ins: ``current_device`` (index 0), ``synchronize``/``empty_cache``
+  (no-ops), ``Stream``/``Event``/``current_stream``/``stream`` (inert objects used by DDP
+  overlap and timers), ``nvtx`` ranges, and the RNG functions (mapped to the CPU generator).
+- ``tensor_parallel/random.py``: ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and
+  set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
+  tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
+  "CPU RNG state changed within GPU RNG context" warning is filtered (same generator here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_hybrid.backends import kernels
+
+MEGATRON_CORE_VERSION = "0.16.1"
+
+_redirect: "_CudaDeviceRedirect | None" = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True  # Megatron-Core passes torch.cuda.current_device() (an index)
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaDeviceRedirect(TorchFunctionMode):
+    """Send tensors that Megatron-Core places on ``cuda`` to ``self.target`` instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.target = torch.device("cpu")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0].to(self.target)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # A CPU float tensor plays the role of a cuda one in the optimizer's type checks.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = self.target
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], self.target, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _InertStream:
+    """Stands in for torch.cuda.Stream / Event: work on the CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return _no_op
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _no_op(*args, **kwargs):
+    return None
+
+
+def _cpu_rng_state(*args, **kwargs):
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, *args, **kwargs):
+    torch.set_rng_state(new_state)
+
+
+def _seed_cpu_generator(seed):
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.synchronize = _no_op
+    cuda.empty_cache = _no_op
+    cuda.Stream = _InertStream
+    cuda.Event = _InertStream
+    cuda.current_stream = _InertStream
+    cuda.default_stream = _InertStream
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.nvtx.range_push = _no_op
+    cuda.nvtx.range_pop = _no_op
+    cuda.get_rng_state = _cpu_rng_state
+    cuda.random.get_rng_state = _cpu_rng_state
+    cuda.set_rng_state = _set_cpu_rng_state
+    cuda.random.set_rng_state = _set_cpu_rng_state
+    cuda.manual_seed = _seed_cpu_generator
+    cuda.manual_seed_all = _seed_cpu_generator  # torch.manual_seed itself calls this one
+
+
+def _patch_megatron_rng() -> None:
+    from megatron_hybrid.mcore import tensor_parallel_random
+
+    tensor_parallel_random._get_cuda_rng_state = _cpu_rng_state
+    tensor_parallel_random._set_cuda_rng_state = _set_cpu_rng_state
+    # fork() warns when the CPU generator moves inside a "GPU" RNG context; here the two are
+    # the same generator by design, so the warning would fire on every fork.
+    logging.getLogger(tensor_parallel_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage())
+
+
+def _check_megatron_version() -> None:
+    found = importlib.metadata.version("megatron-core")
+    if found != MEGATRON_CORE_VERSION:
+        raise RuntimeError(
+            f"the cpu backend is written for megatron-core=={MEGATRON_CORE_VERSION}, found "
+            f"{found}: pip install megatron-core=={MEGATRON_CORE_VERSION}"
+        )
+
+
+def install() -> None:
+    """Make Megatron-Core run on the CPU. Idempotent; call before importing Megatron-Core."""
+    global _redirect
+    if _redirect is not None:
+        return
+    _check_megatron_version()
+    kernels.register()
+    _patch_torch_cuda()
+    _redirect = _CudaDeviceRedirect()
+    _redirect.__enter__()  # stays on the mode stack for the life of the process
+    _patch_megatron_rng()
+
+
+@contextlib.contextmanager
+def cuda_device_is(device: str | torch.device):
+    """Temporarily send Megatron-Core's ``cuda`` tensors to ``device`` (e.g. ``meta``)."""
+    if _redirect is None:
+        raise RuntimeError("the cpu backend is not installed")
+    previous, _redirect.target = _redirect.target, torch.device(device)
+    try:
+        yield
+    finally:
+        _redirect.target = previous

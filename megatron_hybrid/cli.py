@@ -1,0 +1,56 @@
+"""``megatron-hybrid`` command line: one small function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_hybrid import flavors, pattern
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+"""Errors raised for bad input; printed as one line instead of a traceback."""
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from megatron_hybrid import backends
+
+    model_cfg = flavors.get_flavor(args.flavor)
+    layer_pattern = model_cfg.layer_pattern
+    layer_pattern.stages(args.pp)  # refuse an impossible split before building anything
+    backends.install("cpu")  # counting builds on the meta device: no GPU needed
+    from megatron_hybrid.params import count_parameters
+
+    counts = count_parameters(model_cfg)
+    if args.json:
+        print(json.dumps({"flavor": args.flavor, **counts}, indent=2))
+        return 0
+    print(f"{args.flavor}: {counts['total']:,} parameters "
+          f"(embedding {counts['embedding']:,}, output layer {counts['output_layer']:,})")
+    for kind in ("mamba", "attention", "mlp", "moe"):
+        if counts[kind]:
+            print(f"  {kind:<9} {counts[kind]:>16,}")
+    print(pattern.describe(layer_pattern, args.pp, counts["per_layer"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    params = commands.add_parser(
+        "params", help="parameter counts of a flavor, from the real model built on meta")
+    params.add_argument("--flavor", required=True, help=f"one of: {', '.join(flavors.FLAVORS)}")
+    params.add_argument("--pp", type=int, default=1, help="pipeline stages to describe")
+    params.add_argument("--json", action="store_true", help="print JSON")
+    params.set_defaults(handler=cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as err:
+        print(f"megatron-hybrid {args.command}: error: {err}", file=sys.stderr)
+        return 2

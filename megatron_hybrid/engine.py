@@ -1,0 +1,135 @@
+"""Megatron-Core's training engine around one model stage: DDP, optimizer, schedules.
+
+Losses are per-token exact: the loss function returns (loss sum, token count, report) and
+``calculate_per_token_loss`` makes the schedule and ``finalize_model_grads`` divide by the
+tokens of the whole global batch, so every TP/PP/DP layout optimises the same objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_hybrid import mcore
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerSettings:
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Mean per-token loss over the global batch."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    num_tokens: int
+    """Loss tokens in the global batch."""
+
+
+def wrap_ddp(model: torch.nn.Module, *, use_distributed_optimizer: bool):
+    """Megatron-Core DDP with fp32 gradient buffers (and the buckets the distributed
+    optimizer shards)."""
+    model.config.calculate_per_token_loss = True
+    ddp_config = mcore.DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return mcore.DistributedDataParallel(config=model.config, ddp_config=ddp_config,
+                                         module=model)
+
+
+def build_optimizer(model_chunks: list, settings: OptimizerSettings):
+    config = mcore.OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        bf16=model_chunks[0].config.bf16,
+        params_dtype=model_chunks[0].config.params_dtype,
+    )
+    return mcore.get_megatron_optimizer(config, model_chunks)
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    loss_mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator: Iterator[dict], model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch["tokens"], None, None, labels=batch["labels"])
+    return per_token_loss, partial(_loss_func, batch["loss_mask"])
+
+
+def train_step(model_chunks: list, optimizer, data_iterator: Iterator[dict], *,
+               num_microbatches: int, micro_batch_size: int, seq_length: int) -> StepResult:
+    """One optimizer step over ``num_microbatches`` micro-batches of this DP rank."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = mcore.get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    _, grad_norm, _ = optimizer.step()
+    loss_sum, num_tokens = _global_loss(reports)
+    return StepResult(loss=loss_sum / max(num_tokens, 1), grad_norm=float(grad_norm or 0.0),
+                      num_tokens=int(num_tokens))
+
+
+@torch.no_grad()
+def eval_loss(model_chunks: list, data_iterator: Iterator[dict], *, num_microbatches: int,
+              micro_batch_size: int, seq_length: int) -> float:
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        reports = mcore.get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=data_iterator, model=model_chunks,
+            num_microbatches=num_microbatches, seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True)
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    loss_sum, num_tokens = _global_loss(reports)
+    return loss_sum / max(num_tokens, 1)
+
+
+def _global_loss(reports: list[dict]) -> tuple[float, float]:
+    """Sum (loss, tokens) over micro-batches and data-parallel ranks; share with all stages."""
+    parallel_state = mcore.parallel_state
+    totals = torch.zeros(2, device="cuda" if torch.cuda.is_available() else "cpu")
+    for report in reports:  # empty except on the last pipeline stage
+        totals += report["lm loss"].float()
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(totals[0]), float(totals[1])

@@ -1,0 +1,61 @@
+"""The one module that imports Megatron-Core internals (pinned: megatron-core 0.16.1).
+
+Everything else in megatron_hybrid reaches Megatron-Core through the names here, so a
+Megatron-Core rename (``MambaModel`` -> ``HybridModel`` in later releases) is absorbed in
+one place. Importing this module requires an installed backend (see ``backends.install``):
+Megatron-Core binds its Mamba kernels at import time.
+"""
+
+# ruff: noqa: E402, F401
+import importlib.util
+import sys
+
+
+def _require_mamba_kernels() -> None:
+    if "mamba_ssm" not in sys.modules and importlib.util.find_spec("mamba_ssm") is None:
+        raise ImportError("Megatron-Core imported before a backend was installed: call "
+                          "megatron_hybrid.backends.install() first")
+
+
+_require_mamba_kernels()
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.activations import squared_relu
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.models.mamba.mamba_model import MambaModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import random as tensor_parallel_random
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType, ModelType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+
+def te_mamba_stack_spec() -> "ModuleSpec":
+    """Megatron-Core's own Transformer-Engine + mamba_ssm stack spec (cuda backend only)."""
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    return mamba_stack_spec
+
+
+def te_norm_class():
+    """Transformer Engine's norm, as Megatron-Core's MambaStack uses for its final norm."""
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm

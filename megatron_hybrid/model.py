@@ -1,0 +1,91 @@
+"""ModelConfig -> Megatron-Core TransformerConfig -> MambaModel for one pipeline stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_hybrid import mcore, specs
+from megatron_hybrid.config import ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLayout:
+    """How one model instance is laid out across ranks (the parts the model itself needs)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    params_dtype: torch.dtype = torch.float32
+
+
+def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), *,
+                       perform_initialization: bool = True) -> "mcore.TransformerConfig":
+    """Megatron-Core's TransformerConfig for a Nemotron-H style model: squared-ReLU MLP, no
+    bias, RMSNorm, no dropout; ``finalize_model_grads`` wired (sequence-parallel norm grads
+    are otherwise never all-reduced)."""
+    config = mcore.TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        is_hybrid_model=True,
+        mamba_state_dim=model.mamba_state_dim,
+        mamba_head_dim=model.mamba_head_dim,
+        mamba_num_groups=model.mamba_num_groups,
+        mamba_num_heads=model.mamba_num_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        add_bias_linear=False,
+        gated_linear_unit=False,
+        activation_func=mcore.squared_relu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        num_moe_experts=model.num_moe_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=(model.moe_ffn_hidden_size or model.ffn_hidden_size
+                             if model.num_moe_experts else None),
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=layout.params_dtype,
+        pipeline_dtype=layout.params_dtype,
+        bf16=layout.params_dtype == torch.bfloat16,
+        perform_initialization=perform_initialization,
+        persist_layer_norm=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    config.finalize_model_grads_func = mcore.finalize_model_grads
+    return config
+
+
+def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
+                perform_initialization: bool = True) -> "mcore.MambaModel":
+    """This rank's pipeline stage of ``model`` (process groups must be initialised)."""
+    model.validate()
+    parallel_state = mcore.parallel_state
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    stages = model.layer_pattern.stages(layout.pp)
+    return mcore.MambaModel(
+        config=transformer_config(model, layout, perform_initialization=perform_initialization),
+        mamba_stack_spec=specs.stack_spec(backend, [len(s) for s in stages],
+                                          model.mamba_chunk_size),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == layout.pp - 1,
+        hybrid_override_pattern=model.layer_pattern.layers,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",
+        pg_collection=mcore.ProcessGroupCollection.use_mpu_process_groups(),
+    )

@@ -1,0 +1,85 @@
+"""Process groups and seeds through Megatron-Core's parallel_state.
+
+``ParallelDims`` infers data parallel from the world size and names every factor when the
+layout does not fit (torchtitan's habit).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_hybrid.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    world_size: int = 1
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    @property
+    def dp(self) -> int:
+        if self.world_size % self.model_parallel:
+            raise ConfigError(
+                f"parallel: tp({self.tp}) * pp({self.pp}) * cp({self.cp}) * dp(?) does not "
+                f"divide world size {self.world_size}: choose sizes whose product divides it")
+        return self.world_size // self.model_parallel
+
+
+def init_distributed(dims: ParallelDims, *, backend: str, timeout_minutes: int = 10) -> None:
+    """Start torch.distributed (from torchrun's environment, or a 1-process group) and
+    Megatron-Core's model-parallel groups for ``dims``."""
+    from megatron_hybrid import mcore
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend="nccl" if backend == "cuda" else "gloo",
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if backend == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dims.dp  # noqa: B018  (raises the one-line layout error before any group exists)
+    mcore.parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        context_parallel_size=dims.cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron-Core's seeding: data-parallel state shared, tensor-parallel state per TP rank."""
+    from megatron_hybrid import mcore
+
+    torch.manual_seed(seed)
+    mcore.tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron_hybrid import mcore
+
+    mcore.parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

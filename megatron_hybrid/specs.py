@@ -1,0 +1,179 @@
+"""Megatron-Core module specs per backend, and the few modules the cpu backend adds.
+
+Behaviour changes by swapping specs, never by editing model code:
+- ``cuda``: Megatron-Core's own Transformer-Engine + mamba_ssm layer specs, unchanged.
+- ``cpu``: ColumnParallel/RowParallel linears, :class:`TorchRMSNorm`, :class:`SDPAttention`,
+  with the norm state-dict keys remapped to TE's fused-norm names, so a checkpoint written on
+  the CPU loads on GPUs (as Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
+Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from megatron_hybrid import mcore
+
+# Local norm names -> the names of Transformer Engine's fused norm+linear parameters.
+MAMBA_TE_KEY_MAP = {"norm.": "mixer.in_proj.layer_norm_"}
+TRANSFORMER_TE_KEY_MAP = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+class TorchRMSNorm(torch.nn.Module):
+    """RMSNorm in plain PyTorch with Megatron-Core's norm constructor signature."""
+
+    def __init__(self, config: "mcore.TransformerConfig", hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Norm grads are partial under sequence parallel; finalize_model_grads all-reduces them.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.eps)
+
+
+class SDPAttention(mcore.DotProductAttention):
+    """Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Subclasses Megatron-Core's DotProductAttention so ModelOpt recognises it (head pruning),
+    but avoids its CUDA global memory buffer and fused-softmax kernels.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences need the THD attention of the cpu backend")
+        seq_len, batch = query.shape[:2]
+        # [s, b, heads, dim] -> [b, heads, s, dim]; key/value keep their query-group heads.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale,
+            dropout_p=self.attention_dropout.p if self.training else 0.0,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
+
+
+class HybridStack(mcore.MambaStack):
+    """MambaStack whose pipeline stages follow the pattern's split exactly.
+
+    Megatron-Core 0.16's MambaStack gives each stage ``num_layers // pp`` layers (dropping the
+    rest silently) and always builds a Transformer-Engine final norm; here the stage sizes come
+    from the pattern module and the final norm from the spec.
+    """
+
+    def __init__(self, config, submodules, *, stage_sizes, final_norm, post_layer_norm=True,
+                 **kwargs):
+        self.stage_sizes = tuple(stage_sizes)
+        super().__init__(config, submodules, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = mcore.build_module(
+                final_norm, config=config, hidden_size=config.hidden_size,
+                eps=config.layernorm_epsilon)
+        # Transformer layers number themselves assuming an even split; renumber globally
+        # (the numbers key the sharded checkpoint).
+        first = sum(self.stage_sizes[: self.pp_group.rank()])
+        for index, layer in enumerate(self.layers):
+            layer.layer_number = first + index + 1
+
+    def _select_layers_for_pipeline_parallel(self, layer_type_list):
+        rank = self.pp_group.rank()
+        if len(self.stage_sizes) != self.pp_group.size():
+            raise ValueError(f"{len(self.stage_sizes)} pattern stages for a pipeline of "
+                             f"{self.pp_group.size()} ranks")
+        first = sum(self.stage_sizes[:rank])
+        return first, layer_type_list[first : first + self.stage_sizes[rank]]
+
+
+def _mamba_layer(mixer_params: dict) -> "mcore.ModuleSpec":
+    return mcore.ModuleSpec(
+        module=mcore.MambaLayer,
+        submodules=mcore.MambaLayerSubmodules(
+            norm=TorchRMSNorm,
+            mixer=mcore.ModuleSpec(
+                module=mcore.MambaMixer,
+                params=mixer_params,
+                submodules=mcore.MambaMixerSubmodules(
+                    in_proj=mcore.ColumnParallelLinear, out_proj=mcore.RowParallelLinear),
+            ),
+            mamba_bda=mcore.get_bias_dropout_add,
+            sharded_state_dict_keys_map=MAMBA_TE_KEY_MAP,
+        ),
+    )
+
+
+def _attention_layer() -> "mcore.ModuleSpec":
+    return mcore.ModuleSpec(
+        module=mcore.TransformerLayer,
+        submodules=mcore.TransformerLayerSubmodules(
+            input_layernorm=TorchRMSNorm,
+            self_attention=mcore.ModuleSpec(
+                module=mcore.SelfAttention,
+                params={"attn_mask_type": mcore.AttnMaskType.causal},
+                submodules=mcore.SelfAttentionSubmodules(
+                    linear_qkv=mcore.ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=mcore.RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=mcore.get_bias_dropout_add,
+            sharded_state_dict_keys_map=TRANSFORMER_TE_KEY_MAP,
+        ),
+    )
+
+
+def _mlp_layer(mlp: "mcore.ModuleSpec") -> "mcore.ModuleSpec":
+    return mcore.ModuleSpec(
+        module=mcore.TransformerLayer,
+        submodules=mcore.TransformerLayerSubmodules(
+            pre_mlp_layernorm=TorchRMSNorm,
+            mlp=mlp,
+            mlp_bda=mcore.get_bias_dropout_add,
+            sharded_state_dict_keys_map=TRANSFORMER_TE_KEY_MAP,
+        ),
+    )
+
+
+def local_stack_submodules(mamba_chunk_size: int) -> "mcore.MambaStackSubmodules":
+    """The cpu backend's layers: local linears, torch norms, SDPA, torch Mamba kernels."""
+    dense_mlp = mcore.ModuleSpec(
+        module=mcore.MLP,
+        submodules=mcore.MLPSubmodules(
+            linear_fc1=mcore.ColumnParallelLinear, linear_fc2=mcore.RowParallelLinear),
+    )
+    moe_mlp = mcore.get_moe_module_spec(use_te=False, num_experts=8, moe_grouped_gemm=False)
+    return mcore.MambaStackSubmodules(
+        mamba_layer=_mamba_layer({"chunk_size": mamba_chunk_size}),
+        attention_layer=_attention_layer(),
+        mlp_layer=_mlp_layer(dense_mlp),
+        moe_layer=_mlp_layer(moe_mlp),
+    )
+
+
+def te_stack_submodules(mamba_chunk_size: int) -> "mcore.MambaStackSubmodules":
+    """Megatron-Core's own TE + mamba_ssm layer specs (NVIDIA's, used unchanged)."""
+    submodules = copy.deepcopy(mcore.te_mamba_stack_spec().submodules)
+    mixer = submodules.mamba_layer.submodules.mixer
+    mixer.params = {**mixer.params, "chunk_size": mamba_chunk_size}
+    return submodules
+
+
+def stack_spec(backend: str, stage_sizes, mamba_chunk_size: int) -> "mcore.ModuleSpec":
+    """The decoder spec for ``backend`` with the pattern's pipeline stage sizes."""
+    if backend == "cuda":
+        submodules, final_norm = te_stack_submodules(mamba_chunk_size), mcore.te_norm_class()
+    else:
+        submodules, final_norm = local_stack_submodules(mamba_chunk_size), TorchRMSNorm
+    return mcore.ModuleSpec(
+        module=HybridStack,
+        submodules=submodules,
+        params={"stage_sizes": tuple(stage_sizes), "final_norm": final_norm},
+    )

@@ -1,0 +1,44 @@
+"""megatron-hybrid: hybrid Mamba-Transformer (Nemotron-H) training on Megatron-Core.
+
+torch is deliberately not a requirement: on GPU clusters NVIDIA's PyTorch container provides
+it (and must keep its own build); on CPU machines `make setup` installs torch==2.13.0 first.
+"""
+
+from setuptools import find_packages, setup
+
+# The version set that works together (see docs/environment.md); pinned where the project
+# stands on internals or on exact numerics.
+INSTALL_REQUIRES = [
+    "megatron-core==0.16.1",
+    "nvidia-modelopt==0.43.0",  # 0.44+ imports transformer_engine unconditionally
+    "transformers==5.23.0",  # NemotronHForCausalLM: the parity reference and HF conversion
+    "triton>=3.0",  # imported by Megatron-Core's mamba_mixer at import time
+    "psutil>=5.9",  # dist_checkpointing's async writer hangs without it
+    "requests>=2.31",  # ModelOpt imports it without declaring it
+    "huggingface_hub>=0.30",
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "pyyaml>=6.0",
+    "einops>=0.8",
+    "tensorboard>=2.15",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    # The cuda backend's kernels; built for the container's CUDA (see Dockerfile).
+    "gpu": ["transformer-engine[pytorch]", "mamba-ssm>=2.2.4", "causal-conv1d>=1.5.0"],
+    "test": ["pytest>=8.0"],
+}
+
+setup(
+    name="megatron-hybrid",
+    version="0.1.0",
+    description="Hybrid Mamba-Transformer (Nemotron-H) training on Megatron-Core, "
+    "with a CPU backend that runs the real parallel engine",
+    packages=find_packages(include=["megatron_hybrid", "megatron_hybrid.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["megatron-hybrid=megatron_hybrid.cli:main"]},
+)
