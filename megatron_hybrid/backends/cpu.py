@@ -6,18 +6,20 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
 - Mamba kernels registered as ``mamba_ssm`` / ``causal_conv1d`` (``kernels.register``) before
   Megatron-Core is imported: ``ssm/mamba_mixer.py`` binds them at import (and otherwise makes
   ``ExtendedRMSNorm`` a MagicMock); ModelOpt's megatron plugin imports ``mamba_ssm`` too.
-- ``_CudaDeviceRedirect``, a TorchFunctionMode mapping CUDA device arguments to the CPU (or to
-  ``meta`` inside :func:`cuda_device_is`): ``torch.cuda.current_device()`` as a device in
-  ~100 places (``utils.py`` global memory buffer, ``distributed/param_and_grad_buffer.py``,
-  ``pipeline_parallel/p2p_communication.py``, ``tensor_parallel/layers.py``,
-  ``ssm/mamba_mixer.py``), ``device='cuda'`` literals (``optimizer/optimizer.py``
-  FP32Optimizer ``_scale``, ``optimizer/clip_grads.py``, ``pipeline_parallel/schedules.py``
-  token count, ``tensor_parallel/data.py``), ``Tensor.cuda()``, and the
+- ``torch.cuda.current_device()`` returns the redirect target (the CPU, or ``meta`` inside
+  :func:`cuda_device_is`) as a device: Megatron-Core passes it as a device in ~100 places
+  (``utils.py`` global memory buffer, ``distributed/param_and_grad_buffer.py``,
+  ``pipeline_parallel/p2p_communication.py``, ``tensor_parallel/layers.py`` forward and
+  backward, ``ssm/mamba_mixer.py``).
+- ``_CudaDeviceRedirect``, a TorchFunctionMode sending the rest to the same target:
+  ``device='cuda'`` literals (``optimizer/optimizer.py`` FP32Optimizer ``_scale``,
+  ``optimizer/clip_grads.py``, ``pipeline_parallel/schedules.py`` token count,
+  ``tensor_parallel/data.py``), ``Tensor.cuda()``, and the
   ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks of ``optimizer/clip_grads.py``,
   ``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py``.
-- ``torch.cuda`` stand-ins: ``current_device`` (index 0), ``synchronize``/``empty_cache``
-  (no-ops), ``Stream``/``Event``/``current_stream``/``stream`` (inert objects used by DDP
-  overlap and timers), ``nvtx`` ranges, and the RNG functions (mapped to the CPU generator).
+- other ``torch.cuda`` stand-ins: ``synchronize``/``empty_cache`` (no-ops),
+  ``Stream``/``Event``/``current_stream``/``stream`` (inert objects used by DDP overlap and
+  timers), ``nvtx`` ranges, and the RNG functions (mapped to the CPU generator).
 - ``tensor_parallel/random.py``: ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and
   set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
@@ -44,7 +46,7 @@ def _is_cuda_device(device) -> bool:
     if isinstance(device, bool):
         return False
     if isinstance(device, int):
-        return True  # Megatron-Core passes torch.cuda.current_device() (an index)
+        return True  # a CUDA device index
     if isinstance(device, str):
         return device.startswith("cuda")
     return isinstance(device, torch.device) and device.type == "cuda"
@@ -107,7 +109,9 @@ def _seed_cpu_generator(seed):
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device, not an index: a mode is off while its own handler runs, so allocations inside
+    # autograd's backward (Megatron's linears allocate there) never reach the redirect.
+    cuda.current_device = lambda: _redirect.target
     cuda.synchronize = _no_op
     cuda.empty_cache = _no_op
     cuda.Stream = _InertStream

@@ -21,6 +21,7 @@ LAYOUTS = {
     "tp2pp2": (2, 2, False, False),
     "tp2sp": (2, 1, True, False),
     "tp2sp_distopt": (2, 1, True, True),
+    "tp2_own_init": (2, 1, False, False),  # control: its own random weights, not the checkpoint
 }
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -47,12 +48,13 @@ def run_layout(model_cfg, name, checkpoint_dir, world_size):
     tp, pp, sp, distopt = LAYOUTS[name]
     dims = parallel.ParallelDims(tp=tp, pp=pp, world_size=world_size)
     parallel.init_distributed(dims, backend="cpu")
-    parallel.seed_everything(0)
+    parallel.seed_everything(1 if name.endswith("own_init") else 0)
     layout = ModelLayout(tp=tp, pp=pp, sequence_parallel=sp)
     model = build_model(model_cfg, layout, backend="cpu")
     if name == "tp1":
         checkpoint.save_weights([model], checkpoint_dir)
-    checkpoint.load_weights([model], checkpoint_dir)
+    if not name.endswith("own_init"):
+        checkpoint.load_weights([model], checkpoint_dir)
     chunks = [engine.wrap_ddp(model, use_distributed_optimizer=distopt)]
     optimizer = engine.build_optimizer(
         chunks, engine.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt))

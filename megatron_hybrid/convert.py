@@ -1,0 +1,328 @@
+"""HF ``NemotronHForCausalLM`` <-> Megatron-Core ``MambaModel``: configs and weights.
+
+The one place that knows both naming schemes; the checkpoint import/export tools build on it.
+Pinned against transformers 5.23 (``transformers/models/nemotron_h``) and Megatron-Core 0.16.1
+(``megatron/core/ssm/mamba_mixer.py``, ``transformer/attention.py``).
+
+What differs between the two layouts (everything else is a rename):
+
+- Attention: HF has separate ``q_proj``/``k_proj``/``v_proj``; Megatron one fused
+  ``linear_qkv`` whose rows are grouped per KV group ``g``: ``[q heads of g, k_g, v_g]`` (HF's
+  query head ``h`` uses KV head ``h // (heads / groups)``, the same grouping).
+- Norms: each HF block has one ``norm`` before its mixer; Megatron names it after the layer
+  kind (``norm`` in Mamba layers, ``input_layernorm`` in attention layers,
+  ``pre_mlp_layernorm`` in MLP layers).
+- Mamba mixer: identical at TP=1. Both ``in_proj`` outputs are ``[z, x, B, C, dt]`` (HF
+  splits ``[gate, x|B|C, dt]``; Megatron's mixer ``z x B C dt``), ``conv1d`` is
+  ``[conv_dim, 1, d_conv]`` over ``x|B|C`` in both, ``A_log``/``D``/``dt_bias`` are per head,
+  and the gated norm weight is ``[d_inner]`` with ``n_groups`` norm groups in both.
+
+Numerics that a config cannot carry and what is done about them:
+
+- dt clamp. HF's mixer clamps ``dt = softplus(. + dt_bias)`` from below at
+  ``config.time_step_min`` (its ``time_step_limit`` field is not read by the mixer);
+  Megatron-Core 0.16.1 passes no ``dt_limit`` in training, i.e. never clamps. Exported configs
+  therefore set ``time_step_min=0.0`` and ``time_step_limit=(0.0, inf)``: softplus is never
+  negative, so HF then computes exactly what Megatron trained. Caveat: HF also uses
+  ``time_step_min`` as the low end of its random ``dt_bias`` init, and ``math.log(0.0)`` fails,
+  so ``NemotronHForCausalLM(config)`` (fresh random init) raises with an exported config;
+  ``from_pretrained`` (weights loaded) and meta-device builds work. Pass
+  ``time_step_min=0.001`` as an override to get HF's from-scratch init (and its clamp).
+  Importing an HF checkpoint (``time_step_min=0.001``) into Megatron drops the clamp: the
+  imported model computes what Megatron-Core computes.
+- Norm epsilon. Megatron-Core 0.16.1 hard-codes ``eps=1e-5`` for the Mamba gated norm, so only
+  ``layer_norm_epsilon == 1e-5`` (every published Nemotron-H config) converts exactly.
+- MoE (``E``) layers are not converted: HF NemotronH's MoE (sigmoid group-limited router with a
+  score-correction bias, a shared expert, optional latent projections) is a different
+  architecture from the ``E`` layers ``megatron_hybrid.model`` builds.
+
+State dicts are the full, unsharded TP=1/PP=1 ones (Megatron's ``model.state_dict()`` names;
+``*._extra_state`` entries are skipped on export and not produced on import, see
+:func:`load_mcore_state_dict`). Converted dicts may share storage with their inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from megatron_hybrid.config import ModelConfig
+
+HF_PREFIX = "model."
+"""Prefix of the decoder in ``NemotronHForCausalLM.state_dict()`` (transformers >= 5)."""
+HF_CHECKPOINT_PREFIX = "backbone."
+"""Prefix in NVIDIA's published safetensors; transformers 5 renames it to ``model.`` on load."""
+MEGATRON_GATED_NORM_EPS = 1e-5
+"""Megatron-Core 0.16.1 ``MambaMixer`` builds its gated norm with this eps, whatever the config."""
+MEGATRON_CONV_KERNEL = 4
+"""``MambaMixer``'s ``d_conv`` default (the specs do not override it)."""
+
+_HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+
+
+class ConversionError(ValueError):
+    """A config or state dict cannot be converted exactly; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_config_from_model(cfg: ModelConfig, **overrides):
+    """The ``transformers.NemotronHConfig`` of ``cfg`` (``overrides`` set any HF field last).
+
+    Sets ``time_step_min=0.0`` / ``time_step_limit=(0.0, inf)`` so HF does not clamp dt, as
+    Megatron-Core does not in training (see the module docstring for the from-scratch init
+    caveat). ``expand`` is written as 2 like NVIDIA's published configs: neither side reads
+    it (the Mamba width is ``mamba_num_heads * mamba_head_dim``).
+    """
+    from transformers import NemotronHConfig
+
+    layers = cfg.layer_pattern.layers
+    if "E" in layers:
+        raise ConversionError(
+            f"pattern {cfg.pattern!r} has MoE ('E') layers: HF NemotronH's MoE differs from "
+            "megatron_hybrid's E layers (router, shared expert), so there is no exact HF config"
+        )
+    fields = dict(
+        hybrid_override_pattern=layers,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        tie_word_embeddings=False,
+        max_position_embeddings=cfg.seq_length,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.kv_channels,
+        attention_bias=False,
+        attention_dropout=0.0,
+        intermediate_size=cfg.ffn_hidden_size,
+        mlp_hidden_act="relu2",
+        mlp_bias=False,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_head_dim=cfg.mamba_head_dim,
+        ssm_state_size=cfg.mamba_state_dim,
+        n_groups=cfg.mamba_num_groups,
+        mamba_hidden_act="silu",
+        conv_kernel=MEGATRON_CONV_KERNEL,
+        expand=2,
+        chunk_size=cfg.mamba_chunk_size,
+        use_conv_bias=True,
+        use_bias=False,
+        mamba_proj_bias=False,
+        time_step_min=0.0,
+        time_step_limit=(0.0, math.inf),
+        layer_norm_epsilon=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        residual_in_fp32=False,
+        hidden_dropout=0.0,
+    )
+    return NemotronHConfig(**{**fields, **overrides})
+
+
+def model_config_from_hf(hf_config, **overrides) -> ModelConfig:
+    """The ``ModelConfig`` of an HF ``NemotronHConfig``; ConversionError for what Megatron's
+    model cannot reproduce exactly (biases, tied embeddings, other activations, MoE, MTP)."""
+    _check_hf_config(hf_config)
+    fields = dict(
+        pattern=hf_config.hybrid_override_pattern,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=hf_config.head_dim,
+        mamba_num_heads=hf_config.mamba_num_heads,
+        mamba_head_dim=hf_config.mamba_head_dim,
+        mamba_state_dim=hf_config.ssm_state_size,
+        mamba_num_groups=hf_config.n_groups,
+        vocab_size=hf_config.vocab_size,
+        seq_length=hf_config.max_position_embeddings,
+        norm_eps=hf_config.layer_norm_epsilon,
+        mamba_chunk_size=hf_config.chunk_size,
+        init_std=hf_config.initializer_range,
+    )
+    cfg = ModelConfig(**{**fields, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def _check_hf_config(hf) -> None:
+    problems = [
+        (hf.tie_word_embeddings, "tie_word_embeddings=True (Megatron model is untied)"),
+        (hf.use_bias or hf.mlp_bias or hf.attention_bias or hf.mamba_proj_bias,
+         "linear biases (Megatron's Nemotron-H layers have none)"),
+        (not hf.use_conv_bias, "use_conv_bias=False (Megatron's conv1d has a bias)"),
+        (hf.conv_kernel != MEGATRON_CONV_KERNEL, f"conv_kernel={hf.conv_kernel} (Megatron: 4)"),
+        (hf.mlp_hidden_act != "relu2", f"mlp_hidden_act={hf.mlp_hidden_act!r} (need relu2)"),
+        (hf.mamba_hidden_act != "silu", f"mamba_hidden_act={hf.mamba_hidden_act!r} (need silu)"),
+        ("E" in hf.hybrid_override_pattern, "MoE layers (not converted, see module docstring)"),
+        (hf.num_nextn_predict_layers > 0, "multi-token-prediction layers"),
+        (hf.layer_norm_epsilon != MEGATRON_GATED_NORM_EPS,
+         f"layer_norm_epsilon={hf.layer_norm_epsilon} (Megatron's gated norm uses 1e-5)"),
+    ]
+    found = [message for bad, message in problems if bad]
+    if found:
+        raise ConversionError("HF config cannot be converted exactly: " + "; ".join(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: one table per layer kind
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Fused:
+    """One Megatron tensor made of several HF tensors."""
+
+    mcore: str
+    hf: tuple[str, ...]
+    fuse: Callable[[list[torch.Tensor], ModelConfig], torch.Tensor]
+    split: Callable[[torch.Tensor, ModelConfig], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _LayerMap:
+    """Megatron names under ``decoder.layers.{i}.`` <-> HF names under ``layers.{i}.``."""
+
+    renames: Mapping[str, str]
+    fused: tuple[_Fused, ...] = ()
+
+
+def _qkv_shapes(cfg: ModelConfig) -> tuple[int, list[int]]:
+    groups, head_dim = cfg.num_query_groups, cfg.kv_channels
+    q_rows = cfg.num_attention_heads // groups * head_dim
+    return groups, [q_rows, head_dim, head_dim]
+
+
+def _fuse_qkv(parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """q [heads*d, h], k [groups*d, h], v [groups*d, h] -> rows ``[q_g, k_g, v_g]`` per group."""
+    groups, _ = _qkv_shapes(cfg)
+    per_group = [t.reshape(groups, -1, t.shape[-1]) for t in parts]
+    return torch.cat(per_group, dim=1).reshape(-1, parts[0].shape[-1])
+
+
+def _split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    groups, rows = _qkv_shapes(cfg)
+    per_group = fused.reshape(groups, sum(rows), fused.shape[-1]).split(rows, dim=1)
+    return [t.reshape(-1, fused.shape[-1]) for t in per_group]
+
+
+_MAMBA = _LayerMap(renames={
+    "norm.weight": "norm.weight",
+    "mixer.in_proj.weight": "mixer.in_proj.weight",  # [z, x, B, C, dt] rows in both
+    "mixer.conv1d.weight": "mixer.conv1d.weight",  # [conv_dim, 1, d_conv] in both
+    "mixer.conv1d.bias": "mixer.conv1d.bias",
+    "mixer.dt_bias": "mixer.dt_bias",
+    "mixer.A_log": "mixer.A_log",
+    "mixer.D": "mixer.D",
+    "mixer.norm.weight": "mixer.norm.weight",  # gated norm, n_groups groups in both
+    "mixer.out_proj.weight": "mixer.out_proj.weight",
+})
+_ATTENTION = _LayerMap(
+    renames={
+        "input_layernorm.weight": "norm.weight",
+        "self_attention.linear_proj.weight": "mixer.o_proj.weight",
+    },
+    fused=(_Fused(
+        mcore="self_attention.linear_qkv.weight",
+        hf=("mixer.q_proj.weight", "mixer.k_proj.weight", "mixer.v_proj.weight"),
+        fuse=_fuse_qkv,
+        split=_split_qkv,
+    ),),
+)
+_MLP = _LayerMap(renames={
+    "pre_mlp_layernorm.weight": "norm.weight",
+    "mlp.linear_fc1.weight": "mixer.up_proj.weight",
+    "mlp.linear_fc2.weight": "mixer.down_proj.weight",
+})
+LAYER_MAPS: dict[str, _LayerMap] = {"M": _MAMBA, "*": _ATTENTION, "-": _MLP}
+"""Pattern symbol -> its weight table (no ``E``: see the module docstring)."""
+
+_GLOBAL = {  # Megatron name -> HF name ({prefix}: the decoder's, see HF_PREFIX)
+    "embedding.word_embeddings.weight": "{prefix}embeddings.weight",
+    "decoder.final_norm.weight": "{prefix}norm_f.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+def _layer_map(symbol: str, cfg: ModelConfig) -> _LayerMap:
+    if symbol not in LAYER_MAPS:
+        raise ConversionError(f"layer kind {symbol!r} of pattern {cfg.pattern!r} has no HF "
+                              "mapping (MoE layers are not converted)")
+    return LAYER_MAPS[symbol]
+
+
+def hf_to_mcore_state_dict(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict:
+    """Megatron-Core (TP=1, PP=1) state dict from an HF NemotronH one (``model.`` or
+    ``backbone.`` prefix). Raises ConversionError on missing or unused HF tensors."""
+    prefix = _detect_prefix(hf_state)
+    remaining = dict(hf_state)
+    out = {mcore: remaining.pop(hf.format(prefix=prefix), None) for mcore, hf in _GLOBAL.items()}
+    for index, symbol in enumerate(cfg.layer_pattern.layers):
+        table, hf_layer = _layer_map(symbol, cfg), f"{prefix}layers.{index}."
+        for mcore, hf in table.renames.items():
+            out[f"decoder.layers.{index}.{mcore}"] = remaining.pop(hf_layer + hf, None)
+        for fused in table.fused:
+            parts = [remaining.pop(hf_layer + hf, None) for hf in fused.hf]
+            ok = all(part is not None for part in parts)
+            out[f"decoder.layers.{index}.{fused.mcore}"] = fused.fuse(parts, cfg) if ok else None
+    _check_complete(out, remaining, "HF", "Megatron")
+    return out
+
+
+def mcore_to_hf_state_dict(mcore_state: Mapping[str, torch.Tensor], cfg: ModelConfig, *,
+                           prefix: str = HF_PREFIX) -> dict:
+    """HF NemotronH state dict from a full Megatron-Core (TP=1, PP=1) one; ``prefix``
+    ``"backbone."`` gives NVIDIA's published on-disk names. Works on any per-parameter
+    tensors (e.g. gradients). ``*._extra_state`` entries are ignored."""
+    remaining = {k: v for k, v in mcore_state.items() if not k.endswith("._extra_state")}
+    out = {hf.format(prefix=prefix): remaining.pop(mcore, None) for mcore, hf in _GLOBAL.items()}
+    for index, symbol in enumerate(cfg.layer_pattern.layers):
+        table, hf_layer = _layer_map(symbol, cfg), f"{prefix}layers.{index}."
+        for mcore, hf in table.renames.items():
+            out[hf_layer + hf] = remaining.pop(f"decoder.layers.{index}.{mcore}", None)
+        for fused in table.fused:
+            tensor = remaining.pop(f"decoder.layers.{index}.{fused.mcore}", None)
+            parts = fused.split(tensor, cfg) if tensor is not None else [None] * len(fused.hf)
+            out.update({hf_layer + hf: part for hf, part in zip(fused.hf, parts)})
+    _check_complete(out, remaining, "Megatron", "HF")
+    return out
+
+
+def _detect_prefix(hf_state: Mapping[str, torch.Tensor]) -> str:
+    found = {p for p in (HF_PREFIX, HF_CHECKPOINT_PREFIX) if any(k.startswith(p) for k in hf_state)}
+    if len(found) != 1:
+        raise ConversionError(
+            f"HF state dict must use exactly one of the prefixes {HF_PREFIX!r} / "
+            f"{HF_CHECKPOINT_PREFIX!r} for the decoder, found {sorted(found) or 'neither'}")
+    return found.pop()
+
+
+def _check_complete(out: dict, remaining: dict, source: str, target: str) -> None:
+    missing = sorted(name for name, tensor in out.items() if tensor is None)
+    if missing or remaining:
+        raise ConversionError(
+            f"{source} state dict does not match the config: {target} tensors without a source "
+            f"{_preview(missing)}; unused {source} tensors {_preview(sorted(remaining))}")
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def load_mcore_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a converted state dict into a Megatron ``MambaModel`` (TP=1, PP=1).
+
+    Strict except for Megatron's ``*._extra_state`` entries (Transformer Engine FP8 metadata
+    slots, None for local layers), which a converted dict does not carry.
+    """
+    result = model.load_state_dict(dict(state), strict=False)
+    missing = [k for k in result.missing_keys if not re.search(r"\._extra_state$", k)]
+    if missing or result.unexpected_keys:
+        raise ConversionError(f"state dict does not fit the model: missing {_preview(missing)}, "
+                              f"unexpected {_preview(list(result.unexpected_keys))}")

@@ -1,0 +1,399 @@
+"""Parity with an implementation nobody here wrote: HF transformers ``NemotronHForCausalLM``.
+
+A tiny random HF model (fp32; pattern with Mamba, attention and MLP layers; Mamba groups > 1;
+GQA) is converted into our Megatron-Core model; logits, loss and every gradient must match.
+
+The reference must run HF's own PyTorch code. transformers 5.23 binds its Mamba kernels when
+``modeling_nemotron_h`` is imported: it takes ``mamba_ssm`` / ``causal_conv1d`` functions if
+those modules import, and the cpu backend registers OUR kernels under exactly those names.
+So the reference here is a private copy of HF's modeling module, imported while those names
+are blocked, and the tests prove (a) its kernel wrappers hold HF's torch functions, (b) HF's
+torch scan/conv code ran and (c) none of our kernel code ran during its forward and backward.
+"""
+
+import contextlib
+import importlib.util
+import inspect
+import math
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_hybrid import backends
+
+backends.install("cpu")
+
+from megatron_hybrid import convert, mcore, parallel  # noqa: E402
+from megatron_hybrid.backends import kernels  # noqa: E402
+from megatron_hybrid.flavors import FLAVORS, get_flavor  # noqa: E402
+from megatron_hybrid.model import ModelLayout, build_model  # noqa: E402
+
+PATTERN = "M-M*-M-"
+BATCH, SEQ = 2, 40  # SEQ is not a multiple of the chunk size (16): padding paths run too
+TOLERANCE = 1e-4
+KERNEL_DIR = str(Path(kernels.__file__).resolve().parent)
+HF_KERNEL_WRAPPERS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan",
+                      "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined")
+# A name of each parameter kind whose gradient the test names explicitly (all are compared).
+GRADIENT_SAMPLES = (
+    "model.layers.0.mixer.in_proj.weight", "model.layers.0.mixer.conv1d.weight",
+    "model.layers.0.mixer.conv1d.bias", "model.layers.2.mixer.A_log", "model.layers.2.mixer.D",
+    "model.layers.5.mixer.dt_bias", "model.layers.5.mixer.norm.weight",
+    "model.layers.0.norm.weight", "model.layers.3.mixer.q_proj.weight",
+    "model.layers.3.mixer.k_proj.weight", "model.layers.3.mixer.v_proj.weight",
+    "model.layers.3.mixer.o_proj.weight", "model.layers.3.norm.weight",
+    "model.layers.1.mixer.up_proj.weight", "model.layers.4.mixer.down_proj.weight",
+    "model.embeddings.weight", "model.norm_f.weight", "lm_head.weight",
+)
+
+
+# --- the reference: HF's modeling code, imported without any mamba_ssm / causal_conv1d ------
+
+def load_hf_torch_reference():
+    """A private copy of ``transformers.models.nemotron_h.modeling_nemotron_h`` whose kernel
+    wrappers were bound while ``mamba_ssm`` and ``causal_conv1d`` could not be imported."""
+    real_name = "transformers.models.nemotron_h.modeling_nemotron_h"
+    name = "transformers.models.nemotron_h._torch_reference_modeling_nemotron_h"
+    if name in sys.modules:
+        return sys.modules[name]
+    origin = importlib.util.find_spec(real_name).origin
+    hidden = {k: sys.modules.pop(k) for k in list(sys.modules)
+              if k.split(".")[0] in ("mamba_ssm", "causal_conv1d")}
+    sys.modules.update({"mamba_ssm": None, "causal_conv1d": None})  # import raises
+    try:
+        spec = importlib.util.spec_from_file_location(name, origin)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["mamba_ssm"], sys.modules["causal_conv1d"]
+        sys.modules.update(hidden)
+    return module
+
+
+@contextlib.contextmanager
+def record_calls():
+    """The code objects of every Python function called in this thread (and new threads)."""
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    threading.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(previous)
+        threading.setprofile(None)
+
+
+def ran_our_kernels(calls) -> bool:
+    return any(str(Path(code.co_filename).resolve()).startswith(KERNEL_DIR) for code in calls)
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def model_parallel():
+    started = not mcore.parallel_state.model_parallel_is_initialized()
+    if started:
+        parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+    parallel.seed_everything(0)
+    yield
+    if started:
+        parallel.destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def hf_module():
+    return load_hf_torch_reference()
+
+
+@pytest.fixture(scope="module")
+def hf_config():
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        hybrid_override_pattern=PATTERN, vocab_size=256, hidden_size=64, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
+        max_position_embeddings=128, tie_word_embeddings=False,
+        time_step_min=0.0, time_step_limit=(0.0, math.inf),  # Megatron does not clamp dt
+    )
+
+
+@pytest.fixture(scope="module")
+def cfg(hf_config):
+    return convert.model_config_from_hf(hf_config)
+
+
+@pytest.fixture(scope="module")
+def hf_weights(hf_module, hf_config):
+    """Random weights with O(1) activations; every tensor distinct (norms included)."""
+    shapes = {k: v.shape for k, v in build_hf(hf_module, hf_config, None).state_dict().items()}
+    generator = torch.Generator().manual_seed(1234)
+    return {name: random_tensor(name, shape, generator) for name, shape in shapes.items()}
+
+
+def random_tensor(name, shape, generator):
+    def randn(*size):
+        return torch.randn(*size, generator=generator)
+
+    if name.endswith("A_log"):
+        return torch.log(1 + 15 * torch.rand(shape, generator=generator))
+    if name.endswith("dt_bias"):  # dt in [1e-4, 0.1]: some heads below HF's default clamp
+        dt = torch.exp(torch.empty(shape).uniform_(math.log(1e-4), math.log(0.1),
+                                                   generator=generator))
+        return dt + torch.log(-torch.expm1(-dt))
+    if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+        return 1 + 0.3 * randn(shape)
+    if name.endswith("conv1d.bias"):
+        return 0.3 * randn(shape)
+    if name.endswith("conv1d.weight"):
+        return 0.5 * randn(shape)
+    if name.endswith("embeddings.weight"):
+        return randn(shape)
+    return randn(shape) / math.sqrt(shape[-1])
+
+
+def build_hf(hf_module, hf_config, weights):
+    """The reference model built on meta (HF's random init cannot take time_step_min=0) and
+    given ``weights``."""
+    with torch.device("meta"):
+        model = hf_module.NemotronHForCausalLM(hf_config)
+    model = model.to_empty(device="cpu")
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    return model.train()
+
+
+@pytest.fixture(scope="module")
+def megatron_model(cfg, hf_weights):
+    model = build_model(cfg, ModelLayout(), backend="cpu")
+    convert.load_mcore_state_dict(model, convert.hf_to_mcore_state_dict(hf_weights, cfg))
+    return model.train()
+
+
+def ids():
+    return torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+def megatron_logits_and_loss(model, tokens):
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    logits = model(tokens, positions, None)
+    labels = torch.roll(tokens, -1, dims=1)  # the last position's label is not used
+    loss = model(tokens, positions, None, labels=labels)[:, :-1].mean()
+    return logits, loss
+
+
+def hf_logits_and_loss(model, tokens):
+    out = model(input_ids=tokens, labels=tokens, use_cache=False)  # HF shifts the labels
+    return out.logits, out.loss
+
+
+@pytest.fixture(scope="module")
+def runs(hf_module, hf_config, hf_weights, megatron_model):
+    """Forward + backward of both models on the same tokens, HF's calls recorded."""
+    reference = build_hf(hf_module, hf_config, hf_weights)
+    with record_calls() as hf_calls:
+        hf_logits, hf_loss = hf_logits_and_loss(reference, ids())
+        hf_loss.backward()
+    megatron_model.zero_grad()
+    with record_calls() as our_calls:
+        logits, loss = megatron_logits_and_loss(megatron_model, ids())
+        loss.backward()
+    return dict(hf_model=reference, hf_logits=hf_logits.detach(), hf_loss=hf_loss.detach(),
+                hf_calls=hf_calls, logits=logits.detach(), loss=loss.detach(),
+                our_calls=our_calls)
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+# --- the reference really is HF's torch path -------------------------------------------------
+
+def test_reference_wrappers_hold_hf_torch_functions(hf_module):
+    for name in HF_KERNEL_WRAPPERS:
+        wrapper = getattr(hf_module, name)
+        bound = inspect.getclosurevars(wrapper).nonlocals
+        assert bound["implementation"] is wrapper.__wrapped__, name
+        assert bound["is_new_implementation"] is False, name
+
+
+def test_transformers_would_otherwise_bind_our_kernels():
+    """Why the private copy: the ordinary import, after the cpu backend, wraps our kernels."""
+    from transformers.models.nemotron_h import modeling_nemotron_h as ordinary
+
+    if "mamba_ssm" not in sys.modules or not getattr(sys.modules["mamba_ssm"], kernels.MARKER,
+                                                      False):
+        pytest.skip("mamba_ssm is not our CPU kernel module in this process")
+    bound = inspect.getclosurevars(ordinary.mamba2_chunk_scan).nonlocals["implementation"]
+    if bound is ordinary.mamba2_chunk_scan.__wrapped__:
+        pytest.skip("transformers was imported before the cpu backend in this process")
+    assert str(Path(inspect.getfile(bound)).resolve()).startswith(KERNEL_DIR)
+
+
+def test_reference_ran_hf_torch_code_and_none_of_ours(hf_module, cfg, runs):
+    calls = runs["hf_calls"]
+    mamba_layers = cfg.layer_pattern.counts["M"]
+    for name in ("mamba2_chunk_scan", "causal_conv1d_fn", "mamba2_split_conv1d_scan_combined"):
+        torch_code = getattr(hf_module, name).__wrapped__.__code__
+        assert calls.count(torch_code) == mamba_layers, name
+    assert all(layer.mixer.time_step_limit == (0.0, math.inf)
+               for layer in runs["hf_model"].model.layers if layer.block_type == "linear_attention")
+    assert not ran_our_kernels(calls), "HF's forward/backward called megatron_hybrid kernels"
+    assert ran_our_kernels(runs["our_calls"]), "the call recorder does not see our kernels"
+
+
+# --- parity ----------------------------------------------------------------------------------
+
+def test_logits_and_loss_match(runs):
+    diff = max_diff(runs["logits"], runs["hf_logits"])
+    print(f"\nmax |logits diff| = {diff:.3g} (logits max |x| = "
+          f"{runs['hf_logits'].abs().max().item():.3g}); loss diff = "
+          f"{abs(runs['loss'].item() - runs['hf_loss'].item()):.3g}")
+    assert runs["hf_logits"].std() > 0.5  # a meaningful signal, not near-zero logits
+    assert diff <= TOLERANCE
+    assert runs["loss"].item() == pytest.approx(runs["hf_loss"].item(), abs=1e-5)
+    manual = F.cross_entropy(runs["hf_logits"][:, :-1].flatten(0, 1), ids()[:, 1:].flatten())
+    assert runs["hf_loss"].item() == pytest.approx(manual.item(), abs=1e-6)
+
+
+def test_gradients_match_for_every_parameter(cfg, megatron_model, runs):
+    ours = {name: p.grad for name, p in megatron_model.named_parameters()}
+    ours = convert.mcore_to_hf_state_dict(ours, cfg)
+    reference = {name: p.grad for name, p in runs["hf_model"].named_parameters()}
+    assert set(ours) == set(reference) and set(GRADIENT_SAMPLES) <= set(reference)
+    worst = {}
+    for name, expected in reference.items():
+        scale = expected.abs().max().item()
+        assert scale > 0, f"{name} has no gradient signal"
+        worst[name] = max_diff(ours[name], expected) / scale
+    print("\nlargest relative gradient differences:",
+          sorted(worst.items(), key=lambda kv: -kv[1])[:3])
+    assert max(worst.values()) <= TOLERANCE, {k: v for k, v in worst.items() if v > TOLERANCE}
+
+
+def test_exported_config_and_weights_load_in_hf(tmp_path, hf_module, cfg, megatron_model, runs):
+    """The export path: Megatron weights + hf_config_from_model -> save -> from_pretrained."""
+    state = convert.mcore_to_hf_state_dict(megatron_model.state_dict(), cfg)
+    exported = build_hf(hf_module, convert.hf_config_from_model(cfg), state)
+    exported.save_pretrained(tmp_path)
+    loaded = hf_module.NemotronHForCausalLM.from_pretrained(tmp_path).train()
+    with torch.no_grad():
+        logits, _ = hf_logits_and_loss(loaded, ids())
+    assert max_diff(logits, runs["logits"]) <= TOLERANCE
+
+
+def test_hf_default_dt_clamp_is_a_real_difference(hf_module, hf_config, hf_weights, runs):
+    """With HF's default time_step_min=0.001 the planted small-dt heads are clamped and the
+    logits move: the reason exported configs set time_step_min=0."""
+    from transformers import NemotronHConfig
+
+    clamped = NemotronHConfig(**{**hf_config.to_dict(), "time_step_min": 0.001})
+    with torch.no_grad():
+        logits, _ = hf_logits_and_loss(build_hf(hf_module, clamped, hf_weights), ids())
+    assert max_diff(logits, runs["hf_logits"]) > 100 * TOLERANCE
+
+
+# --- the test can fail: wrong mappings change the logits -------------------------------------
+
+def swap_rows(tensor, a, b, size):
+    out = tensor.clone()
+    out[a:a + size], out[b:b + size] = tensor[b:b + size], tensor[a:a + size]
+    return out
+
+
+def mutations(cfg):
+    d, hpg = cfg.kv_channels, cfg.num_attention_heads // cfg.num_query_groups
+    group_rows = (hpg + 2) * d
+    d_inner, gn = cfg.mamba_d_inner, cfg.mamba_num_groups * cfg.mamba_state_dim
+    qkv, in_proj = "decoder.layers.3.self_attention.linear_qkv.weight", \
+        "decoder.layers.2.mixer.in_proj.weight"
+    return {
+        "swap two query heads of a group": (qkv, lambda w: swap_rows(w, 0, d, d)),
+        "swap the key heads of two groups": (
+            qkv, lambda w: swap_rows(w, hpg * d, group_rows + hpg * d, d)),
+        "ungrouped [q, k, v] layout": (qkv, lambda w: torch.cat(convert._split_qkv(w, cfg))),
+        "in_proj z <-> x": (in_proj, lambda w: swap_rows(w, 0, d_inner, d_inner)),
+        "in_proj B <-> C": (in_proj, lambda w: swap_rows(w, 2 * d_inner, 2 * d_inner + gn, gn)),
+    }
+
+
+@pytest.mark.parametrize("mutation", ["swap two query heads of a group",
+                                      "swap the key heads of two groups",
+                                      "ungrouped [q, k, v] layout", "in_proj z <-> x",
+                                      "in_proj B <-> C"])
+def test_a_wrong_mapping_is_detected(mutation, cfg, hf_weights, runs):
+    name, mutate = mutations(cfg)[mutation]
+    state = convert.hf_to_mcore_state_dict(hf_weights, cfg)
+    state[name] = mutate(state[name])
+    model = build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
+    convert.load_mcore_state_dict(model, state)
+    with torch.no_grad():
+        logits, _ = megatron_logits_and_loss(model, ids())
+    assert max_diff(logits, runs["hf_logits"]) > 100 * TOLERANCE
+
+
+# --- the mapping itself ----------------------------------------------------------------------
+
+def test_round_trips_are_identical(cfg, hf_weights, megatron_model):
+    mcore_state = convert.hf_to_mcore_state_dict(hf_weights, cfg)
+    back = convert.mcore_to_hf_state_dict(mcore_state, cfg)
+    assert back.keys() == hf_weights.keys()
+    assert all(torch.equal(back[k], hf_weights[k]) for k in hf_weights)
+
+    ours = {k: v for k, v in megatron_model.state_dict().items()
+            if not k.endswith("._extra_state")}
+    again = convert.hf_to_mcore_state_dict(convert.mcore_to_hf_state_dict(ours, cfg), cfg)
+    assert again.keys() == ours.keys()
+    assert all(torch.equal(again[k], ours[k]) for k in ours)
+
+
+def test_published_checkpoint_prefix_is_accepted(cfg, hf_weights):
+    published = convert.mcore_to_hf_state_dict(
+        convert.hf_to_mcore_state_dict(hf_weights, cfg), cfg,
+        prefix=convert.HF_CHECKPOINT_PREFIX)
+    assert all(k.startswith(("backbone.", "lm_head.")) for k in published)
+    via_published = convert.hf_to_mcore_state_dict(published, cfg)
+    direct = convert.hf_to_mcore_state_dict(hf_weights, cfg)
+    assert all(torch.equal(via_published[k], direct[k]) for k in direct)
+
+
+def test_incomplete_or_extra_tensors_are_refused(cfg, hf_weights):
+    missing = {k: v for k, v in hf_weights.items() if not k.endswith("layers.3.mixer.k_proj.weight")}
+    with pytest.raises(convert.ConversionError, match="k_proj|linear_qkv"):
+        convert.hf_to_mcore_state_dict(missing, cfg)
+    with pytest.raises(convert.ConversionError, match="layers.9"):
+        convert.hf_to_mcore_state_dict({**hf_weights, "model.layers.9.norm.weight": None}, cfg)
+
+
+@pytest.mark.parametrize("name", sorted(FLAVORS))
+def test_config_round_trip(name):
+    cfg = get_flavor(name)
+    hf = convert.hf_config_from_model(cfg)
+    assert hf.hybrid_override_pattern == cfg.layer_pattern.layers
+    assert (hf.time_step_min, tuple(hf.time_step_limit)) == (0.0, (0.0, math.inf))
+    assert convert.model_config_from_hf(hf) == cfg.replace(pattern=cfg.layer_pattern.layers)
+
+
+def test_hf_configs_that_cannot_convert_exactly_are_refused(hf_config):
+    from transformers import NemotronHConfig
+
+    for change in ({"tie_word_embeddings": True}, {"mlp_bias": True},
+                   {"mlp_hidden_act": "silu"}, {"layer_norm_epsilon": 1e-6},
+                   {"layers_block_type": ["linear_attention", "moe"]}):
+        bad = NemotronHConfig(**{**hf_config.to_dict(), **change})
+        with pytest.raises(convert.ConversionError):
+            convert.model_config_from_hf(bad)
+    with pytest.raises(convert.ConversionError, match="MoE"):
+        convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(
+            pattern="M-E*", num_moe_experts=4))
