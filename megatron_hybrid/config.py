@@ -7,7 +7,10 @@ The hybrid pattern is the single source of depth: there is no ``num_layers`` fie
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from megatron_hybrid import pattern as pattern_lib
 
@@ -99,3 +102,439 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run sections. Each component receives only its own section; ``RunConfig`` holds them all and
+# owns the checks that span sections. The recipe loader (``megatron_hybrid.recipe``) builds
+# these from YAML and checks every key and type against the annotations below.
+
+BACKENDS = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp8-hybrid")
+RECOMPUTE_MODES = ("none", "selective", "full")
+SCHEDULER_KINDS = ("wsd", "cosine", "constant")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+PROGRESS_BAR_MODES = ("auto", "on", "off")
+FP8_MULTIPLE = 16
+"""FP8 GEMMs (Transformer Engine) need every matrix dimension to be a multiple of this."""
+
+if TYPE_CHECKING:
+    from megatron_hybrid.data.datasets import DataConfig
+    from megatron_hybrid.data.tokenizer import TokenizerConfig
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: splits attention heads, Mamba heads and MLP widths."""
+    pp: int = 1
+    """Pipeline-parallel size: splits the pattern's layers into stages (``|`` marks them)."""
+    cp: int = 1
+    """Context-parallel size: splits each sequence."""
+    sequence_parallel: bool = False
+    """Shard norms and dropout activations along the sequence across the TP group (needs tp > 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (Megatron-Core distributed optimizer)."""
+    backend: str = "auto"
+    """``cpu`` (gloo, torch kernels), ``cuda`` (NCCL, TE + mamba_ssm) or ``auto`` (cuda if a GPU
+    is visible)."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks holding one model replica: tp * pp * cp."""
+        return self.tp * self.pp * self.cp
+
+    def check_world_size(self, world_size: int) -> int:
+        """The data-parallel size the world size leaves; ConfigError if tp*pp*cp does not
+        divide it."""
+        if not _is_positive_int(world_size):
+            raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+        product = self.model_parallel_size
+        if world_size % product:
+            divisors = ", ".join(str(d) for d in _divisors(world_size))
+            raise ConfigError(
+                f"parallel: tp({self.tp}) * pp({self.pp}) * cp({self.cp}) * dp(?) does not "
+                f"divide world size {world_size}: use a world size that is a multiple of "
+                f"tp * pp * cp = {product} (e.g. {product}, {2 * product}, {4 * product}), or "
+                f"choose tp * pp * cp among {divisors} (the divisors of {world_size})")
+        return world_size // product
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            _check_positive_int(f"parallel.{name}", getattr(self, name))
+        _check_choice("parallel.backend", self.backend, BACKENDS)
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (tp is 1): "
+                              "set parallel.tp=2 or more, or parallel.sequence_parallel=false")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills
+    the gap)."""
+    seq_length: int | None = None
+    """Tokens per training sequence; None: model.seq_length (may not exceed it)."""
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    max_tokens: int | None = None
+    """Stop once this many tokens are trained on (whichever of max_steps / max_tokens comes
+    first); None: no token limit."""
+    eval_interval: int = 50
+    """Steps between validation passes (0: never)."""
+    eval_batches: int = 4
+    """Global batches per validation pass."""
+    log_interval: int = 10
+    """Steps between metric logs."""
+    seed: int = 1234
+    """Seed of the weight initialisation and the model's random state."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (mixed precision with fp32 master weights) or ``fp8-hybrid``
+    (Transformer Engine E4M3 forward / E5M2 backward; cuda only)."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``selective`` (attention core) or ``full`` (every
+    layer)."""
+
+    def resolved_seq_length(self, model: ModelConfig) -> int:
+        """The sequence length trained on: ``seq_length``, or the model's when None."""
+        return model.seq_length if self.seq_length is None else self.seq_length
+
+    def tokens_per_step(self, model: ModelConfig) -> int:
+        """Tokens in one global batch."""
+        return self.global_batch_size * self.resolved_seq_length(model)
+
+    def total_steps(self, model: ModelConfig) -> int:
+        """Steps the run takes: max_steps, or fewer when max_tokens is reached first."""
+        if self.max_tokens is None:
+            return self.max_steps
+        per_step = self.tokens_per_step(model)
+        return min(self.max_steps, -(-self.max_tokens // per_step))
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval"):
+            _check_positive_int(f"train.{name}", getattr(self, name))
+        for name in ("seq_length", "max_tokens"):
+            if getattr(self, name) is not None:
+                _check_positive_int(f"train.{name}", getattr(self, name))
+        _check_non_negative_int("train.eval_interval", self.eval_interval)
+        if self.eval_interval:
+            _check_positive_int("train.eval_batches", self.eval_batches)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.recompute", self.recompute, RECOMPUTE_MODES)
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(_batch_message(self.global_batch_size, self.micro_batch_size))
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 3e-4
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay; norms and biases are not decayed."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.95
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam denominator epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def validate(self) -> None:
+        checks = [
+            (self.lr > 0, f"optimizer.lr={self.lr} must be > 0"),
+            (0 <= self.min_lr <= self.lr,
+             f"optimizer.min_lr={self.min_lr} must be between 0 and optimizer.lr={self.lr}"),
+            (self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0"),
+            (0 <= self.adam_beta1 < 1, f"optimizer.adam_beta1={self.adam_beta1} must be in [0, 1)"),
+            (0 <= self.adam_beta2 < 1, f"optimizer.adam_beta2={self.adam_beta2} must be in [0, 1)"),
+            (self.adam_eps > 0, f"optimizer.adam_eps={self.adam_eps} must be > 0"),
+            (self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0: off)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    kind: str = "wsd"
+    """``wsd`` (warmup, stable at lr, decay to min_lr at the end), ``cosine`` (warmup, cosine
+    decay to min_lr) or ``constant`` (warmup, then lr)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to optimizer.lr."""
+    decay_fraction: float = 0.2
+    """WSD: fraction of the run's steps spent decaying at its end."""
+    wsd_decay_style: str = "linear"
+    """WSD decay shape: ``linear``, ``cosine``, ``exponential`` or ``minus_sqrt``."""
+
+    def decay_steps(self, total_steps: int) -> int:
+        """Steps of decay in a run of ``total_steps``: WSD's tail, cosine's all after warmup."""
+        if self.kind == "wsd":
+            return round(self.decay_fraction * total_steps)
+        if self.kind == "cosine":
+            return max(total_steps - self.warmup_steps, 0)
+        return 0
+
+    def validate(self) -> None:
+        _check_choice("scheduler.kind", self.kind, SCHEDULER_KINDS)
+        _check_non_negative_int("scheduler.warmup_steps", self.warmup_steps)
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"scheduler.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        _check_choice("scheduler.wsd_decay_style", self.wsd_decay_style, WSD_DECAY_STYLES)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_interval: int | None = None
+    """Steps between checkpoints; None: save only at the end."""
+    keep_last: int = 2
+    """Checkpoints of this run kept on disk (older ones are deleted)."""
+    load: str | None = None
+    """A checkpoint directory to initialise the weights from (e.g. a previous stage); optimizer
+    and data position start fresh."""
+    resume: bool = True
+    """Resume from this run's own latest checkpoint when there is one (takes precedence over
+    ``load``)."""
+
+    def validate(self) -> None:
+        if self.save_interval is not None:
+            _check_positive_int("checkpoint.save_interval", self.save_interval)
+        _check_positive_int("checkpoint.keep_last", self.keep_last)
+        if self.load is not None and not self.load:
+            raise ConfigError("checkpoint.load is empty: give a checkpoint directory or null")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to the run directory."""
+    plot: bool = True
+    """Save loss / learning-rate / throughput plots (PNG) to the run directory."""
+    progress_bar: str = "auto"
+    """``on``, ``off`` or ``auto`` (on when stdout is a terminal)."""
+
+    def validate(self) -> None:
+        _check_choice("logging.progress_bar", self.progress_bar, PROGRESS_BAR_MODES)
+
+
+def default_data_config() -> DataConfig:
+    from megatron_hybrid.data.datasets import DataConfig
+
+    return DataConfig()
+
+
+def default_tokenizer_config() -> TokenizerConfig:
+    from megatron_hybrid.data.tokenizer import TokenizerConfig
+
+    return TokenizerConfig()
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Run name: names the output directory and the stage in a pipeline."""
+    output_dir: str = "runs/{name}"
+    """Directory of checkpoints, logs and the resolved config; ``{name}`` is replaced by name."""
+    model: ModelConfig
+    """Model shape (``flavor: NAME`` in a recipe gives the base values)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout and backend."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch sizes, length of the run, evaluation, precision."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW hyper-parameters."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    data: DataConfig = field(default_factory=default_data_config)
+    """Training and validation data."""
+    tokenizer: TokenizerConfig = field(default_factory=default_tokenizer_config)
+    """Tokenizer."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, loading and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metric outputs."""
+
+    @property
+    def resolved_output_dir(self) -> str:
+        """``output_dir`` with ``{name}`` filled in."""
+        try:
+            return self.output_dir.format(name=self.name)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"output_dir={self.output_dir!r}: only {{name}} may be "
+                              f"substituted ({type(err).__name__}: {err})") from None
+
+    @property
+    def seq_length(self) -> int:
+        """The sequence length trained on."""
+        return self.train.resolved_seq_length(self.model)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps the run takes (max_steps, or fewer when max_tokens is reached first)."""
+        return self.train.total_steps(self.model)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Raise ConfigError (one line naming the key and the fix) if the sections do not fit
+        together; with ``world_size`` also check the data-parallel size it implies."""
+        for section in (self.model, self.parallel, self.train, self.optimizer, self.scheduler,
+                        self.data, self.tokenizer, self.checkpoint, self.logging):
+            section.validate()
+        self.resolved_output_dir  # noqa: B018  (raises on a bad placeholder)
+        self._check_seq_length()
+        self._check_batch(world_size)
+        self._check_pipeline()
+        self._check_tensor_parallel()
+        self._check_context_parallel()
+        self._check_schedule()
+        self._check_vocab()
+        if self.train.precision == "fp8-hybrid":
+            self._check_fp8_shapes()
+        if self.parallel.backend != "auto":
+            self.validate_for_backend(self.parallel.backend)
+
+    def validate_for_backend(self, backend: str) -> None:
+        """Refuse what the resolved backend (``cpu`` or ``cuda``) cannot run."""
+        _check_choice("backend", backend, ("cpu", "cuda"))
+        if backend == "cpu" and self.train.precision != "fp32":
+            raise ConfigError(
+                f"train.precision={self.train.precision} is not supported on the cpu backend: "
+                f"set train.precision=fp32 (bf16 and fp8-hybrid need parallel.backend=cuda)")
+
+    def _seq_key(self) -> str:
+        return "model.seq_length" if self.train.seq_length is None else "train.seq_length"
+
+    def _check_seq_length(self) -> None:
+        if self.seq_length > self.model.seq_length:
+            raise ConfigError(
+                f"train.seq_length ({self.seq_length}) exceeds model.seq_length "
+                f"({self.model.seq_length}): lower train.seq_length or raise model.seq_length")
+
+    def _check_batch(self, world_size: int | None) -> None:
+        if world_size is None:
+            return
+        dp = self.parallel.check_world_size(world_size)
+        micro, global_ = self.train.micro_batch_size, self.train.global_batch_size
+        if global_ % (micro * dp):
+            raise ConfigError(_batch_message(global_, micro, dp))
+
+    def _check_pipeline(self) -> None:
+        try:
+            self.model.layer_pattern.stages(self.parallel.pp)
+        except pattern_lib.PatternError as err:
+            raise ConfigError(f"parallel.pp: {err}") from None
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.parallel.tp
+        names = ("num_attention_heads", "num_query_groups", "mamba_num_heads", "mamba_num_groups")
+        values = [getattr(self.model, name) for name in names]
+        for name, value in zip(names, values):
+            if value % tp:
+                working = ", ".join(str(d) for d in _divisors(math.gcd(*values)))
+                raise ConfigError(
+                    f"parallel.tp={tp} does not divide model.{name} ({value}): choose "
+                    f"parallel.tp from {working} (divisors of the attention and Mamba head and "
+                    f"group counts)")
+        if self.parallel.sequence_parallel and self.seq_length % (tp * self.parallel.cp):
+            raise ConfigError(
+                f"parallel.sequence_parallel=true needs the sequence length ({self.seq_length}, "
+                f"{self._seq_key()}) divisible by parallel.tp * parallel.cp = "
+                f"{tp * self.parallel.cp}")
+
+    def _check_context_parallel(self) -> None:
+        cp, tp = self.parallel.cp, self.parallel.tp
+        if cp == 1:
+            return
+        if self.seq_length % (2 * cp):
+            working = [c for c in range(1, self.seq_length // 2 + 1)
+                       if self.seq_length % (2 * c) == 0]
+            raise ConfigError(
+                f"parallel.cp={cp} needs the sequence length ({self.seq_length}, "
+                f"{self._seq_key()}) divisible by 2 * cp = {2 * cp} (each rank takes two "
+                f"balanced chunks): choose parallel.cp from {', '.join(map(str, working[:8]))}")
+        if not self.model.layer_pattern.counts["M"]:
+            return
+        heads, groups = self.model.mamba_num_heads // tp, self.model.mamba_num_groups // tp
+        if heads % cp:
+            raise ConfigError(
+                f"parallel.cp={cp} must divide the Mamba heads per tensor-parallel rank "
+                f"(model.mamba_num_heads / parallel.tp = {heads})")
+        if (cp % groups) if groups < cp else (groups % cp):
+            raise ConfigError(
+                f"parallel.cp={cp} and the Mamba groups per tensor-parallel rank "
+                f"(model.mamba_num_groups / parallel.tp = {groups}) must divide one another")
+
+    def _check_schedule(self) -> None:
+        steps, scheduler = self.total_steps, self.scheduler
+        used = scheduler.warmup_steps + (scheduler.decay_steps(steps)
+                                         if scheduler.kind == "wsd" else 0)
+        if used > steps:
+            decay = (f" + decay ({scheduler.decay_fraction} * {steps} = "
+                     f"{scheduler.decay_steps(steps)})" if scheduler.kind == "wsd" else "")
+            raise ConfigError(
+                f"scheduler.warmup_steps ({scheduler.warmup_steps}){decay} exceeds the run's "
+                f"{steps} steps: lower scheduler.warmup_steps"
+                f"{' or scheduler.decay_fraction' if decay else ''}, or train longer")
+
+    def _check_vocab(self) -> None:
+        tokenizer_vocab = getattr(self.tokenizer, "vocab_size", None)
+        if (getattr(self.tokenizer, "kind", None) == "default-bpe"
+                and tokenizer_vocab is not None and tokenizer_vocab > self.model.vocab_size):
+            raise ConfigError(
+                f"tokenizer.vocab_size ({tokenizer_vocab}) exceeds model.vocab_size "
+                f"({self.model.vocab_size}): the tokenizer's ids must fit the embedding; set "
+                f"tokenizer.vocab_size={self.model.vocab_size}")
+
+    def _check_fp8_shapes(self) -> None:
+        model = self.model
+        in_proj = (2 * model.mamba_d_inner + 2 * model.mamba_num_groups * model.mamba_state_dim
+                   + model.mamba_num_heads)
+        dims = [(self._seq_key(), self.seq_length), ("model.hidden_size", model.hidden_size),
+                ("model.ffn_hidden_size", model.ffn_hidden_size)]
+        if model.layer_pattern.counts["M"]:
+            dims.append(("the Mamba in_proj width 2 * d_inner + 2 * mamba_num_groups * "
+                         "mamba_state_dim + mamba_num_heads", in_proj))
+        for key, value in dims:
+            if value % FP8_MULTIPLE:
+                raise ConfigError(
+                    f"train.precision=fp8-hybrid needs {key} ({value}) to be a multiple of "
+                    f"{FP8_MULTIPLE}: change it or use train.precision=bf16")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_positive_int(key: str, value) -> None:
+    if not _is_positive_int(value):
+        raise ConfigError(f"{key}={value!r} must be a positive integer")
+
+
+def _check_non_negative_int(key: str, value) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(f"{key}={value!r} must be an integer >= 0")
+
+
+def _check_choice(key: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{key}={value!r}: {hint}choose one of {', '.join(choices)}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _batch_message(global_batch: int, micro_batch: int, dp: int | None = None) -> str:
+    unit = micro_batch * (dp or 1)
+    factor = (f"train.micro_batch_size ({micro_batch})" if dp is None else
+              f"train.micro_batch_size ({micro_batch}) * dp ({dp}) = {unit}")
+    below, above = global_batch // unit * unit, (global_batch // unit + 1) * unit
+    examples = f"{below} or {above}" if below else f"{above}"
+    return (f"train.global_batch_size ({global_batch}) must be a multiple of {factor}: "
+            f"e.g. train.global_batch_size={examples}")

@@ -30,7 +30,8 @@ Numerics that a config cannot carry and what is done about them:
   ``time_step_min=0.001`` as an override to get HF's from-scratch init (and its clamp).
   Importing an HF checkpoint (``time_step_min=0.001``) into Megatron drops the clamp: the
   imported model computes what Megatron-Core computes.
-- Norm epsilon. Megatron-Core 0.16.1 hard-codes ``eps=1e-5`` for the Mamba gated norm, so only
+- Norm epsilon. Megatron-Core 0.16.1 hard-codes ``eps=1e-5`` for the Mamba gated norm (and
+  ``MambaLayer`` builds its pre-norm without passing the config's eps), so only
   ``layer_norm_epsilon == 1e-5`` (every published Nemotron-H config) converts exactly.
 - MoE (``E``) layers are not converted: HF NemotronH's MoE (sigmoid group-limited router with a
   score-correction bias, a shared expert, optional latent projections) is a different
@@ -89,6 +90,10 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
             f"pattern {cfg.pattern!r} has MoE ('E') layers: HF NemotronH's MoE differs from "
             "megatron_hybrid's E layers (router, shared expert), so there is no exact HF config"
         )
+    if cfg.norm_eps != MEGATRON_GATED_NORM_EPS:
+        raise ConversionError(
+            f"model.norm_eps={cfg.norm_eps}: Megatron-Core's Mamba norms use 1e-5 whatever the "
+            "config, HF uses layer_norm_epsilon everywhere; only 1e-5 converts exactly")
     fields = dict(
         hybrid_override_pattern=layers,
         vocab_size=cfg.vocab_size,

@@ -69,6 +69,31 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings):
     return mcore.get_megatron_optimizer(config, model_chunks)
 
 
+LR_DECAY_STYLES = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}
+
+
+def build_scheduler(optimizer, *, kind: str, lr: float, min_lr: float, warmup_steps: int,
+                    max_steps: int, decay_fraction: float, wsd_decay_style: str,
+                    weight_decay: float):
+    """Megatron-Core's LR scheduler: WSD (warmup, stable, decay over the last
+    ``decay_fraction`` of the steps, as Nemotron Nano 2 pretraining), cosine, or constant."""
+    return mcore.OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup_steps else lr,
+        max_lr=lr,
+        min_lr=min_lr if kind != "constant" else lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=max_steps,
+        lr_decay_style=LR_DECAY_STYLES[kind],
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=max_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(decay_fraction * max_steps)) if kind == "wsd" else None,
+        lr_wsd_decay_style=wsd_decay_style if kind == "wsd" else None,
+    )
+
+
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     loss_mask = loss_mask.float()
     loss_sum = (per_token_loss.float() * loss_mask).sum()

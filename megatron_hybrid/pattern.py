@@ -173,7 +173,7 @@ def describe(pattern: Pattern, pp: int = 1, params_per_layer: Sequence[int] | No
             line += f", {_format_count(sum(params_per_layer[start:end]))} params"
         lines.append(line)
     if params_per_layer is not None:
-        lines.append(f"total: {_format_count(sum(params_per_layer))} params")
+        lines.append(f"decoder layers: {_format_count(sum(params_per_layer))} params")
     return "\n".join(lines)
 
 

@@ -84,14 +84,14 @@ def record_calls():
         if event == "call":
             calls.append(frame.f_code)
 
-    previous = sys.getprofile()
+    previous = sys.getprofile(), threading.getprofile()
     sys.setprofile(profile)
     threading.setprofile(profile)
     try:
         yield calls
     finally:
-        sys.setprofile(previous)
-        threading.setprofile(None)
+        sys.setprofile(previous[0])
+        threading.setprofile(previous[1])
 
 
 def ran_our_kernels(calls) -> bool:
@@ -369,7 +369,8 @@ def test_published_checkpoint_prefix_is_accepted(cfg, hf_weights):
 
 
 def test_incomplete_or_extra_tensors_are_refused(cfg, hf_weights):
-    missing = {k: v for k, v in hf_weights.items() if not k.endswith("layers.3.mixer.k_proj.weight")}
+    missing = {k: v for k, v in hf_weights.items()
+               if not k.endswith("layers.3.mixer.k_proj.weight")}
     with pytest.raises(convert.ConversionError, match="k_proj|linear_qkv"):
         convert.hf_to_mcore_state_dict(missing, cfg)
     with pytest.raises(convert.ConversionError, match="layers.9"):
@@ -397,3 +398,5 @@ def test_hf_configs_that_cannot_convert_exactly_are_refused(hf_config):
     with pytest.raises(convert.ConversionError, match="MoE"):
         convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(
             pattern="M-E*", num_moe_experts=4))
+    with pytest.raises(convert.ConversionError, match="norm_eps"):
+        convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(norm_eps=1e-6))

@@ -158,7 +158,7 @@ def test_describe_with_params_per_stage_and_total():
     lines = text.splitlines()
     assert lines[1].endswith("1.23B params")
     assert lines[2].endswith("45.8M params")
-    assert lines[3] == "total: 1.28B params"
+    assert lines[3] == "decoder layers: 1.28B params"
 
 
 def test_describe_checks_params_length():

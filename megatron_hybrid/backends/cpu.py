@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -149,12 +150,22 @@ def _check_megatron_version() -> None:
         )
 
 
+# Fallbacks that are the cpu backend's design, announced by Megatron-Core at import/build.
+_EXPECTED_WARNINGS = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+)
+
+
 def install() -> None:
     """Make Megatron-Core run on the CPU. Idempotent; call before importing Megatron-Core."""
     global _redirect
     if _redirect is not None:
         return
     _check_megatron_version()
+    for message in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     kernels.register()
     _patch_torch_cuda()
     _redirect = _CudaDeviceRedirect()

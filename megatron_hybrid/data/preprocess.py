@@ -63,7 +63,7 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
                        append_eod=append_eod, dtype=DType.optimal_dtype(tokenizer.vocab_size))
     start = time.perf_counter()
     encoded = ordered_map(_encode_chunk, _read_chunks(input_path, chunk_docs), workers=workers,
-                          initializer=_init_worker, initargs=(spec,))
+                          initializer=_init_worker, initargs=(spec, workers > 1))
     with closing(encoded), tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True,
                                 disable=not progress, desc=f"tokenising {input_path.name}") as bar:
         num_docs, num_tokens = _write_indexed_dataset(output_prefix, spec.dtype, encoded, bar,
@@ -93,9 +93,11 @@ def _read_chunks(input_path: Path, chunk_docs: int) -> Iterator[Chunk]:
         yield lines, nbytes
 
 
-def _init_worker(spec: _EncodeSpec) -> None:
+def _init_worker(spec: _EncodeSpec, in_pool: bool) -> None:
     global _spec
     _spec = spec
+    if in_pool:  # the processes are the parallelism: no tokenizer threads competing with them
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _encode_chunk(chunk: Chunk) -> tuple[list[numpy.ndarray], int]:
@@ -119,7 +121,8 @@ def _document_text(line_no: int, line: bytes) -> str:
                         "choose the text field with --json-key")
     text = record[_spec.json_key]
     if not isinstance(text, str):
-        raise DataError(f"{where}: {_spec.json_key!r} is a {type(text).__name__}, not a string")
+        raise DataError(f"{where}: {_spec.json_key!r} must be a string, not "
+                        f"{type(text).__name__}")
     return text
 
 

@@ -42,16 +42,33 @@ def _segsum(a, keep=None):
     (Mamba-2's stable segsum); exp(-inf) = 0 cuts both decay and gradient.
     """
     size = a.shape[-1]
-    strictly_lower = torch.ones(size, size, dtype=torch.bool, device=a.device).tril(-1)
-    sums = a[..., None].expand(*a.shape, size).masked_fill(~strictly_lower, 0).cumsum(-2)
-    allowed = strictly_lower | torch.eye(size, dtype=torch.bool, device=a.device)
-    if keep is not None:
-        allowed = allowed & keep
+    ones = torch.ones(size, size, dtype=torch.bool, device=a.device)
+    sums = a[..., None].expand(*a.shape, size).masked_fill(~ones.tril(-1), 0).cumsum(-2)
+    allowed = ones.tril() if keep is None else ones.tril() & keep
     return sums.masked_fill(~allowed, float("-inf"))
 
 
 def _masked_exp(log_decay, keep):
     return torch.exp(log_decay if keep is None else log_decay.masked_fill(~keep, float("-inf")))
+
+
+def _document_masks(seq_idx, nchunks, chunk_size):
+    """Where decay may flow, for packed documents (all None without seq_idx).
+
+    same_doc (b, c, 1, i, j): tokens i and j of a chunk; prev_doc (b, c, 1, i): token i and the
+    end of the previous chunk (document 0 before the first); same_end (b, 1, c+1, c+1): the ends
+    of two chunks (index 0: before the first).
+    """
+    if seq_idx is None:
+        return None, None, None
+    pad = nchunks * chunk_size - seq_idx.shape[1]
+    seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)  # padding continues
+    seq = seq.reshape(seq.shape[0], nchunks, chunk_size)
+    ends = F.pad(seq[..., -1], (1, 0))
+    same_doc = (seq[..., :, None] == seq[..., None, :])[:, :, None]
+    prev_doc = (seq == ends[:, :-1, None])[:, :, None]
+    same_end = (ends[:, :, None] == ends[:, None, :])[:, None]
+    return same_doc, prev_doc, same_end
 
 
 def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions):
@@ -78,14 +95,7 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
     log_a = chunked(dt * A.to(dtype)).transpose(2, 3)  # (b, c, h, i)
     cumsum = log_a.cumsum(-1)
 
-    same_doc = prev_doc = same_end = None
-    if seq_idx is not None:
-        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)  # padding continues
-        seq = seq.reshape(batch, nchunks, chunk_size)
-        ends = F.pad(seq[..., -1], (1, 0))  # document at the end of each chunk; 0 before
-        same_doc = (seq[..., :, None] == seq[..., None, :])[:, :, None]  # (b, c, 1, i, j)
-        prev_doc = (seq == ends[:, :-1, None])[:, :, None]  # (b, c, 1, i)
-        same_end = (ends[:, :, None] == ends[:, None, :])[:, None]  # (b, 1, c+1, c+1)
+    same_doc, prev_doc, same_end = _document_masks(seq_idx, nchunks, chunk_size)
 
     # Within chunks: y_i += sum_{j <= i} C_i.B_j decay(j -> i) dt_j x_j
     decay = torch.exp(_segsum(log_a, same_doc))  # (b, c, h, i, j)
@@ -113,7 +123,7 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
         y = y + x.to(dtype) * (D[:, None] if D.dim() == 1 else D).to(dtype)
 
     picked = None
-    if state_positions is not None:
+    if state_positions is not None:  # the chunk's own part up to the token, plus the carry-in
         chunk, row = state_positions.long() // chunk_size, state_positions.long() % chunk_size
         to_row = by_group(decay[0][chunk, :, row].transpose(1, 2), 2)[..., None]  # (k, j, g, r, 1)
         own = torch.einsum("kjgn,kjgrp->kgrpn", B[0, chunk], xdt[0, chunk] * to_row)
