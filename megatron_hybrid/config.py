@@ -469,16 +469,17 @@ class RunConfig:
                 f"(model.mamba_num_groups / parallel.tp = {groups}) must divide one another")
 
     def _check_schedule(self) -> None:
-        steps, scheduler = self.total_steps, self.scheduler
-        used = scheduler.warmup_steps + (scheduler.decay_steps(steps)
-                                         if scheduler.kind == "wsd" else 0)
-        if used > steps:
-            decay = (f" + decay ({scheduler.decay_fraction} * {steps} = "
-                     f"{scheduler.decay_steps(steps)})" if scheduler.kind == "wsd" else "")
-            raise ConfigError(
-                f"scheduler.warmup_steps ({scheduler.warmup_steps}){decay} exceeds the run's "
-                f"{steps} steps: lower scheduler.warmup_steps"
-                f"{' or scheduler.decay_fraction' if decay else ''}, or train longer")
+        scheduler, steps = self.scheduler, self.total_steps
+        decay = scheduler.decay_steps(steps) if scheduler.kind == "wsd" else 0
+        limit = {"wsd": steps - decay, "cosine": steps - 1}.get(scheduler.kind, steps)
+        if scheduler.warmup_steps <= limit:
+            return
+        decay_text = (f" + WSD decay (scheduler.decay_fraction {scheduler.decay_fraction} of "
+                      f"{steps} steps = {decay})" if scheduler.kind == "wsd" else "")
+        raise ConfigError(
+            f"scheduler.warmup_steps ({scheduler.warmup_steps}){decay_text} does not fit the "
+            f"run's {steps} steps: set scheduler.warmup_steps={max(limit, 0)} or less, or "
+            f"raise train.max_steps")
 
     def _check_vocab(self) -> None:
         tokenizer_vocab = getattr(self.tokenizer, "vocab_size", None)

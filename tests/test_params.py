@@ -61,7 +61,7 @@ def test_per_layer_counts_feed_the_pattern_description():
     cfg = get_flavor("tiny-hybrid")
     counts = count_parameters(cfg)
     text = describe(cfg.layer_pattern, params_per_layer=counts["per_layer"])
-    assert "total: " in text
+    assert "decoder layers: " in text
     mamba, mlp, attention = (counts["per_layer"][cfg.layer_pattern.layers.index(s)]
                              for s in "M-*")
     d_inner, groups_state = cfg.mamba_d_inner, 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
