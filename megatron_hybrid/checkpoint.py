@@ -130,10 +130,11 @@ class Checkpointer:
         final, partial = self.root / name, self.root / f"{name}.partial"
         if _rank_zero():
             shutil.rmtree(partial, ignore_errors=True)
-            (partial / "rng").mkdir(parents=True)
+            partial.mkdir(parents=True)
         dist.barrier()
         mcore.dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False),
                                       str(partial))
+        (partial / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), partial / "rng" / f"rank_{dist.get_rank()}.pt")
         dist.barrier()
         if _rank_zero():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from megatron_hybrid import flavors, pattern
 
@@ -34,6 +36,38 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
+
+
+def _print_run_header(cfg) -> None:
+    from megatron_hybrid import recipe
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    print(f"run {cfg.name} -> {cfg.resolved_output_dir}")
+    for key, value in recipe.non_default_items(cfg):
+        print(f"  {key} = {value}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megatron_hybrid import backends, recipe
+
+    cfg = recipe.load_recipe(args.recipe, args.overrides)
+    backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
+    from megatron_hybrid import train
+
+    _print_run_header(cfg)
+    state = train.run(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"done: {state.step} steps, {state.tokens:,} tokens -> {cfg.resolved_output_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.recipe = str(DEMO_RECIPE)
+    return cmd_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--pp", type=int, default=1, help="pipeline stages to describe")
     params.add_argument("--json", action="store_true", help="print JSON")
     params.set_defaults(handler=cmd_params)
+
+    train = commands.add_parser("train", help="train from a recipe (torchrun for several ranks)")
+    train.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/pretrain.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, applied last (e.g. parallel.tp=2)")
+    train.set_defaults(handler=cmd_train)
+
+    demo = commands.add_parser("demo", help="the main job: tiny pretraining on the CPU")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 

@@ -155,7 +155,7 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel: tp({self.tp}) * pp({self.pp}) * cp({self.cp}) * dp(?) does not "
                 f"divide world size {world_size}: use a world size that is a multiple of "
-                f"tp * pp * cp = {product} (e.g. {product}, {2 * product}, {4 * product}), or "
+                f"tp * pp * cp = {product} (e.g. {product}, {2 * product}, {3 * product}), or "
                 f"choose tp * pp * cp among {divisors} (the divisors of {world_size})")
         return world_size // product
 
@@ -537,5 +537,7 @@ def _batch_message(global_batch: int, micro_batch: int, dp: int | None = None) -
               f"train.micro_batch_size ({micro_batch}) * dp ({dp}) = {unit}")
     below, above = global_batch // unit * unit, (global_batch // unit + 1) * unit
     examples = f"{below} or {above}" if below else f"{above}"
+    smaller = [m for m in range(micro_batch - 1, 0, -1) if global_batch % (m * (dp or 1)) == 0]
+    alternative = f", or train.micro_batch_size={smaller[0]}" if smaller else ""
     return (f"train.global_batch_size ({global_batch}) must be a multiple of {factor}: "
-            f"e.g. train.global_batch_size={examples}")
+            f"e.g. train.global_batch_size={examples}{alternative}")

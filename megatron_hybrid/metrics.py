@@ -32,7 +32,6 @@ FLOP conventions (the model FLOPs of MFU, PaLM arXiv 2204.02311 appendix B):
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -61,13 +60,13 @@ def flops_per_token(cfg: ModelConfig, seq_length: int, *, training: bool = True)
     the pattern; 0 when absent), ``logits`` and ``total``; ``training`` multiplies every entry
     by 3 (forward + backward). The embedding lookup costs no FLOPs.
     """
+    counts = cfg.layer_pattern.counts
     per_layer = {
         "mamba": mamba_layer_flops(cfg, seq_length),
         "attention": attention_layer_flops(cfg, seq_length),
         "mlp": mlp_layer_flops(cfg),
-        "moe": moe_layer_flops(cfg) if cfg.layer_pattern.counts["E"] else 0,
+        "moe": moe_layer_flops(cfg) if counts["E"] else 0,  # experts may be unset without E
     }
-    counts = cfg.layer_pattern.counts
     flops = {key: counts[symbol] * per_layer[key] for symbol, key in KIND_KEYS.items()}
     flops["logits"] = logits_flops(cfg)
     factor = TRAINING_FLOPS_FACTOR if training else 1
@@ -152,7 +151,8 @@ def logits_flops(cfg: ModelConfig) -> int:
 
 GPU_PEAK_TFLOPS = (
     # (name pattern, {dtype: dense TFLOP/s}) from NVIDIA's datasheets, without 2:4 sparsity.
-    # Most specific first: "H100 NVL" before "H100". A dtype the GPU lacks is missing.
+    # Most specific first: "H100 NVL" before "H100". A dtype the GPU lacks (fp8 before Hopper
+    # and Ada; fp32/TF32 everywhere, not tabulated) is missing, so its MFU reads n/a.
     (r"\bGB200\b", {"bf16": 2500, "fp8": 5000}),
     (r"\bB200\b", {"bf16": 2250, "fp8": 4500}),
     (r"\bH200 NVL\b", {"bf16": 835, "fp8": 1671}),
@@ -187,7 +187,8 @@ def device_peak_flops(dtype: torch.dtype | str = torch.float32) -> tuple[str, fl
     included) gives None, so MFU is reported as n/a rather than against a guessed peak.
     On the CPU the peak is measured by :func:`measure_matmul_flops` once and cached in
     ``cpu_peak_flops.json`` in the cache dir, keyed by CPU model, torch threads and dtype:
-    it is the best matmul throughput seen, not a datasheet peak.
+    it is the best matmul throughput seen, not a datasheet peak. A probe taken while other
+    processes load the CPU reads low (MFU then reads high): delete the file to re-measure.
     """
     key = _dtype_key(dtype)
     if torch.cuda.is_available():
@@ -240,6 +241,7 @@ def cpu_model_name() -> str:
 
 
 def cache_dir() -> Path:
+    """``$MEGATRON_HYBRID_CACHE``, else ``~/.cache/megatron_hybrid``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "megatron_hybrid")
 
 
@@ -250,14 +252,19 @@ def _dtype_key(dtype: torch.dtype | str) -> str:
 
 
 def _cached_cpu_peak(key: str, dtype: torch.dtype) -> float:
+    import fcntl
+
     path = cache_dir() / "cpu_peak_flops.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    if key not in cache:
-        cache[key] = measure_matmul_flops(dtype=dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)  # atomic: ranks probing at once never read half a file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        # One probe at a time: ranks probing together on the same cores would each read low.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        if key not in cache:
+            cache[key] = measure_matmul_flops(dtype=dtype)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, path)  # a crash mid-write leaves the old file, never half a one
     return cache[key]
 
 
@@ -364,17 +371,17 @@ class MetricsTracker:
 
     def _interval_record(self, step: int, lr: float) -> dict:
         tokens_per_s = self._tokens / self._seconds if self._seconds > 0 else None
-        flops_per_s = (tokens_per_s * self.flops_per_token / self.world_size
-                       if tokens_per_s is not None and self.flops_per_token else None)
+        per_device = tokens_per_s / self.world_size if tokens_per_s is not None else None
+        flops_per_s = (per_device * self.flops_per_token
+                       if per_device is not None and self.flops_per_token else None)
         memory, memory_source = peak_memory()
         return {
             "kind": "train", "step": step,
             "loss": float(self._loss_sum) / self._steps,
             "grad_norm": float(self._grad_sum) / self._steps,
             "lr": float(lr), "tokens": self.tokens_seen,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s and tokens_per_s / self.world_size,
-            "tflops_per_device": flops_per_s and flops_per_s / 1e12,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+            "tflops_per_device": flops_per_s / 1e12 if flops_per_s is not None else None,
             "mfu": flops_per_s / self.peak_flops if flops_per_s and self.peak_flops else None,
             "peak_memory_bytes": memory, "memory_source": memory_source,
             "time": time.time(),
@@ -388,7 +395,7 @@ class MetricsTracker:
         if self._bar is not None and record["kind"] == "train":
             self._bar.set_postfix_str(_bar_postfix(record), refresh=True)
         elif self._bar is not None:
-            self._bar.write(line)
+            self._bar.write(line, file=self._stream)
         else:
             print(line, file=self._stream, flush=True)
 
@@ -481,11 +488,11 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], out_png: st
 def plot_loss_curve(history_jsonl_path: str | Path, out_png: str | Path, *,
                     title: str = "Training loss") -> Path:
     """Train loss (line) and eval loss (markers) of a ``metrics.jsonl`` history vs step, with
-    the tokens seen on a second x-axis along the top."""
+    the tokens seen on a second x-axis along the top. A step logged twice (a resumed run
+    appends to the history) is drawn once, from its latest record."""
     records = [json.loads(line) for line in Path(history_jsonl_path).read_text().splitlines()
                if line.strip()]
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
+    train, evals = (_latest_per_step(records, kind) for kind in ("train", "eval"))
     tokens = max((r["tokens"] for r in records), default=0)
     fig, ax = _new_axes(f"{title} ({format_si(tokens)} tokens)", "step", "loss")
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", linewidth=1.5)
@@ -497,14 +504,33 @@ def plot_loss_curve(history_jsonl_path: str | Path, out_png: str | Path, *,
     return _save(fig, out_png)
 
 
+def _latest_per_step(records: list[dict], kind: str) -> list[dict]:
+    latest = {r["step"]: r for r in records if r["kind"] == kind}
+    return [latest[step] for step in sorted(latest)]
+
+
 def _add_tokens_axis(ax, steps: list[int], tokens: list[int]) -> None:
-    import numpy as np
     from matplotlib.ticker import FuncFormatter
 
-    top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, tokens),
-                                               lambda t: np.interp(t, tokens, steps)))
+    top = ax.secondary_xaxis("top", functions=(_piecewise_linear(steps, tokens),
+                                               _piecewise_linear(tokens, steps)))
     top.set_xlabel("tokens")
     top.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_si(value)))
+
+
+def _piecewise_linear(xs: list[float], ys: list[float]):
+    """Interpolation through the points, extended along the end segments (np.interp alone
+    clamps, which piles the secondary axis's ticks up at the plot's margins)."""
+    import numpy as np
+
+    def mapping(values):
+        values = np.asarray(values, dtype=float)
+        left = ys[0] + (values - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
+        right = ys[-1] + (values - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        inside = np.interp(values, xs, ys)
+        return np.where(values < xs[0], left, np.where(values > xs[-1], right, inside))
+
+    return mapping
 
 
 def _new_axes(title: str | None, xlabel: str, ylabel: str):

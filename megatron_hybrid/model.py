@@ -18,7 +18,31 @@ class ModelLayout:
     pp: int = 1
     cp: int = 1
     sequence_parallel: bool = False
-    params_dtype: torch.dtype = torch.float32
+    precision: str = "fp32"
+    """fp32 | bf16 | fp8-hybrid (FP8 with the first and last layer in bf16, as Nano-v2)."""
+    recompute: str = "none"
+    """none | selective (core attention) | full (every layer's input kept, layer recomputed)."""
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+
+def precision_options(precision: str) -> dict:
+    """TransformerConfig fields of a precision; FP8 runs on Transformer Engine (cuda only)."""
+    if precision == "fp8-hybrid":
+        return {"fp8": "hybrid", "fp8_recipe": "tensorwise", "first_last_layers_bf16": True,
+                "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1}
+    return {}
+
+
+def recompute_options(recompute: str) -> dict:
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    return {}
 
 
 def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), *,
@@ -64,6 +88,8 @@ def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), 
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **precision_options(layout.precision),
+        **recompute_options(layout.recompute),
     )
     config.finalize_model_grads_func = mcore.finalize_model_grads
     return config

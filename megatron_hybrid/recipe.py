@@ -185,6 +185,10 @@ def _merge(low: dict, high: dict) -> dict:
 def _build(cls: type, raw, prefix: str):
     """An instance of dataclass ``cls`` from ``raw``, checking keys and types; ``prefix`` is
     the dotted key of this section ('' at the top)."""
+    if cls is ModelConfig and isinstance(raw, str):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {_describe_value(raw)}: "
+                          f"for a flavor write {prefix}: {{{FLAVOR_KEY}: {raw}}} or "
+                          f"{prefix}.{FLAVOR_KEY}={raw}")
     raw = _as_mapping(raw, prefix)
     if cls is ModelConfig:
         raw = _expand_flavor(raw, prefix)
@@ -254,7 +258,11 @@ def _check_type(value, hint, key: str):
     """``value`` if it has type ``hint`` (an int is accepted, as float, for float)."""
     ok, converted = _matches(value, hint)
     if not ok:
-        raise ConfigError(f"{key}: expected {_describe_type(hint)}, got {_describe_value(value)}")
+        quote = (" (quote it to keep it text: in YAML '...', on the command line "
+                 f"{key}='\"...\"')" if _matches("text", hint)[0]
+                 and isinstance(value, (int, float, bool)) else "")
+        raise ConfigError(f"{key}: expected {_describe_type(hint)}, got "
+                          f"{_describe_value(value)}{quote}")
     return converted
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from megatron_hybrid.data.preprocess import preprocess_jsonl
+from megatron_hybrid.data.preprocess import check_input, preprocess_jsonl
 from megatron_hybrid.data.tokenizer import KINDS, TokenizerConfig, load_tokenizer
 
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_input(Path(args.input))
         from megatron_hybrid import backends
 
         backends.install("auto")  # Megatron-Core (its dataset writer) loads only after this

@@ -12,14 +12,15 @@ CACHE_ENV = "MEGATRON_HYBRID_CACHE"
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir`` if given, else ``$MEGATRON_HYBRID_CACHE``, else ``~/.cache/megatron_hybrid``."""
+    """``cache_dir`` if given, else ``$MEGATRON_HYBRID_CACHE``, else
+    ``~/.cache/megatron_hybrid``."""
     if cache_dir is None:
         cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "megatron_hybrid"
     return Path(cache_dir)
 
 
 def temporary_sibling(path: Path) -> Path:
-    """A name beside ``path`` that no other process uses (same filesystem, so renames are atomic)."""
+    """A name beside ``path`` that no other process uses (same filesystem: renames are atomic)."""
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 

@@ -51,10 +51,12 @@ class CorpusInfo:
 def default_corpus_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache entry for this Python's standard library (its docstrings differ by version)."""
     version = ".".join(map(str, sys.version_info[:3]))
-    return resolve_cache_dir(cache_dir) / "corpus" / f"stdlib-docstrings-v{CORPUS_VERSION}-py{version}"
+    name = f"stdlib-docstrings-v{CORPUS_VERSION}-py{version}"
+    return resolve_cache_dir(cache_dir) / "corpus" / name
 
 
-def build_default_corpus(out_dir: str | os.PathLike | None = None, *, workers: int = 2) -> CorpusInfo:
+def build_default_corpus(out_dir: str | os.PathLike | None = None, *,
+                         workers: int = 2) -> CorpusInfo:
     """Write ``train.jsonl`` and ``valid.jsonl`` into ``out_dir`` (default: the cache entry), or
     return the existing ones. ``meta.json`` is written last, so its presence means complete."""
     out_dir = Path(out_dir) if out_dir is not None else default_corpus_dir()

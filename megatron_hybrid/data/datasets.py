@@ -101,7 +101,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, seq_length: in
     data_cfg.validate()
     cache_dir = resolve_cache_dir(cache_dir)
     sizes = [train_samples, valid_samples, 0]
-    sources = _sources(data_cfg, tokenizer, cache_dir, sizes)
+    sources = _sources(data_cfg, tokenizer, cache_dir)
     config = mds.GPTDatasetConfig(
         random_seed=data_cfg.seed, sequence_length=seq_length, tokenizer=tokenizer,
         path_to_cache=str(cache_dir / "index-cache"), reset_position_ids=False,
@@ -113,7 +113,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, seq_length: in
     return train, valid
 
 
-def _sources(data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, sizes: list) -> dict:
+def _sources(data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> dict:
     """GPTDatasetConfig's blend arguments, after checking every file they name."""
     if data_cfg.mock:
         return {}  # no blend: Megatron-Core switches to mock data
@@ -124,7 +124,7 @@ def _sources(data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, sizes:
         return {"blend_per_split": [([train_prefix], None), ([valid_prefix], None), None]}
     prefixes, weights = parse_blend(data_cfg.blend)
     for prefix in prefixes:
-        _check_split_shares(prefix, check_indexed_dataset(prefix), data_cfg.split, sizes)
+        _check_split_shares(prefix, check_indexed_dataset(prefix), data_cfg.split)
     return {"blend": (prefixes, weights), "split": data_cfg.split}
 
 
@@ -184,13 +184,14 @@ def _token_size(dtype_code: int, idx_path: Path) -> int:
         raise DataError(f"{idx_path}: unknown token dtype code {dtype_code}; {_FIX}") from None
 
 
-def _check_split_shares(prefix: str, lengths: numpy.ndarray, split: str, sizes: list) -> None:
-    """Each requested split must get tokens: Megatron-Core loops forever on an empty one."""
+def _check_split_shares(prefix: str, lengths: numpy.ndarray, split: str) -> None:
+    """Each split with a share must get tokens: Megatron-Core loops forever on an empty one
+    (``GPTDataset._get_num_epochs``), even when no sample of that split is requested."""
     shares = parse_split(split)
     bounds = numpy.cumsum([0.0] + shares) / sum(shares)
-    for name, size, low, high in zip(SPLITS, sizes, bounds[:-1], bounds[1:]):
+    for name, low, high in zip(SPLITS, bounds[:-1], bounds[1:]):
         begin, end = (int(round(bound * len(lengths))) for bound in (low, high))
-        if size and high > low and lengths[begin:end].sum() == 0:
+        if high > low and lengths[begin:end].sum() == 0:
             raise DataError(f"{prefix}: data.split={split!r} leaves the {name} split of its "
                             f"{len(lengths)} documents empty; use more documents or a larger "
                             f"{name} share")

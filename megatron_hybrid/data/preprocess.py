@@ -22,6 +22,7 @@ import numpy
 from tqdm import tqdm
 
 from megatron_hybrid.data import DataError
+from megatron_hybrid.data.cache import temporary_sibling
 from megatron_hybrid.data.tokenizer import Tokenizer
 from megatron_hybrid.data.workers import ordered_map
 
@@ -56,7 +57,7 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
                      progress: bool = True) -> PreprocessStats:
     """Tokenise the ``json_key`` field of every line of ``input_path`` into ``output_prefix``."""
     input_path, output_prefix = Path(input_path), str(output_prefix)
-    _check_input(input_path)
+    check_input(input_path)
     from megatron_hybrid.data._mcore_datasets import DType
 
     spec = _EncodeSpec(tokenizer=tokenizer, input_name=str(input_path), json_key=json_key,
@@ -72,7 +73,8 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
                            num_tokens=num_tokens, seconds=time.perf_counter() - start)
 
 
-def _check_input(input_path: Path) -> None:
+def check_input(input_path: Path) -> None:
+    """Fail early (before any tokenizer is trained or loaded) on a missing or empty input."""
     if not input_path.is_file():
         raise DataError(f"{input_path}: input file not found; pass a JSONL file with --input")
     if input_path.stat().st_size == 0:
@@ -132,7 +134,7 @@ def _write_indexed_dataset(output_prefix: str, dtype: type,
     from megatron_hybrid.data._mcore_datasets import IndexedDatasetBuilder
 
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
+    tmp_prefix = str(temporary_sibling(Path(output_prefix)))
     tmp_paths = [Path(tmp_prefix + ".bin"), Path(tmp_prefix + ".idx")]
     num_docs = num_tokens = 0
     try:

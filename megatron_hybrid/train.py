@@ -1,0 +1,170 @@
+"""The training loop: one engine for pretraining, SFT and distillation, on CPU and GPU.
+
+``run(cfg)`` sets up (backend, process groups, model, optimizer, data, checkpoints, metrics),
+resumes when the run has a checkpoint, trains, and always tears the process groups down.
+The loop stays short: the checkpointer decides when to save, evaluation is a call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_hybrid import backends, engine, metrics, parallel, recipe
+from megatron_hybrid.checkpoint import Checkpointer, TrainState, load_weights
+from megatron_hybrid.config import RunConfig
+from megatron_hybrid.data.datasets import build_datasets, microbatch_iterator
+from megatron_hybrid.data.tokenizer import load_tokenizer
+from megatron_hybrid.model import ModelLayout, build_model
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    run_dir: Path
+    dims: parallel.ParallelDims
+    model_chunks: list
+    optimizer: object
+    scheduler: object
+    checkpointer: Checkpointer
+    train_data: object
+    valid_data: object
+    state: TrainState
+
+    @property
+    def num_microbatches(self) -> int:
+        train = self.cfg.train
+        return train.global_batch_size // (train.micro_batch_size * self.dims.dp)
+
+    def batches(self, dataset, start_sample: int):
+        from megatron_hybrid import mcore
+
+        return microbatch_iterator(
+            dataset, start_sample=start_sample, micro_batch_size=self.cfg.train.micro_batch_size,
+            num_microbatches=self.num_microbatches,
+            dp_rank=mcore.parallel_state.get_data_parallel_rank(), dp_size=self.dims.dp,
+            num_workers=self.cfg.data.num_workers)
+
+    def evaluate(self) -> float | None:
+        if self.valid_data is None:
+            return None
+        return engine.eval_loss(
+            self.model_chunks, self.batches(self.valid_data, 0),
+            num_microbatches=self.num_microbatches * self.cfg.train.eval_batches,
+            micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.seq_length)
+
+    def train(self, tracker: metrics.MetricsTracker) -> TrainState:
+        cfg, state, total = self.cfg, self.state, self.cfg.total_steps
+        data = self.batches(self.train_data, state.consumed_samples)
+        while state.step < total:
+            started = time.perf_counter()
+            result = engine.train_step(
+                self.model_chunks, self.optimizer, data, num_microbatches=self.num_microbatches,
+                micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.seq_length)
+            self.scheduler.step(increment=1)
+            state.step += 1
+            state.consumed_samples += cfg.train.global_batch_size
+            state.tokens += result.num_tokens
+            tracker.step(state.step, loss=result.loss, grad_norm=result.grad_norm,
+                         lr=self.optimizer.param_groups[0]["lr"], tokens=result.num_tokens,
+                         seconds=time.perf_counter() - started)
+            if state.step % cfg.train.eval_interval == 0 or state.step == total:
+                tracker.log_eval(state.step, self.evaluate())
+            if self.checkpointer.should_save(state.step, final=state.step == total):
+                self.checkpointer.save(state, self.model_chunks, self.optimizer, self.scheduler)
+        return state
+
+
+def run(cfg: RunConfig) -> TrainState:
+    """Train ``cfg`` in this process (one rank of a torchrun job, or alone)."""
+    backend = backends.install(cfg.parallel.backend)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    cfg.validate(world_size)
+    cfg.validate_for_backend(backend)
+    dims = parallel.ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
+                                 world_size=world_size)
+    parallel.init_distributed(dims, backend=backend)
+    try:
+        trainer = build_trainer(cfg, backend, dims)
+        with _tracker(cfg, trainer, world_size) as tracker:
+            state = trainer.train(tracker)
+        if dist.get_rank() == 0 and cfg.logging.plot:
+            metrics.plot_loss_curve(trainer.run_dir / "metrics.jsonl",
+                                    trainer.run_dir / "loss.png", title=cfg.name)
+        return state
+    finally:
+        parallel.destroy_distributed()
+
+
+def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims) -> Trainer:
+    run_dir = Path(cfg.resolved_output_dir)
+    parallel.seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    layout = ModelLayout(tp=dims.tp, pp=dims.pp, cp=dims.cp,
+                         sequence_parallel=cfg.parallel.sequence_parallel,
+                         precision=cfg.train.precision, recompute=cfg.train.recompute)
+    model = build_model(cfg.model, layout, backend=backend)
+    chunks = [engine.wrap_ddp(model, use_distributed_optimizer=cfg.parallel.distributed_optimizer)]
+    optimizer = engine.build_optimizer(chunks, _optimizer_settings(cfg))
+    scheduler = engine.build_scheduler(
+        optimizer, kind=cfg.scheduler.kind, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
+        warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.total_steps,
+        decay_fraction=cfg.scheduler.decay_fraction,
+        wsd_decay_style=cfg.scheduler.wsd_decay_style, weight_decay=cfg.optimizer.weight_decay)
+    checkpointer = Checkpointer(
+        run_dir, save_interval=cfg.checkpoint.save_interval, keep_last=cfg.checkpoint.keep_last,
+        meta={"model": cfg.model.to_dict(), "tokenizer": tokenizer.unique_identifiers,
+              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp}},
+        config_yaml=recipe.dump_yaml(cfg))
+    state = _restore(cfg, checkpointer, chunks, optimizer, scheduler)
+    train_samples = cfg.total_steps * cfg.train.global_batch_size
+    valid_samples = cfg.train.eval_batches * cfg.train.global_batch_size
+    train_data, valid_data = build_datasets(
+        cfg.data, tokenizer, seq_length=cfg.seq_length, train_samples=train_samples,
+        valid_samples=valid_samples)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save_resolved(cfg, run_dir / "config.yaml")
+    return Trainer(cfg, run_dir, dims, chunks, optimizer, scheduler, checkpointer, train_data,
+                   valid_data, state)
+
+
+def _optimizer_settings(cfg: RunConfig) -> engine.OptimizerSettings:
+    opt = cfg.optimizer
+    return engine.OptimizerSettings(
+        lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, clip_grad=opt.clip_grad,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+
+
+def _restore(cfg: RunConfig, checkpointer: Checkpointer, chunks, optimizer,
+             scheduler) -> TrainState:
+    """Resume this run from its latest checkpoint, or start from ``checkpoint.load``."""
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        _print0(f"resuming from {latest}")
+        return checkpointer.resume(latest, chunks, optimizer, scheduler)
+    if cfg.checkpoint.load:
+        _print0(f"initial weights from {cfg.checkpoint.load}")
+        load_weights(chunks, cfg.checkpoint.load)
+    return TrainState()
+
+
+def _tracker(cfg: RunConfig, trainer: Trainer, world_size: int) -> metrics.MetricsTracker:
+    precision = "bf16" if cfg.train.precision != "fp32" else "fp32"
+    _, peak = metrics.device_peak_flops(precision)
+    flops = metrics.flops_per_token(cfg.model, cfg.seq_length)["total"]
+    return metrics.MetricsTracker(
+        trainer.run_dir, is_logging_rank=dist.get_rank() == 0, flops_per_token=flops,
+        peak_flops=peak, world_size=world_size, total_steps=cfg.total_steps,
+        log_interval=cfg.train.log_interval, progress=cfg.logging.progress_bar,
+        tensorboard=cfg.logging.tensorboard, tokens_seen=trainer.state.tokens)
+
+
+def _print0(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
