@@ -21,6 +21,9 @@ _require_mamba_kernels()
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.activations import squared_relu
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add

@@ -66,7 +66,7 @@ def two_prefixes(tmp_path_factory, corpus_info, tokenizer):
 
 
 def read_indexed(prefix):
-    from megatron_hybrid.data._mcore_datasets import IndexedDataset
+    from megatron_hybrid.mcore import IndexedDataset
 
     dataset = IndexedDataset(str(prefix))
     return [dataset[i].tolist() for i in range(len(dataset))], dataset.index.dtype
@@ -301,7 +301,7 @@ def damage(prefix, tmp_path, how):
     if how == "not_an_index":
         idx.write_bytes(b"garbage")
         return new, idx
-    from megatron_hybrid.data._mcore_datasets import IndexedDatasetBuilder
+    from megatron_hybrid.mcore import IndexedDatasetBuilder
 
     IndexedDatasetBuilder(str(bin_), dtype=numpy.uint16).finalize(str(idx))  # "empty"
     return new, new

@@ -6,7 +6,7 @@
 - ``datasets``   Megatron-Core GPT datasets and blends, and the per-rank micro-batch iterator
 
 Importing this package imports neither torch nor Megatron-Core (preprocessing workers import
-only ``preprocess``); Megatron-Core is reached through ``_mcore_datasets`` after a backend is
+only ``preprocess``); Megatron-Core is reached through ``megatron_hybrid.mcore`` after a backend is
 installed.
 """
 

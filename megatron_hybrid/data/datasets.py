@@ -96,7 +96,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, seq_length: in
     Every rank calls this (with torch.distributed initialised, rank 0 builds the index caches
     first and the others read them: ``cache_dir`` must be shared between nodes).
     """
-    from megatron_hybrid.data import _mcore_datasets as mds
+    from megatron_hybrid import mcore as mds
 
     data_cfg.validate()
     cache_dir = resolve_cache_dir(cache_dir)
@@ -176,7 +176,7 @@ def check_indexed_dataset(prefix: str) -> numpy.ndarray:
 
 
 def _token_size(dtype_code: int, idx_path: Path) -> int:
-    from megatron_hybrid.data._mcore_datasets import DType
+    from megatron_hybrid.mcore import DType
 
     try:
         return DType.size(dtype_code)

@@ -58,7 +58,7 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
     """Tokenise the ``json_key`` field of every line of ``input_path`` into ``output_prefix``."""
     input_path, output_prefix = Path(input_path), str(output_prefix)
     check_input(input_path)
-    from megatron_hybrid.data._mcore_datasets import DType
+    from megatron_hybrid.mcore import DType
 
     spec = _EncodeSpec(tokenizer=tokenizer, input_name=str(input_path), json_key=json_key,
                        append_eod=append_eod, dtype=DType.optimal_dtype(tokenizer.vocab_size))
@@ -131,7 +131,7 @@ def _document_text(line_no: int, line: bytes) -> str:
 def _write_indexed_dataset(output_prefix: str, dtype: type,
                            encoded: Iterator[tuple[list[numpy.ndarray], int]], bar: tqdm,
                            input_path: Path) -> tuple[int, int]:
-    from megatron_hybrid.data._mcore_datasets import IndexedDatasetBuilder
+    from megatron_hybrid.mcore import IndexedDatasetBuilder
 
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = str(temporary_sibling(Path(output_prefix)))
