@@ -31,14 +31,16 @@ NANO_V2_9B_PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 TINY_H_8B_PATTERN = "M-M-M-M*" + "-M-M-M-M-M*" + "-M-M-M-M-M-"
 TINY_H_47B_PATTERN = "M-M-M-M*" + "-M---MM---M-M*" + "-M-M-M-"
 TINY_H_56B_PATTERN = "M-M-M-M*-M-M-M-M-M*" + "-M-M-M-M-M*" + "-M-M-M-M-M-"
-TINY_NANO_V2_12B_PATTERN = "M-M-M-M*-" * 3 + "M-M-M-M-"
+TINY_NANO_V2_12B_PATTERN = "M-M-M-M*-" * 2 + "|" + "M-M-M-M*-" + "M-M-M-M-"
+"""35 layers do not split evenly, so ``|`` marks two pipeline stages (18 | 17 layers): the tiny
+recipes run at pp=1 (marks ignored) and pp=2."""
 TINY_NANO_V2_9B_DROPPED_LAYERS = (7, 8, 12, 13)
 """Layers of the tiny 12B pattern that depth pruning drops for the tiny 9B: 1 of 3 attention,
 1 of 16 Mamba and 2 of 16 MLP layers, near the published 12B -> 9B proportions (2 of 6, 1 of 28,
 3 of 28) and where it drops its first ones: the first attention layer with the MLP after it,
 and a Mamba/MLP pair in the second motif."""
 TINY_NANO_V2_9B_PATTERN = (
-    pattern_lib.parse(TINY_NANO_V2_12B_PATTERN).drop_layers(TINY_NANO_V2_9B_DROPPED_LAYERS).layers
+    pattern_lib.parse(TINY_NANO_V2_12B_PATTERN).drop_layers(TINY_NANO_V2_9B_DROPPED_LAYERS).text
 )
 
 

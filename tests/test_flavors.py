@@ -124,7 +124,7 @@ def test_tiny_flavors_are_cpu_sized():
 def test_each_published_flavor_has_a_tiny_twin_with_its_symbols():
     for name in PUBLISHED:
         tiny = get_flavor(f"tiny-{name}")
-        assert set(tiny.pattern) == set(get_flavor(name).pattern), name
+        assert set(tiny.layer_pattern.layers) == set(get_flavor(name).layer_pattern.layers), name
 
 
 def test_tiny_alias():

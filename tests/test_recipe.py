@@ -282,7 +282,9 @@ def test_world_size_message():
     (["train.global_batch_size=8", "train.micro_batch_size=4"], 4,
      "train.global_batch_size (8) must be a multiple of train.micro_batch_size (4) * dp (4) = 16: "
      "e.g. train.global_batch_size=16, or train.micro_batch_size=2"),
-    (["parallel.pp=2"], None, "parallel.pp: cannot split the 35 layers"),
+    (["parallel.pp=4"], None, "parallel.pp: pattern 'M-M-M-M*-M-M-M-M*-|M-M-M-M*-M-M-M-M-' marks 2"),
+    (["model.flavor=tiny-nemotron-h-8b", "parallel.pp=4"], None,
+     "parallel.pp: cannot split the 30 layers"),
     (["parallel.tp=4"], None,
      "parallel.tp=4 does not divide model.num_query_groups (2): choose parallel.tp from 1, 2"),
     (["parallel.cp=3"], None, "parallel.cp=3 needs the sequence length (256, model.seq_length) "
