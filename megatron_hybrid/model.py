@@ -88,6 +88,7 @@ def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), 
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # the whole layer; the default "full" is deprecated and warns
         **precision_options(layout.precision),
         **recompute_options(layout.recompute),
     )

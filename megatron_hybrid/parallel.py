@@ -42,12 +42,13 @@ def init_distributed(dims: ParallelDims, *, backend: str, timeout_minutes: int =
     from megatron_hybrid import mcore
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # Under torchrun: its env:// rendezvous. Alone: an in-memory store, no port to race for.
+        alone = "WORLD_SIZE" not in os.environ
         dist.init_process_group(
             backend="nccl" if backend == "cuda" else "gloo",
-            rank=int(os.environ.get("RANK", 0)),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            store=dist.HashStore() if alone else None,
+            rank=0 if alone else -1,
+            world_size=1 if alone else -1,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     if backend == "cuda":
@@ -75,11 +76,3 @@ def destroy_distributed() -> None:
     mcore.parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

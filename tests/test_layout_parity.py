@@ -3,7 +3,6 @@ optimizer reproduce the TP=1 loss and grad norm of the same weights, step by ste
 Megatron-Core's DDP, optimizer and pipeline schedules on gloo (one 4-rank launch)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,8 @@ PATTERN = "M-M*-M-|M*-"  # stages of 7 and 3 layers: an uneven split, honoured e
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("layouts") / "results.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-               "--master-port", str(29400 + os.getpid() % 500), str(WORKER), str(out), PATTERN]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "4", str(WORKER), str(out), PATTERN]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())

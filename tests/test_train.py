@@ -25,9 +25,8 @@ SMALL = ["train.seq_length=64", "train.micro_batch_size=2", "train.global_batch_
 def cli(*args, nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "megatron_hybrid", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(29000 + os.getpid() % 400 + nproc),
-            "-m", "megatron_hybrid", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(nproc), "-m", "megatron_hybrid", *args]
 
 
 def train(out: Path, *overrides, nproc: int = 1) -> subprocess.CompletedProcess:

@@ -154,7 +154,6 @@ def _check_megatron_version() -> None:
 _EXPECTED_WARNINGS = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
-    "full scope is deprecated",
 )
 
 
