@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -68,6 +69,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_train(args)
 
 
+COMMAND_MODULES = {
+    # subcommand -> module with HELP, add_arguments(parser) and run(args) -> exit code.
+    # Each module keeps heavy imports inside run(), so building the parser stays fast.
+}
+
+
+def _add_module_commands(commands) -> None:
+    for name, module_name in COMMAND_MODULES.items():
+        module = importlib.import_module(module_name)
+        command = commands.add_parser(name, help=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job: tiny pretraining on the CPU")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     demo.set_defaults(handler=cmd_demo)
+    _add_module_commands(commands)
     return parser
 
 
