@@ -94,7 +94,8 @@ def build_scheduler(optimizer, *, kind: str, lr: float, min_lr: float, warmup_st
     )
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def lm_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """(loss sum, token count, report): the schedule and DDP divide by the global count."""
     loss_mask = loss_mask.float()
     loss_sum = (per_token_loss.float() * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
@@ -102,20 +103,28 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _forward_step(data_iterator: Iterator[dict], model):
-    batch = next(data_iterator)
+def get_batch(data_iterator: Iterator[dict]) -> dict:
+    """The next micro-batch as this rank's model stage consumes it."""
+    return next(data_iterator)
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model):
+    """Language-model forward step for Megatron-Core's schedules."""
+    batch = get_batch(data_iterator)
     per_token_loss = model(batch["tokens"], None, None, labels=batch["labels"])
-    return per_token_loss, partial(_loss_func, batch["loss_mask"])
+    return per_token_loss, partial(lm_loss_func, batch["loss_mask"])
 
 
 def train_step(model_chunks: list, optimizer, data_iterator: Iterator[dict], *,
-               num_microbatches: int, micro_batch_size: int, seq_length: int) -> StepResult:
-    """One optimizer step over ``num_microbatches`` micro-batches of this DP rank."""
+               num_microbatches: int, micro_batch_size: int, seq_length: int,
+               forward_step=lm_forward_step) -> StepResult:
+    """One optimizer step over ``num_microbatches`` micro-batches of this DP rank;
+    ``forward_step`` returns (output, loss function) as Megatron-Core's schedules expect."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = mcore.get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=forward_step,
         data_iterator=data_iterator,
         model=model_chunks,
         num_microbatches=num_microbatches,
@@ -131,12 +140,12 @@ def train_step(model_chunks: list, optimizer, data_iterator: Iterator[dict], *,
 
 @torch.no_grad()
 def eval_loss(model_chunks: list, data_iterator: Iterator[dict], *, num_microbatches: int,
-              micro_batch_size: int, seq_length: int) -> float:
+              micro_batch_size: int, seq_length: int, forward_step=lm_forward_step) -> float:
     for chunk in model_chunks:
         chunk.eval()
     try:
         reports = mcore.get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=data_iterator, model=model_chunks,
+            forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
             num_microbatches=num_microbatches, seq_length=seq_length,
             micro_batch_size=micro_batch_size, forward_only=True)
     finally:
