@@ -15,7 +15,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from megatron_hybrid import mcore
+from megatron_hybrid import context_parallel, mcore
 
 # Local norm names -> the names of Transformer Engine's fused norm+linear parameters.
 MAMBA_TE_KEY_MAP = {"norm.": "mixer.in_proj.layer_norm_"}
@@ -40,24 +40,39 @@ class TorchRMSNorm(torch.nn.Module):
 
 
 class SDPAttention(mcore.DotProductAttention):
-    """Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+    """Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``,
+    context parallel included (:func:`context_parallel.attention`).
 
     Subclasses Megatron-Core's DotProductAttention so ModelOpt recognises it (head pruning),
     but avoids its CUDA global memory buffer and fused-softmax kernels.
     """
+
+    def __init__(self, config: "mcore.TransformerConfig", *args, pg_collection=None, **kwargs):
+        # DotProductAttention refuses CP > 1 (on GPUs only TE's attention does CP): build it
+        # from a CP=1 view of the config, then keep the real one.
+        cp1_view = copy.copy(config)
+        cp1_view.context_parallel_size = 1
+        super().__init__(cp1_view, *args, pg_collection=pg_collection, **kwargs)
+        self.config = config
+        self.cp_group = (pg_collection.cp if pg_collection is not None
+                         else mcore.parallel_state.get_context_parallel_group())
+        context_parallel.check_matches_groups(config.context_parallel_size, self.cp_group.size())
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need the THD attention of the cpu backend")
         seq_len, batch = query.shape[:2]
-        # [s, b, heads, dim] -> [b, heads, s, dim]; key/value keep their query-group heads.
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.attention_dropout.p if self.training else 0.0,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        if self.cp_group.size() > 1:
+            out = context_parallel.attention(query, key, value, group=self.cp_group,
+                                             scale=self.softmax_scale, dropout_p=dropout_p)
+        else:
+            # [s, b, heads, dim] -> [b, heads, s, dim]; key/value keep their query-group heads.
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                 dropout_p=dropout_p,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
 
 

@@ -24,6 +24,9 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
   "CPU RNG state changed within GPU RNG context" warning is filtered (same generator here).
+- ModelOpt 0.43 ``prune/plugins/mcore_minitron.py`` (``drop_mcore_language_model_layers``)
+  all-gathers a 0-d tensor, which gloo rejects ("invalid tensor size ... expected (), got (1)");
+  :func:`gloo_accepts_scalar_all_gather` gives such inputs one dimension, only around pruning.
 """
 
 from __future__ import annotations
@@ -182,3 +185,19 @@ def cuda_device_is(device: str | torch.device):
         yield
     finally:
         _redirect.target = previous
+
+
+@contextlib.contextmanager
+def gloo_accepts_scalar_all_gather():
+    """Within: ``torch.distributed.all_gather_into_tensor`` takes a 0-d input as shape (1,)
+    (the layout gloo expects; NCCL accepts both)."""
+    original = torch.distributed.all_gather_into_tensor
+
+    def all_gather_into_tensor(output, input, *args, **kwargs):
+        return original(output, input.reshape(1) if input.dim() == 0 else input, *args, **kwargs)
+
+    torch.distributed.all_gather_into_tensor = all_gather_into_tensor
+    try:
+        yield
+    finally:
+        torch.distributed.all_gather_into_tensor = original
