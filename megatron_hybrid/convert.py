@@ -1,6 +1,9 @@
 """HF ``NemotronHForCausalLM`` <-> Megatron-Core ``MambaModel``: configs and weights.
 
-The one place that knows both naming schemes; the checkpoint import/export tools build on it.
+The one place that knows both naming schemes: :func:`weight_map` lists every Megatron tensor with
+the HF tensors it is made of, and the state-dict converters and the streaming checkpoint tools
+(``hf_checkpoint.py``) all follow it. This module also holds the ``megatron-hybrid convert``
+command; it imports torch only where a tensor is built, so building the CLI parser stays light.
 Pinned against transformers 5.23 (``transformers/models/nemotron_h``) and Megatron-Core 0.16.1
 (``megatron/core/ssm/mamba_mixer.py``, ``transformer/attention.py``).
 
@@ -44,14 +47,18 @@ State dicts are the full, unsharded TP=1/PP=1 ones (Megatron's ``model.state_dic
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_hybrid.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 HF_PREFIX = "model."
 """Prefix of the decoder in ``NemotronHForCausalLM.state_dict()`` (transformers >= 5)."""
@@ -61,9 +68,6 @@ MEGATRON_GATED_NORM_EPS = 1e-5
 """Megatron-Core 0.16.1 ``MambaMixer`` builds its gated norm with this eps, whatever the config."""
 MEGATRON_CONV_KERNEL = 4
 """``MambaMixer``'s ``d_conv`` default (the specs do not override it)."""
-
-_HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-
 
 class ConversionError(ValueError):
     """A config or state dict cannot be converted exactly; the message says why."""
@@ -175,7 +179,7 @@ def _check_hf_config(hf) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights: one table per layer kind
+# Weights: one table per layer kind, expanded into one entry per Megatron tensor
 # ---------------------------------------------------------------------------------------------
 
 
@@ -197,6 +201,24 @@ class _LayerMap:
     fused: tuple[_Fused, ...] = ()
 
 
+@dataclass(frozen=True)
+class TensorMap:
+    """One Megatron tensor (full, TP=1) and the HF tensors it is made of (one unless fused)."""
+
+    mcore: str
+    hf: tuple[str, ...]
+    fuse: Callable[[list[torch.Tensor]], torch.Tensor]
+    """HF tensors, in ``hf`` order -> the Megatron tensor."""
+    split: Callable[[torch.Tensor], list[torch.Tensor]]
+    """The Megatron tensor -> HF tensors, in ``hf`` order."""
+
+    @property
+    def layer(self) -> int | None:
+        """The decoder layer this tensor belongs to (None for embedding, final norm, output)."""
+        found = re.match(r"decoder\.layers\.(\d+)\.", self.mcore)
+        return int(found.group(1)) if found else None
+
+
 def _qkv_shapes(cfg: ModelConfig) -> tuple[int, list[int]]:
     groups, head_dim = cfg.num_query_groups, cfg.kv_channels
     q_rows = cfg.num_attention_heads // groups * head_dim
@@ -205,6 +227,8 @@ def _qkv_shapes(cfg: ModelConfig) -> tuple[int, list[int]]:
 
 def _fuse_qkv(parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
     """q [heads*d, h], k [groups*d, h], v [groups*d, h] -> rows ``[q_g, k_g, v_g]`` per group."""
+    import torch
+
     groups, _ = _qkv_shapes(cfg)
     per_group = [t.reshape(groups, -1, t.shape[-1]) for t in parts]
     return torch.cat(per_group, dim=1).reshape(-1, parts[0].shape[-1])
@@ -214,6 +238,14 @@ def _split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
     groups, rows = _qkv_shapes(cfg)
     per_group = fused.reshape(groups, sum(rows), fused.shape[-1]).split(rows, dim=1)
     return [t.reshape(-1, fused.shape[-1]) for t in per_group]
+
+
+def _only(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0]
+
+
+def _as_list(tensor: torch.Tensor) -> list[torch.Tensor]:
+    return [tensor]
 
 
 _MAMBA = _LayerMap(renames={
@@ -247,11 +279,30 @@ _MLP = _LayerMap(renames={
 LAYER_MAPS: dict[str, _LayerMap] = {"M": _MAMBA, "*": _ATTENTION, "-": _MLP}
 """Pattern symbol -> its weight table (no ``E``: see the module docstring)."""
 
-_GLOBAL = {  # Megatron name -> HF name ({prefix}: the decoder's, see HF_PREFIX)
-    "embedding.word_embeddings.weight": "{prefix}embeddings.weight",
-    "decoder.final_norm.weight": "{prefix}norm_f.weight",
-    "output_layer.weight": "lm_head.weight",
-}
+
+def weight_map(cfg: ModelConfig, prefix: str = HF_PREFIX) -> list[TensorMap]:
+    """Every weight of ``cfg``'s model in HF module order (embedding, layers, final norm,
+    output layer); ``prefix`` is the HF decoder's (``model.`` or ``backbone.``)."""
+    entries = [_renamed("embedding.word_embeddings.weight", f"{prefix}embeddings.weight")]
+    for index, symbol in enumerate(cfg.layer_pattern.layers):
+        entries += _layer_entries(index, _layer_map(symbol, cfg), prefix, cfg)
+    return entries + [_renamed("decoder.final_norm.weight", f"{prefix}norm_f.weight"),
+                      _renamed("output_layer.weight", "lm_head.weight")]
+
+
+def _renamed(mcore: str, hf: str) -> TensorMap:
+    return TensorMap(mcore=mcore, hf=(hf,), fuse=_only, split=_as_list)
+
+
+def _layer_entries(index: int, table: _LayerMap, prefix: str, cfg: ModelConfig) -> list:
+    mcore_layer, hf_layer = f"decoder.layers.{index}.", f"{prefix}layers.{index}."
+    entries = [_renamed(mcore_layer + mcore, hf_layer + hf) for mcore, hf in table.renames.items()]
+    for fused in table.fused:
+        entries.append(TensorMap(
+            mcore=mcore_layer + fused.mcore, hf=tuple(hf_layer + hf for hf in fused.hf),
+            fuse=functools.partial(fused.fuse, cfg=cfg),
+            split=functools.partial(fused.split, cfg=cfg)))
+    return entries
 
 
 def _layer_map(symbol: str, cfg: ModelConfig) -> _LayerMap:
@@ -264,17 +315,12 @@ def _layer_map(symbol: str, cfg: ModelConfig) -> _LayerMap:
 def hf_to_mcore_state_dict(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict:
     """Megatron-Core (TP=1, PP=1) state dict from an HF NemotronH one (``model.`` or
     ``backbone.`` prefix). Raises ConversionError on missing or unused HF tensors."""
-    prefix = _detect_prefix(hf_state)
     remaining = dict(hf_state)
-    out = {mcore: remaining.pop(hf.format(prefix=prefix), None) for mcore, hf in _GLOBAL.items()}
-    for index, symbol in enumerate(cfg.layer_pattern.layers):
-        table, hf_layer = _layer_map(symbol, cfg), f"{prefix}layers.{index}."
-        for mcore, hf in table.renames.items():
-            out[f"decoder.layers.{index}.{mcore}"] = remaining.pop(hf_layer + hf, None)
-        for fused in table.fused:
-            parts = [remaining.pop(hf_layer + hf, None) for hf in fused.hf]
-            ok = all(part is not None for part in parts)
-            out[f"decoder.layers.{index}.{fused.mcore}"] = fused.fuse(parts, cfg) if ok else None
+    out = {}
+    for entry in weight_map(cfg, detect_prefix(hf_state)):
+        parts = [remaining.pop(name, None) for name in entry.hf]
+        complete = all(part is not None for part in parts)
+        out[entry.mcore] = entry.fuse(parts) if complete else None
     _check_complete(out, remaining, "HF", "Megatron")
     return out
 
@@ -285,21 +331,19 @@ def mcore_to_hf_state_dict(mcore_state: Mapping[str, torch.Tensor], cfg: ModelCo
     ``"backbone."`` gives NVIDIA's published on-disk names. Works on any per-parameter
     tensors (e.g. gradients). ``*._extra_state`` entries are ignored."""
     remaining = {k: v for k, v in mcore_state.items() if not k.endswith("._extra_state")}
-    out = {hf.format(prefix=prefix): remaining.pop(mcore, None) for mcore, hf in _GLOBAL.items()}
-    for index, symbol in enumerate(cfg.layer_pattern.layers):
-        table, hf_layer = _layer_map(symbol, cfg), f"{prefix}layers.{index}."
-        for mcore, hf in table.renames.items():
-            out[hf_layer + hf] = remaining.pop(f"decoder.layers.{index}.{mcore}", None)
-        for fused in table.fused:
-            tensor = remaining.pop(f"decoder.layers.{index}.{fused.mcore}", None)
-            parts = fused.split(tensor, cfg) if tensor is not None else [None] * len(fused.hf)
-            out.update({hf_layer + hf: part for hf, part in zip(fused.hf, parts)})
+    out = {}
+    for entry in weight_map(cfg, prefix):
+        tensor = remaining.pop(entry.mcore, None)
+        parts = entry.split(tensor) if tensor is not None else [None] * len(entry.hf)
+        out.update(zip(entry.hf, parts))
     _check_complete(out, remaining, "Megatron", "HF")
     return out
 
 
-def _detect_prefix(hf_state: Mapping[str, torch.Tensor]) -> str:
-    found = {p for p in (HF_PREFIX, HF_CHECKPOINT_PREFIX) if any(k.startswith(p) for k in hf_state)}
+def detect_prefix(hf_names: Iterable[str]) -> str:
+    """The decoder prefix (``model.`` or ``backbone.``) that HF tensor names use."""
+    names = list(hf_names)
+    found = {p for p in (HF_PREFIX, HF_CHECKPOINT_PREFIX) if any(k.startswith(p) for k in names)}
     if len(found) != 1:
         raise ConversionError(
             f"HF state dict must use exactly one of the prefixes {HF_PREFIX!r} / "
@@ -312,10 +356,11 @@ def _check_complete(out: dict, remaining: dict, source: str, target: str) -> Non
     if missing or remaining:
         raise ConversionError(
             f"{source} state dict does not match the config: {target} tensors without a source "
-            f"{_preview(missing)}; unused {source} tensors {_preview(sorted(remaining))}")
+            f"{preview(missing)}; unused {source} tensors {preview(sorted(remaining))}")
 
 
-def _preview(names: list[str], limit: int = 6) -> str:
+def preview(names: list[str], limit: int = 6) -> str:
+    """``[a, b, ... (n in all)]``: a list short enough for a one-line error."""
     shown = ", ".join(names[:limit])
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
@@ -329,5 +374,42 @@ def load_mcore_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tens
     result = model.load_state_dict(dict(state), strict=False)
     missing = [k for k in result.missing_keys if not re.search(r"\._extra_state$", k)]
     if missing or result.unexpected_keys:
-        raise ConversionError(f"state dict does not fit the model: missing {_preview(missing)}, "
-                              f"unexpected {_preview(list(result.unexpected_keys))}")
+        raise ConversionError(f"state dict does not fit the model: missing {preview(missing)}, "
+                              f"unexpected {preview(list(result.unexpected_keys))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``megatron-hybrid convert`` command (the tensor streaming lives in hf_checkpoint.py)
+# ---------------------------------------------------------------------------------------------
+
+HELP = "convert checkpoints: Hugging Face NemotronH <-> Megatron (tensor by tensor)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    directions = parser.add_subparsers(dest="direction", required=True)
+    to_mcore = directions.add_parser(
+        "hf-to-mcore", help="HF model directory -> Megatron checkpoint (checkpoint.load=OUT)")
+    to_mcore.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    to_mcore.add_argument("out", help="checkpoint directory to create (must not exist)")
+    to_hf = directions.add_parser(
+        "mcore-to-hf", help="Megatron checkpoint (a step_* folder) -> HF model directory")
+    to_hf.add_argument("checkpoint", help="checkpoint directory (with meta.json)")
+    to_hf.add_argument("out", help="HF directory to create (must not exist)")
+    to_hf.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                       help="largest safetensors file, e.g. 5GB or 500MB (default 5GB)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_hybrid import backends
+
+    backends.install("cpu")  # conversion builds models on the meta device: CPU work
+    from megatron_hybrid import hf_checkpoint
+
+    if args.direction == "hf-to-mcore":
+        converted = hf_checkpoint.import_hf(args.hf_dir, args.out)
+    else:
+        converted = hf_checkpoint.export_hf(
+            args.checkpoint, args.out,
+            max_shard_bytes=hf_checkpoint.parse_size(args.max_shard_size))
+    print(converted)
+    return 0

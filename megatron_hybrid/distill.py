@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from functools import partial
 from pathlib import Path
+from types import MethodType
 
 from megatron_hybrid.config import ConfigError, ModelConfig, RunConfig
 
@@ -135,9 +137,8 @@ class DistillationLoss:
             "teacher_model": self.teacher, "criterion": kd_config.criterion,
             "loss_balancer": kd_config.loss_balancer})])
         mtd_megatron.adjust_distillation_model_for_mcore(model, kd_config)
-        # ModelOpt stubs the teacher's LM loss to zeros to save a cross-entropy; keep it so the
-        # teacher's held-out loss can be measured.
-        del model.teacher_model.compute_language_model_loss
+        model.compute_language_model_loss = MethodType(
+            partial(_student_lm_loss, needed_in_training=options.lm_loss_weight > 0), model)
         return model
 
     def forward_step(self, data_iterator, model, *, report: str = "auto"):
@@ -171,6 +172,28 @@ class DistillationLoss:
                                                                num_tokens.detach().float()])}
 
 
+def _student_lm_loss(model, labels, logits, *, needed_in_training: bool):
+    """The student's per-token LM loss (zeros when training without it). Megatron-Core's
+    cross entropy overwrites its logits in place, so it gets a copy: the KL loss reads the
+    logits its hook captured."""
+    import torch
+
+    if model.training and not needed_in_training:
+        return torch.zeros_like(labels, dtype=logits.dtype)
+    return type(model).compute_language_model_loss(model, labels, logits.clone())
+
+
+def teacher_forward_step(data_iterator, teacher):
+    """LM forward step of the bare teacher, whose own LM loss the KD model stubs out (it
+    would overwrite the teacher logits the KL loss reads)."""
+    from megatron_hybrid import engine
+
+    batch = engine.get_batch(data_iterator)
+    logits = teacher(batch["tokens"], None, None).transpose(0, 1).contiguous()  # [s, b, v]
+    per_token = type(teacher).compute_language_model_loss(teacher, batch["labels"], logits)
+    return per_token, partial(engine.lm_loss_func, batch["loss_mask"])
+
+
 def _masked_sum(mask, loss):
     """Sum of a ModelOpt per-token loss ``(loss [b, s], tp_reduce, is_sequence_parallel)``
     over the unmasked tokens of the whole tensor-parallel group."""
@@ -200,9 +223,12 @@ def measure(trainer, loss: DistillationLoss) -> dict:
             micro_batch_size=train.micro_batch_size, seq_length=trainer.cfg.seq_length,
             forward_step=forward_step)
 
+    with warnings.catch_warnings():  # the bare teacher's KD hook keeps what nobody reads
+        warnings.filterwarnings("ignore", message="Teacher's Module")
+        teacher_loss = heldout([loss.teacher], teacher_forward_step)
     return {  # the teacher first: evaluating the student clears what the teacher left behind
         "step": trainer.state.step,
-        "teacher_loss": heldout([loss.teacher], engine.lm_forward_step),
+        "teacher_loss": teacher_loss,
         "student_loss": heldout(trainer.model_chunks, loss.forward_step),
         "kl": heldout(trainer.model_chunks, partial(loss.forward_step, report="kl")),
     }

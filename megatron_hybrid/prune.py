@@ -15,6 +15,7 @@ whose pattern lost the dropped layers), ``model.yaml`` (that model as a recipe s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -99,12 +100,12 @@ def checkpoint_model(cfg: RunConfig, *, role: str) -> ModelConfig:
 def prune(cfg: RunConfig, backend: str, dims) -> dict:
     """Prune ``checkpoint.load`` as ``cfg.prune`` asks; save the pruned checkpoint and the
     report in the run directory; return the report."""
-    from megatron_hybrid import checkpoint, parallel
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid import checkpoint, parallel, train
+    from megatron_hybrid.model import build_model
 
     parallel.seed_everything(cfg.train.seed)
     data = CalibrationData(cfg)
-    layout = ModelLayout(pp=dims.pp)
+    layout = train.model_layout(cfg, dims)
     model = build_model(cfg.model, layout, backend=backend, perform_initialization=False)
     checkpoint.load_weights([model], cfg.checkpoint.load)
     before = {"params": param_count(model), "heldout_loss": data.heldout_loss(model)}
@@ -158,8 +159,6 @@ class CalibrationData:
 def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> dict[int, float]:
     """Prune ``model`` in place with ModelOpt; return each layer's importance by global
     1-based layer number (1 - cosine of its input and output on the calibration data)."""
-    import contextlib
-
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
@@ -184,11 +183,22 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
         from megatron_hybrid.backends.cpu import gloo_accepts_scalar_all_gather
 
         gloo_fix = gloo_accepts_scalar_all_gather()
-    with gloo_fix:
+    with gloo_fix, _modelopt_log(Path(cfg.resolved_output_dir)):
         _, searcher_state = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
                                       constraints=constraints, dummy_input=None, config=search)
     return {int(number): float(score)
             for number, score in searcher_state["layer_scores"].items()}
+
+
+@contextlib.contextmanager
+def _modelopt_log(run_dir: Path):
+    """ModelOpt prints its whole search (importance tensors included): to ``modelopt.log``
+    in the run directory (rank 0), not the terminal."""
+    if _is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "modelopt.log" if _is_rank_zero() else Path(os.devnull)
+    with path.open("w") as log, contextlib.redirect_stdout(log):
+        yield
 
 
 def register_norm() -> None:

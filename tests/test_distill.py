@@ -43,8 +43,9 @@ def fake_checkpoint(directory: Path, model: dict) -> str:
     return str(directory)
 
 
-def run_in_process(tmp_path, teacher_changes: dict, *overrides):
-    student = fake_checkpoint(tmp_path / "student", flavors.get_flavor("tiny-nano-v2-9b").to_dict())
+def run_in_process(tmp_path, teacher_changes: dict, *overrides, student_changes=None):
+    student = fake_checkpoint(tmp_path / "student", {
+        **flavors.get_flavor("tiny-nano-v2-9b").to_dict(), **(student_changes or {})})
     teacher = fake_checkpoint(tmp_path / "teacher", {
         **flavors.get_flavor("tiny-nano-v2-12b").to_dict(), **teacher_changes})
     parser = argparse.ArgumentParser()
@@ -73,6 +74,12 @@ def test_teacher_sequence_length_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"the teacher \(.*\) cannot run on this layout: "
                                           r"train.seq_length \(64\) exceeds model.seq_length"):
         run_in_process(tmp_path, {"seq_length": 32})
+
+
+def test_student_checkpoint_must_hold_the_recipes_sizes(tmp_path):
+    with pytest.raises(ConfigError, match=r"the recipe's model is not the one in .*student "
+                                          r"\(model.hidden_size: recipe 112, checkpoint 128\)"):
+        run_in_process(tmp_path, {}, student_changes={"hidden_size": 128})
 
 
 def test_distillation_lowers_kl_and_closes_the_gap(distilled):

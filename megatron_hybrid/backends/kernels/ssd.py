@@ -52,10 +52,24 @@ def _masked_exp(log_decay, keep):
     return torch.exp(log_decay if keep is None else log_decay.masked_fill(~keep, float("-inf")))
 
 
+def _intra_chunk_decay(cumsum, same_doc):
+    """(b, h, c, i, j): exp(cumsum_i - cumsum_j) for j <= i in the same document, else 0.
+
+    Within a chunk the difference of cumsums is exact enough (the CUDA kernels use it too)
+    and costs one pass over the (chunk x chunk) blocks less than a segsum.
+    """
+    size = cumsum.shape[-1]
+    keep = torch.ones(size, size, dtype=torch.bool, device=cumsum.device).tril()
+    if same_doc is not None:
+        keep = keep & same_doc
+    log_decay = cumsum[..., :, None] - cumsum[..., None, :]
+    return torch.where(keep, log_decay, float("-inf")).exp_()
+
+
 def _document_masks(seq_idx, nchunks, chunk_size):
     """Where decay may flow, for packed documents (all None without seq_idx).
 
-    same_doc (b, c, 1, i, j): tokens i and j of a chunk; prev_doc (b, c, 1, i): token i and the
+    same_doc (b, 1, c, i, j): tokens i and j of a chunk; prev_doc (b, 1, c, i): token i and the
     end of the previous chunk (document 0 before the first); same_end (b, 1, c+1, c+1): the ends
     of two chunks (index 0: before the first).
     """
@@ -63,11 +77,11 @@ def _document_masks(seq_idx, nchunks, chunk_size):
         return None, None, None
     pad = nchunks * chunk_size - seq_idx.shape[1]
     seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)  # padding continues
-    seq = seq.reshape(seq.shape[0], nchunks, chunk_size)
+    seq = seq.reshape(seq.shape[0], 1, nchunks, chunk_size)
     ends = F.pad(seq[..., -1], (1, 0))
-    same_doc = (seq[..., :, None] == seq[..., None, :])[:, :, None]
-    prev_doc = (seq == ends[:, :-1, None])[:, :, None]
-    same_end = (ends[:, :, None] == ends[:, None, :])[:, None]
+    same_doc = seq[..., :, None] == seq[..., None, :]
+    prev_doc = seq == ends[..., :-1, None]
+    same_end = ends[..., :, None] == ends[..., None, :]
     return same_doc, prev_doc, same_end
 
 
@@ -76,60 +90,77 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
 
     Returns y (b, l, h, p) including the D skip (no gate), the final states (b, h, p, n) and the
     states after the tokens at ``state_positions`` of batch row 0 (k, h, p, n), or None.
+
+    Layouts are chosen so that every product is a batched matmul over contiguous blocks:
+    per head (b, h, c, i, ...) for the (chunk x chunk) part, per group (b, g, c, i, ...)
+    against all its heads at once, (r p) = heads of the group x head dim, for the state parts.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
+    per_group = nheads // ngroups
     dtype = dt.dtype
     nchunks = -(-seqlen // chunk_size)
     pad = nchunks * chunk_size - seqlen
 
-    def chunked(t):  # (b, l, ...) -> (b, c, chunk, ...); padded tokens have dt = 0: no effect
+    def chunked(t):  # (b, l, heads, ...) -> (b, heads, c, chunk, ...); padded tokens: dt = 0
         t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(batch, nchunks, chunk_size, *t.shape[2:])
+        return t.unflatten(1, (nchunks, chunk_size)).movedim(3, 1).contiguous()
 
-    def by_group(t, dim):  # split a heads dim into (groups, heads per group)
-        return t.unflatten(dim, (ngroups, nheads // ngroups))
+    def by_group(t):  # (b, h, ...) -> (b, g, r, ...)
+        return t.unflatten(1, (ngroups, per_group))
 
-    xdt = by_group(chunked(x.to(dtype) * dt[..., None]), 3)  # (b, c, i, g, r, p)
-    B, C = chunked(B.to(dtype)), chunked(C.to(dtype))  # (b, c, i, g, n)
-    log_a = chunked(dt * A.to(dtype)).transpose(2, 3)  # (b, c, h, i)
-    cumsum = log_a.cumsum(-1)
+    def group_major(t):  # (b, h, c, i, p) -> (b, g, c, i, (r p))
+        return by_group(t).permute(0, 1, 3, 4, 2, 5).flatten(-2)
 
+    xdt = chunked(x.to(dtype) * dt[..., None])  # (b, h, c, i, p)
+    B, C = chunked(B.to(dtype)), chunked(C.to(dtype))  # (b, g, c, i, n)
+    cumsum = chunked(dt * A.to(dtype)).cumsum(-1)  # (b, h, c, i)
     same_doc, prev_doc, same_end = _document_masks(seq_idx, nchunks, chunk_size)
 
-    # Within chunks: y_i += sum_{j <= i} C_i.B_j decay(j -> i) dt_j x_j
-    decay = torch.exp(_segsum(log_a, same_doc))  # (b, c, h, i, j)
-    scores = torch.einsum("bcign,bcjgn->bcgij", C, B)[:, :, :, None] * by_group(decay, 2)
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, xdt)
+    # Within chunks: y_i = sum_{j <= i} C_i.B_j decay(j -> i) dt_j x_j
+    decay = _intra_chunk_decay(cumsum, same_doc)  # (b, h, c, i, j)
+    scores = C @ B.mT  # (b, g, c, i, j)
+    y_diag = (by_group(decay) * scores[:, :, None]).flatten(1, 2) @ xdt  # (b, h, c, i, p)
 
     # Each chunk's own contribution to the state at its end (the last row of decay).
-    to_end = by_group(decay[..., -1, :].transpose(2, 3), 3)[..., None]  # (b, c, j, g, r, 1)
-    chunk_states = torch.einsum("bcjgn,bcjgrp->bcgrpn", B, xdt * to_end).flatten(2, 3)
+    to_end = decay[..., -1, :, None]  # (b, h, c, j, 1)
+    chunk_states = group_major(xdt * to_end).mT @ B  # (b, g, c, (r p), n)
 
-    # Across chunks: states[c] = state before chunk c; states[nchunks] = final state.
+    # Across chunks, per head: states[:, :, c] = state before chunk c, [:, :, -1] the final one.
     if initial_states is None:
         initial_states = chunk_states.new_zeros(batch, nheads, headdim, dstate)
-    states = torch.cat([initial_states.to(dtype)[:, None], chunk_states], dim=1)
-    chunk_log_a = F.pad(cumsum[..., -1].transpose(1, 2), (1, 0))  # (b, h, c+1)
-    chunk_decay = torch.exp(_segsum(chunk_log_a, same_end))
-    states = torch.einsum("bhcs,bshpn->bchpn", chunk_decay, states)
+    chunk_states = chunk_states.unflatten(3, (per_group, headdim)).transpose(2, 3)
+    states = torch.cat([initial_states.to(dtype)[:, :, None],
+                        chunk_states.flatten(1, 2)], dim=2).flatten(-2)  # (b, h, c+1, p n)
+    chunk_decay = torch.exp(_segsum(F.pad(cumsum[..., -1], (1, 0)), same_end))  # (b, h, c+1, c+1)
+    states = (chunk_decay @ states).unflatten(-1, (headdim, dstate))  # (b, h, c+1, p, n)
 
-    from_start = _masked_exp(cumsum, prev_doc)  # decay from each chunk's start to token i
-    starts = by_group(states[:, :-1], 2)
-    y_carry = torch.einsum("bcign,bcgrpn->bcigrp", C, starts)
-    y = y + y_carry * by_group(from_start.transpose(2, 3), 3)[..., None]
-    y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
+    # Carry-in: each chunk's start state read out by C and decayed to token i.
+    starts = by_group(states[:, :, :-1]).transpose(2, 3).flatten(3, 4)  # (b, g, c, (r p), n)
+    carry = (C @ starts.mT).unflatten(-1, (per_group, headdim))  # (b, g, c, i, r, p)
+    from_start = _masked_exp(cumsum, prev_doc)  # (b, h, c, i)
+    carry = carry * by_group(from_start).permute(0, 1, 3, 4, 2)[..., None]
+
+    # Back to tokens (b, l, g, r, p): both parts are views; the first addend sets the layout.
+    parts = [by_group(y_diag).permute(0, 3, 4, 1, 2, 5).flatten(1, 2),
+             carry.permute(0, 2, 3, 1, 4, 5).flatten(1, 2)]
     if D is not None:
-        y = y + x.to(dtype) * (D[:, None] if D.dim() == 1 else D).to(dtype)
+        skip = x.to(dtype) * (D[:, None] if D.dim() == 1 else D).to(dtype)
+        parts.insert(0, skip.unflatten(2, (ngroups, per_group)))
+    y = parts[0][:, :seqlen]
+    for part in parts[1:]:
+        y = y + part[:, :seqlen]
+    y = y.flatten(2, 3)
 
     picked = None
     if state_positions is not None:  # the chunk's own part up to the token, plus the carry-in
         chunk, row = state_positions.long() // chunk_size, state_positions.long() % chunk_size
-        to_row = by_group(decay[0][chunk, :, row].transpose(1, 2), 2)[..., None]  # (k, j, g, r, 1)
-        own = torch.einsum("kjgn,kjgrp->kgrpn", B[0, chunk], xdt[0, chunk] * to_row)
-        carried = from_start[0][chunk, :, row][..., None, None] * states[0, chunk]
-        picked = own.flatten(1, 2) + carried
-    return y, states[:, -1], picked
+        to_row = decay[0][:, chunk, row].transpose(0, 1)[..., None]  # (k, h, j, 1)
+        own = torch.einsum("gkjn,kgrjp->kgrpn", B[0][:, chunk],
+                           (xdt[0][:, chunk].transpose(0, 1) * to_row).unflatten(1, (ngroups, -1)))
+        carried = from_start[0][:, chunk, row, None, None] * states[0][:, chunk]  # (h, k, p, n)
+        picked = own.flatten(1, 2) + carried.transpose(0, 1)
+    return y, states[:, :, -1], picked
 
 
 def mamba_chunk_scan_combined(

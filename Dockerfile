@@ -1,0 +1,38 @@
+# The GPU image: NVIDIA's PyTorch container (CUDA, NCCL, torch, Transformer Engine, apex), the
+# Mamba kernels built for its CUDA, and this package with the pinned dependencies of setup.py.
+# The container's torch is kept: pip may not replace it.
+#
+#   docker build -t megatron-hybrid .
+#   docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.06-py3 --build-arg MAX_JOBS=16 \
+#       -t megatron-hybrid .
+#
+# Any NGC PyTorch release with Python 3.10-3.13 takes the pins; launching: docs/launching.md.
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.06-py3
+FROM ${BASE_IMAGE}
+
+ARG MAX_JOBS=8
+ARG CAUSAL_CONV1D_VERSION=1.5.3.post1
+ARG MAMBA_SSM_VERSION=2.2.6.post3
+ARG USER_NAME=trainer
+ARG USER_UID=1000
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Pin the container's own torch and triton for every later pip install (this replaces the
+# container's blanket constraint file, which also pins packages that setup.py's pins move).
+RUN pip list --format=freeze | grep -E '^(torch|triton)==' > /etc/pip/torch-constraint.txt
+ENV PIP_CONSTRAINT=/etc/pip/torch-constraint.txt
+
+# The cuda backend's Mamba kernels, compiled against the container's torch and CUDA: the
+# projects' prebuilt wheels target PyPI's torch builds, not NVIDIA's.
+RUN MAX_JOBS="${MAX_JOBS}" CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+    pip install --no-cache-dir --no-build-isolation --no-deps \
+        "causal-conv1d==${CAUSAL_CONV1D_VERSION}" "mamba-ssm==${MAMBA_SSM_VERSION}"
+
+WORKDIR /workspace/megatron-hybrid
+RUN useradd --create-home --no-log-init --non-unique --uid "${USER_UID}" "${USER_NAME}"
+COPY --chown=${USER_NAME}:${USER_NAME} . .
+# setup.py's pins (megatron-core, nvidia-modelopt, transformers, ...); torch is not among them.
+RUN pip install --no-cache-dir --editable .
+
+USER ${USER_NAME}
