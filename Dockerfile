@@ -6,7 +6,8 @@
 #   docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.06-py3 --build-arg MAX_JOBS=16 \
 #       -t megatron-hybrid .
 #
-# Any NGC PyTorch release with Python 3.10-3.13 takes the pins; launching: docs/launching.md.
+# BASE_IMAGE may be another NGC PyTorch release (setup.py's pins need Python 3.10 to 3.13).
+# Running it on clusters: docs/launching.md.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.06-py3
 FROM ${BASE_IMAGE}
 
@@ -18,10 +19,11 @@ ARG USER_UID=1000
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Pin the container's own torch and triton for every later pip install (this replaces the
-# container's blanket constraint file, which also pins packages that setup.py's pins move).
-RUN pip list --format=freeze | grep -E '^(torch|triton)==' > /etc/pip/torch-constraint.txt
-ENV PIP_CONSTRAINT=/etc/pip/torch-constraint.txt
+# Pin the container's own torch and triton for every later pip install. This replaces the
+# container's constraint file, which pins every package it ships (Megatron-Core's install
+# guide unsets it too), so that setup.py's pins can move the others.
+RUN pip list --format=freeze | grep -E '^(torch|triton)==' > /etc/pip-torch-constraint.txt
+ENV PIP_CONSTRAINT=/etc/pip-torch-constraint.txt
 
 # The cuda backend's Mamba kernels, compiled against the container's torch and CUDA: the
 # projects' prebuilt wheels target PyPI's torch builds, not NVIDIA's.

@@ -108,10 +108,13 @@ def _parameters_by_dtype(tensors: list) -> dict[str, int]:
 def format_report(report: dict) -> str:
     model = ModelConfig(**report["model"])
     layers = model.layer_pattern
+    described = pattern.describe(layers, len(layers.explicit_stages or (layers.layers,)))
+    first, *stages = described.removeprefix("pattern ").splitlines()
     lines = [
         f"checkpoint  {report['checkpoint']}",
         f"flavor      {_flavor_text(report)}",
-        pattern.describe(layers, len(layers.explicit_stages or (layers.layers,))),
+        f"pattern     {first}",
+        *(f"            {stage}" for stage in stages),
         f"shapes      {_shapes_text(model)}",
         f"parameters  {report['parameters']:,} "
         f"({', '.join(f'{n:,} {dtype}' for dtype, n in report['parameters_by_dtype'].items())})",

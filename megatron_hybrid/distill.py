@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from types import MethodType
 
-from megatron_hybrid.config import ConfigError, ModelConfig, RunConfig
+from megatron_hybrid.config import ConfigError, DistillConfig, ModelConfig, RunConfig
 
 HELP = "distill a student checkpoint from a frozen teacher (ModelOpt KD, the training loop)"
 REPORT = "distill_report"
@@ -96,7 +96,7 @@ def distill(cfg: RunConfig, teacher_cfg: ModelConfig, backend: str, dims) -> dic
     teacher = build_model(teacher_cfg, train.model_layout(cfg, dims), backend=backend,
                           perform_initialization=False)
     load_weights([teacher], cfg.distill.teacher)
-    loss = DistillationLoss(cfg, teacher)
+    loss = DistillationLoss(cfg.distill, teacher)
     trainer = train.build_trainer(cfg, backend, dims, wrap_model=loss.attach_teacher,
                                   forward_step=loss.forward_step)
     start = measure(trainer, loss)
@@ -115,8 +115,8 @@ class DistillationLoss:
     optimises the same objective: KL + intermediate_weight * mean cosine + lm_loss_weight * LM.
     """
 
-    def __init__(self, cfg: RunConfig, teacher):
-        self.options = cfg.distill
+    def __init__(self, options: DistillConfig, teacher):
+        self.options = options
         self.teacher = teacher
 
     def attach_teacher(self, student):

@@ -7,6 +7,8 @@ reasoning toggle of SFT) on tiny models.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from megatron_hybrid.checkpoint import unwrap
@@ -26,10 +28,10 @@ def check_single_rank(model) -> None:
 
 
 @torch.no_grad()
-def generate(model, prompt: list[int], max_new_tokens: int, *, stop: int | None = None
+def generate(model, prompt: list[int], max_new_tokens: int, *, stop: Collection[int] = ()
              ) -> list[int]:
     """The greedy continuation of ``prompt`` (token ids): at most ``max_new_tokens`` ids,
-    ending at the first ``stop`` id (included) when it comes."""
+    ending at the first id in ``stop`` (included) when one comes."""
     check_single_rank(model)
     module = unwrap(model)
     was_training = module.training
@@ -42,7 +44,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, stop: int | None 
             logits = module(tokens, None, None)  # [1, s, vocab]
             next_id = int(logits[0, -1].argmax())
             new.append(next_id)
-            if next_id == stop:
+            if next_id in stop:
                 break
             tokens = torch.cat([tokens, tokens.new_tensor([[next_id]])], dim=1)
     finally:

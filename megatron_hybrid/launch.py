@@ -155,7 +155,7 @@ def gpu_environment(environ: dict) -> dict[str, str]:
 def run_torchrun(args: argparse.Namespace) -> int:
     cfg = _load_recipe(args.recipe, args.overrides)
     layout = node_layout(args, os.environ)
-    _check_world_size(cfg, layout.world_size, layout.describe())
+    _validate_for_world_size(cfg, layout.world_size, layout.describe())
     log_dir = args.log_dir or str(Path(cfg.resolved_output_dir) / "logs" /
                                   f"node{layout.node_rank}")
     command = torchrun_command(layout, recipe_path=args.recipe, overrides=args.overrides,
@@ -273,8 +273,8 @@ def _srun_options(cluster: ClusterProfile, job_dir: str) -> list[str]:
 def run_slurm(args: argparse.Namespace) -> int:
     cfg = _load_recipe(args.recipe, args.overrides)
     cluster = cluster_settings(args)
-    _check_world_size(cfg, args.nodes * cluster.gpus_per_node,
-                      f"--nodes {args.nodes} x --gpus-per-node {cluster.gpus_per_node}")
+    _validate_for_world_size(cfg, args.nodes * cluster.gpus_per_node,
+                             f"--nodes {args.nodes} x --gpus-per-node {cluster.gpus_per_node}")
     if args.submit and shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found: run on a Slurm login node, or drop --submit and "
                           "submit the written script there with sbatch")
@@ -303,7 +303,7 @@ def _load_recipe(path: str, overrides: list[str]):
     return recipe.load_recipe(path, overrides)
 
 
-def _check_world_size(cfg, world_size: int, layout: str) -> None:
+def _validate_for_world_size(cfg, world_size: int, layout: str) -> None:
     """Refuse, before any process starts, a world size the recipe's layout cannot use."""
     from megatron_hybrid.config import ConfigError
 

@@ -110,14 +110,14 @@ def prune(cfg: RunConfig, backend: str, dims) -> dict:
     checkpoint.load_weights([model], cfg.checkpoint.load)
     before = {"params": param_count(model), "heldout_loss": data.heldout_loss(model)}
     layer_numbers = {id(layer): layer.layer_number for layer in model.decoder.layers}
-    layer_scores = run_minitron(model, cfg, data, backend)
+    search = run_minitron(model, cfg, data, backend)
     dropped = dropped_layers(model, layer_numbers, cfg.model.num_layers)
     pruned_cfg = pruned_model_config(cfg.model, model.config, dropped)
     pruned = build_model(pruned_cfg, layout, backend=backend, perform_initialization=False)
     pruned.load_state_dict(model.state_dict())  # strict: the new shapes must match
     del model
     after = {"params": param_count(pruned), "heldout_loss": data.heldout_loss(pruned)}
-    report = build_report(cfg, pruned_cfg, dropped, layer_scores, before, after)
+    report = build_report(cfg, pruned_cfg, dropped, search, before, after)
     save_outputs(cfg, pruned_cfg, pruned, data.tokenizer, report, dims)
     return report
 
@@ -156,9 +156,11 @@ class CalibrationData:
         return self.forward(model, self.valid, self.cfg.prune.heldout_samples)
 
 
-def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> dict[int, float]:
-    """Prune ``model`` in place with ModelOpt; return each layer's importance by global
-    1-based layer number (1 - cosine of its input and output on the calibration data)."""
+def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> dict:
+    """Prune ``model`` in place with ModelOpt. Returns ``layer_scores``: each layer's
+    importance by global 1-based number (1 - cosine of its input and output on the
+    calibration data), and in search mode ``candidates``: the sizes scored, their parameters
+    and held-out loss."""
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
@@ -186,8 +188,11 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
     with gloo_fix, _modelopt_log(Path(cfg.resolved_output_dir)):
         _, searcher_state = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
                                       constraints=constraints, dummy_input=None, config=search)
-    return {int(number): float(score)
-            for number, score in searcher_state["layer_scores"].items()}
+    scored = searcher_state["top_k_candidates_per_constraint"].get(options.max_params, [])
+    return {"layer_scores": {int(number): float(score)
+                             for number, score in searcher_state["layer_scores"].items()},
+            "candidates": [{"sizes": candidate.ss_config, "params": int(candidate.params),
+                            "heldout_loss": -candidate.score} for candidate in scored]}
 
 
 @contextlib.contextmanager
@@ -252,9 +257,9 @@ def pruned_model_config(source: ModelConfig, pruned, dropped: list[int]) -> Mode
 
 # -- outputs ----------------------------------------------------------------------------------
 
-def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int],
-                 layer_scores: dict[int, float], before: dict, after: dict) -> dict:
-    source = cfg.model
+def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], search: dict,
+                 before: dict, after: dict) -> dict:
+    source, layer_scores = cfg.model, search["layer_scores"]
     layers = source.layer_pattern.layers
     return {
         "checkpoint": cfg.checkpoint.load,
@@ -269,6 +274,7 @@ def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int],
         "heldout_loss": [before["heldout_loss"], after["heldout_loss"]],
         "calibration_samples": cfg.prune.calibration_samples,
         "heldout_samples": cfg.prune.heldout_samples,
+        "candidates": search["candidates"],
     }
 
 
@@ -330,6 +336,10 @@ def format_markdown(report: dict) -> str:
         *(f"| {layer['index']} | {layer['kind']} | "
           f"{report['layer_importance'][layer['index']]:.4g} |"
           for layer in report["dropped_layers"]),
+        *(["", "| candidate sizes | parameters | held-out loss |", "|---|---|---|"]
+          if report["candidates"] else []),
+        *(f"| `{json.dumps(c['sizes'])}` | {c['params']:,} | {c['heldout_loss']:.4f} |"
+          for c in report["candidates"]),
         "", "Per-layer importance (1 - cosine of layer input and output on the calibration "
         "data): `layer_importance.png`.", "",
     ]

@@ -37,9 +37,8 @@ EXAMPLE_CLUSTER = str(ROOT / "launch" / "clusters" / "example.yaml")
 # not the model (tests/test_train.py trains the recipe's own model across layouts).
 SMALL = ["model.flavor=tiny", "model.vocab_size=1024", "train.seq_length=64",
          "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=2",
-         "train.log_interval=1",
-         "train.eval_batches=1", "scheduler.warmup_steps=0", "logging.progress_bar=off",
-         "logging.tensorboard=false", "logging.plot=false"]
+         "train.log_interval=1", "train.eval_batches=1", "scheduler.warmup_steps=0",
+         "logging.progress_bar=off", "logging.tensorboard=false", "logging.plot=false"]
 # A world of 4 nodes x 8 GPUs for the recipe: TP=2 leaves DP=16, micro-batch 4 -> batch 64.
 FOUR_NODES = ["parallel.tp=2", "train.global_batch_size=64"]
 LAUNCH_CLI = ("import argparse, sys\n"
@@ -93,11 +92,11 @@ def test_two_nodes_on_loopback_train_one_tp2_model(tmp_path):
          str(port), RECIPE, *SMALL, "parallel.tp=2", f"output_dir={out}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     consoles = [agent.communicate(timeout=600)[0] for agent in agents]
-    assert [agent.returncode for agent in agents] == [0, 0], consoles[0][-3000:] + consoles[1][-3000:]
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(c[-3000:] for c in consoles)
     assert "launch: node 1 of 2 node(s) x 1 process(es) per node = world size 2" in consoles[1]
     assert "[default0]:done: 2 steps" in consoles[0]  # rank 0's console, through torchrun
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line).get("kind", "train") == "train"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in records if record.get("kind", "train") == "train"]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     checkpoint = out / "checkpoints" / "step_000002"
     meta = json.loads((checkpoint / "meta.json").read_text())
@@ -183,7 +182,8 @@ def test_sbatch_script_for_four_nodes_runs_torchrun_in_the_container(clean_env, 
     assert launch.run(parse(*argv)) == 0
     script_path = tmp_path / "runs" / "tiny-pretrain" / "slurm.sbatch"
     script = script_path.read_text()
-    assert script == dry_run and f"wrote {script_path.relative_to(tmp_path)}" in capsys.readouterr().out
+    assert script == dry_run
+    assert f"wrote {script_path.relative_to(tmp_path)}" in capsys.readouterr().out
     directives = [line.split(None, 1)[1] for line in script.splitlines()
                   if line.startswith("#SBATCH")]
     assert directives == [
@@ -324,9 +324,11 @@ def setup_requirements() -> tuple[list[Requirement], dict[str, list[Requirement]
 
 
 def pip_installs(instructions) -> list[list[str]]:
-    runs = [shlex.split(rest) for keyword, rest in instructions if keyword == "RUN"]
-    return [words[words.index("install") + 1:] for words in runs
-            if "pip" in words and "install" in words]
+    """The arguments of every ``pip install`` in the RUN instructions."""
+    commands = [command.split() for keyword, rest in instructions if keyword == "RUN"
+                for command in re.split(r"&&|\|\||;|\|", rest)]
+    return [[word.strip("'\"") for word in words[words.index("install") + 1:]]
+            for words in commands if "pip" in words and "install" in words]
 
 
 def test_dockerfile_is_nvidia_pytorch_as_a_non_root_user():
@@ -341,7 +343,7 @@ def test_dockerfile_is_nvidia_pytorch_as_a_non_root_user():
 def test_dockerfile_keeps_the_container_torch_and_setup_py_pins():
     instructions = dockerfile_instructions()
     install_requires, extras = setup_requirements()
-    constraint = dict(instructions)["ENV"]
+    (constraint,) = [rest for keyword, rest in instructions if keyword == "ENV"]
     assert constraint.startswith("PIP_CONSTRAINT=")
     constraint_file = constraint.partition("=")[2]
     first_install = next(i for i, (k, rest) in enumerate(instructions) if "pip install" in rest)

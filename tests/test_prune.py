@@ -155,3 +155,25 @@ def test_pruning_at_pp2_gives_the_pp1_model(pruned_pp1, pruned_pp2, reload_losse
 
 def test_prunable_sizes_are_modelopts(reload_losses):
     assert set(PRUNABLE) <= set(reload_losses["supported_hparams"])
+
+
+@pytest.fixture(scope="session")
+def searched(runs_dir):
+    out = runs_dir / "prune-search"
+    prune_runs.run("prune", RECIPE, *prune_runs.SMALL, *prune_runs.PRUNE_DATA,
+                   f"output_dir={out}", f"checkpoint.load={prune_runs.pretrained(runs_dir)}",
+                   "prune.export_config=null", "prune.max_params=3e6", "prune.top_k=2",
+                   "prune.ffn_hidden_size_divisor=64",
+                   "prune.skip_hparams=[mamba_num_heads, mamba_head_dim, num_attention_heads]")
+    return report_of(out)
+
+
+def test_search_keeps_the_best_candidate_under_the_budget(searched):
+    before, after = searched["params"]
+    assert after <= 3e6 < before
+    candidates = searched["candidates"]
+    assert len(candidates) == 2 and all(c["params"] <= 3e6 for c in candidates)
+    best = min(candidates, key=lambda c: c["heldout_loss"])
+    assert after == best["params"]  # the rebuilt model is the candidate that scored best
+    assert searched["heldout_loss"][1] == pytest.approx(best["heldout_loss"], rel=1e-5)
+    assert searched["pattern"][1].count("|") == 1

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_hybrid.backends.kernels._util import compute_dtype, read_rows, write_rows
-from megatron_hybrid.backends.kernels.conv1d import causal_conv1d_fn
+from megatron_hybrid.backends.kernels.conv1d import causal_conv_tokens
 from megatron_hybrid.backends.kernels.norm_gated import rmsnorm_fn
 
 
@@ -248,9 +248,8 @@ def mamba_split_conv1d_scan_combined(
     zx0, z, xBC, dt = torch.split(
         zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1
     )
-    xBC = causal_conv1d_fn(
-        xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx=seq_idx, activation=activation
-    ).transpose(1, 2)
+    window = F.pad(xBC, (0, 0, conv1d_weight.shape[1] - 1, 0))  # zero history, tokens-major
+    xBC = causal_conv_tokens(window, conv1d_weight, conv1d_bias, seq_idx, activation, xBC.dtype)
     x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
     y, final_states = mamba_chunk_scan_combined(
         x.unflatten(-1, (nheads, headdim)),
