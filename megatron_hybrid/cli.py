@@ -72,6 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMAND_MODULES = {
     # subcommand -> module with HELP, add_arguments(parser) and run(args) -> exit code.
     # Each module keeps heavy imports inside run(), so building the parser stays fast.
+    "launch": "megatron_hybrid.launch",
 }
 
 

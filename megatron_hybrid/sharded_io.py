@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.distributed import checkpoint as torch_checkpoint
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from megatron_hybrid import mcore, params
@@ -134,11 +136,26 @@ class _StreamingSave(_torch_dist.TorchDistSaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         by_key, _, _ = _torch_dist._replace_state_dict_keys_with_sharded_keys(
             sharded_state_dict, self.keep_only_main_replica)
-        torch_checkpoint.save(
-            _torch_dist.mcore_to_pyt_state_dict(by_key, False),
-            storage_writer=torch_checkpoint.FileSystemWriter(checkpoint_dir,
-                                                             single_file_per_rank=False),
-            planner=_LazySavePlanner(self.materialize))
+        with _one_line_errors(f"writing {checkpoint_dir}"):
+            torch_checkpoint.save(
+                _torch_dist.mcore_to_pyt_state_dict(by_key, False),
+                storage_writer=torch_checkpoint.FileSystemWriter(checkpoint_dir,
+                                                                 single_file_per_rank=False),
+                planner=_LazySavePlanner(self.materialize))
+
+
+@contextlib.contextmanager
+def _one_line_errors(action: str):
+    """PyTorch's checkpoint API wraps each rank's exception, traceback included, in a
+    CheckpointException: raise this (single) rank's error instead, as one line."""
+    try:
+        yield
+    except CheckpointException as err:
+        (original, _), *_ = err.failures.values()
+        if isinstance(original, ConversionError):
+            raise original from None
+        first_line = (str(original).splitlines() or [""])[0]
+        raise ConversionError(f"{action}: {type(original).__name__}: {first_line}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +186,9 @@ class CheckpointReader:
         request = {name: _with_data(self.entries[name],
                                     torch.empty(self.shapes[name], dtype=self.dtypes[name]))
                    for name in names}
-        return mcore.dist_checkpointing.load(request, self.directory)
+        with _one_line_errors(f"reading {self.directory}"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`load_state_dict` is deprecated", FutureWarning)
+            return mcore.dist_checkpointing.load(request, self.directory)
 
 
 @contextlib.contextmanager

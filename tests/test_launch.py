@@ -41,11 +41,6 @@ SMALL = ["model.flavor=tiny", "model.vocab_size=1024", "train.seq_length=64",
          "logging.progress_bar=off", "logging.tensorboard=false", "logging.plot=false"]
 # A world of 4 nodes x 8 GPUs for the recipe: TP=2 leaves DP=16, micro-batch 4 -> batch 64.
 FOUR_NODES = ["parallel.tp=2", "train.global_batch_size=64"]
-LAUNCH_CLI = ("import argparse, sys\n"
-              "from megatron_hybrid import launch\n"
-              "parser = argparse.ArgumentParser()\n"
-              "launch.add_arguments(parser)\n"
-              "raise SystemExit(launch.run(parser.parse_args(sys.argv[1:])))\n")
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -87,7 +82,8 @@ def write_tool(directory: Path, name: str, body: str) -> None:
 def test_two_nodes_on_loopback_train_one_tp2_model(tmp_path):
     out, port = tmp_path / "run", free_port()
     agents = [subprocess.Popen(
-        [sys.executable, "-c", LAUNCH_CLI, "torchrun", "--nnodes", "2", "--node-rank",
+        [sys.executable, "-m", "megatron_hybrid", "launch", "torchrun", "--nnodes", "2",
+         "--node-rank",
          str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
          str(port), RECIPE, *SMALL, "parallel.tp=2", f"output_dir={out}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
