@@ -57,9 +57,10 @@ def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
     """(``cfg`` with the student's saved model, the teacher's model) after refusing, in one
     line each, a missing teacher or student, and a teacher that cannot share the student's
     layout (TP, PP, CP, sequence length, vocabulary)."""
-    from megatron_hybrid.prune import checkpoint_model
+    from megatron_hybrid.prune import checkpoint_model, require_heldout_data
 
     cfg.validate()
+    require_heldout_data(cfg, "distillation")
     if not cfg.distill.teacher:
         raise ConfigError("set distill.teacher to the teacher's checkpoint (a checkpoints/step_* "
                           "folder)")
@@ -212,25 +213,14 @@ def _masked_sum(mask, loss):
 
 def measure(trainer, loss: DistillationLoss) -> dict:
     """Held-out losses of teacher and student and the held-out KL, at the trainer's step."""
-    from megatron_hybrid import engine
-
-    train = trainer.cfg.train
-    batches = trainer.num_microbatches * train.eval_batches
-
-    def heldout(chunks, forward_step):
-        return engine.eval_loss(
-            chunks, trainer.batches(trainer.valid_data, 0), num_microbatches=batches,
-            micro_batch_size=train.micro_batch_size, seq_length=trainer.cfg.seq_length,
-            forward_step=forward_step)
-
     with warnings.catch_warnings():  # the bare teacher's KD hook keeps what nobody reads
         warnings.filterwarnings("ignore", message="Teacher's Module")
-        teacher_loss = heldout([loss.teacher], teacher_forward_step)
+        teacher_loss = trainer.evaluate([loss.teacher], teacher_forward_step)
     return {  # the teacher first: evaluating the student clears what the teacher left behind
         "step": trainer.state.step,
         "teacher_loss": teacher_loss,
-        "student_loss": heldout(trainer.model_chunks, loss.forward_step),
-        "kl": heldout(trainer.model_chunks, partial(loss.forward_step, report="kl")),
+        "student_loss": trainer.evaluate(),
+        "kl": trainer.evaluate(forward_step=partial(loss.forward_step, report="kl")),
     }
 
 

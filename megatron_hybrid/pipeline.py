@@ -16,6 +16,7 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
       - name: long_context
         kind: train
         recipe: long_context.yaml
+        inputs: {checkpoint.load: prune, model: prune}   # model: the shape saved there
         nproc: 2                     # optional: ranks on this machine (default tp * pp * cp)
 
 Stage NAME writes to OUTPUT/NAME (its recipe's output_dir is replaced) and logs to
@@ -64,6 +65,8 @@ DONE = "DONE"
 LOG = "stage.log"
 LATEST = Path("checkpoints") / "latest"
 """Where a run's Checkpointer names its newest complete checkpoint (relative to the run)."""
+MODEL_INPUT = "model"
+"""The input key that takes a stage's saved model rather than its checkpoint's path."""
 NOT_YET = "<final>"
 """Stands for the step folder of a checkpoint that does not exist yet (in the plan)."""
 
@@ -87,7 +90,8 @@ class Stage:
     overrides: tuple[str, ...] = ()
     """``key=value`` overrides of the recipe."""
     inputs: dict = dataclasses.field(default_factory=dict)
-    """Recipe key -> the earlier stage whose final checkpoint it gets."""
+    """Recipe key -> the earlier stage whose final checkpoint it gets; the key ``model`` gets
+    the model saved in that checkpoint (e.g. the shape and pattern a prune chose)."""
     nproc: int | None = None
     """Ranks on this machine; None: the recipe's tp * pp * cp."""
 
@@ -317,9 +321,8 @@ def plan_stage(pipeline: Pipeline, stage: Stage, selected: bool) -> StagePlan:
     from megatron_hybrid import recipe
 
     run_dir = pipeline.run_dir(stage.name)
-    inputs = [f"{key}={pipeline.final_checkpoint(source)}"
-              for key, source in stage.inputs.items()]
-    overrides = [*stage.overrides, *inputs, f"output_dir={run_dir}"]
+    inputs = [_input_override(pipeline, key, source) for key, source in stage.inputs.items()]
+    overrides = [*stage.overrides, *filter(None, inputs), f"output_dir={run_dir}"]
     try:
         cfg = recipe.load_recipe(stage.recipe, overrides)
         nproc = stage.nproc or cfg.parallel.model_parallel_size
@@ -333,6 +336,18 @@ def plan_stage(pipeline: Pipeline, stage: Stage, selected: bool) -> StagePlan:
     else:
         status = "resume" if (run_dir / LATEST).is_file() else "run"
     return StagePlan(stage, run_dir, overrides, cfg, nproc, status)
+
+
+def _input_override(pipeline: Pipeline, key: str, source: str) -> str | None:
+    """``key=value`` for one input; None for a model not saved yet (the recipe's stands in)."""
+    checkpoint = pipeline.final_checkpoint(source)
+    if key != MODEL_INPUT:
+        return f"{key}={checkpoint}"
+    if not pipeline.is_finished(source):
+        return None
+    model = json.loads((checkpoint / "meta.json").read_text())["model"]
+    model.pop("seq_length")  # the recipe's stays: a stage may train on longer sequences
+    return f"{MODEL_INPUT}={json.dumps(model)}"
 
 
 def check_inputs_ready(pipeline: Pipeline, selected: set[str]) -> None:
@@ -366,7 +381,7 @@ def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
     cfg, stage = plan.cfg, plan.stage
     model, layout, train = cfg.model, cfg.parallel, cfg.train
     counts = model.layer_pattern.counts
-    inputs = ", ".join(f"{key} <- {source} ({pipeline.final_checkpoint(source)})"
+    inputs = ", ".join(f"{key} <- {source} ({_input_text(pipeline, key, source)})"
                        for key, source in stage.inputs.items())
     tokens = cfg.total_steps * train.tokens_per_step(model)
     dp = plan.nproc // layout.model_parallel_size
@@ -384,6 +399,11 @@ def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
                      f"{cfg.seq_length} tokens = {_si(tokens)} tokens, {train.precision}"),
         ("command", shlex.join(plan.command)),
     ]
+
+
+def _input_text(pipeline: Pipeline, key: str, source: str) -> str:
+    checkpoint = pipeline.final_checkpoint(source)
+    return f"the model saved in {checkpoint}" if key == MODEL_INPUT else str(checkpoint)
 
 
 def _si(value: float) -> str:
@@ -420,7 +440,7 @@ def _launch(plan: StagePlan) -> None:
     log_path = plan.run_dir / LOG
     last = "no output"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the log as they are printed
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # a kill loses no line
         log.write(f"$ {shlex.join(plan.command)}\n")
         process = subprocess.Popen(plan.command, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, env=env)

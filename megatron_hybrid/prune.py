@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from megatron_hybrid.config import PRUNABLE, ConfigError, ModelConfig, RunConfig
+from megatron_hybrid.config import PRUNABLE, ConfigError, ModelConfig, PruneConfig, RunConfig
 
 HELP = "prune a checkpoint with ModelOpt Minitron (given sizes or a parameter budget)"
 REPORT = "prune_report"
@@ -67,9 +67,19 @@ def check_request(cfg: RunConfig) -> RunConfig:
         if getattr(cfg.prune, name) % cfg.train.micro_batch_size:
             raise ConfigError(f"prune.{name} ({getattr(cfg.prune, name)}) must be a multiple "
                               f"of train.micro_batch_size ({cfg.train.micro_batch_size})")
+    require_heldout_data(cfg, "pruning")
     source = checkpoint_model(cfg, role="checkpoint to prune")
     cfg.prune.check_against(source)
     return dataclasses.replace(cfg, model=source)
+
+
+def require_heldout_data(cfg: RunConfig, stage: str) -> None:
+    """Refuse a data blend without a validation share: the stage reports held-out loss."""
+    from megatron_hybrid.data.datasets import parse_split
+
+    if cfg.data.blend and parse_split(cfg.data.split)[1] == 0:
+        raise ConfigError(f"{stage} measures held-out loss: give data.split a validation "
+                          f"share (e.g. data.split='98,2,0'), got {cfg.data.split!r}")
 
 
 def checkpoint_model(cfg: RunConfig, *, role: str) -> ModelConfig:
@@ -134,9 +144,6 @@ class CalibrationData:
         self.train, self.valid = build_datasets(
             cfg.data, self.tokenizer, seq_length=cfg.seq_length,
             train_samples=cfg.prune.calibration_samples, valid_samples=cfg.prune.heldout_samples)
-        if self.valid is None:
-            raise ConfigError("pruning needs held-out data: give data.split a validation share "
-                              "(e.g. data.split='98,2,0')")
 
     def forward(self, model, dataset, samples: int) -> float:
         """Mean per-token loss of ``model`` over the first ``samples`` of ``dataset``."""
@@ -171,21 +178,8 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
         ffn_hidden_size_divisor=options.ffn_hidden_size_divisor,
         mamba_head_dim_divisor=options.mamba_head_dim_divisor,
         num_layers_divisor=options.num_layers_divisor)
-    search = {"forward_loop": data.calibrate}
-    if options.mode == "manual":
-        constraints = {"export_config": dict(options.export_config)}
-    else:
-        constraints = {"params": options.max_params}
-        search.update(score_func=lambda candidate: -data.heldout_loss(candidate),
-                      max_width_pruning=options.max_width_pruning,
-                      max_depth_pruning=options.max_depth_pruning,
-                      hparams_to_skip=list(options.skip_hparams) or None, top_k=options.top_k)
-    gloo_fix = contextlib.nullcontext()
-    if backend == "cpu":
-        from megatron_hybrid.backends.cpu import gloo_accepts_scalar_all_gather
-
-        gloo_fix = gloo_accepts_scalar_all_gather()
-    with gloo_fix, _modelopt_log(Path(cfg.resolved_output_dir)):
+    constraints, search = minitron_request(options, data)
+    with _gloo_fix(backend), _modelopt_log(Path(cfg.resolved_output_dir)):
         _, searcher_state = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
                                       constraints=constraints, dummy_input=None, config=search)
     scored = searcher_state["top_k_candidates_per_constraint"].get(options.max_params, [])
@@ -193,6 +187,26 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
                              for number, score in searcher_state["layer_scores"].items()},
             "candidates": [{"sizes": candidate.ss_config, "params": int(candidate.params),
                             "heldout_loss": -candidate.score} for candidate in scored]}
+
+
+def minitron_request(options: PruneConfig, data: CalibrationData) -> tuple[dict, dict]:
+    """ModelOpt's constraints and search config for the two modes."""
+    search = {"forward_loop": data.calibrate}
+    if options.mode == "manual":
+        return {"export_config": dict(options.export_config)}, search
+    search.update(score_func=lambda candidate: -data.heldout_loss(candidate),
+                  max_width_pruning=options.max_width_pruning,
+                  max_depth_pruning=options.max_depth_pruning,
+                  hparams_to_skip=list(options.skip_hparams) or None, top_k=options.top_k)
+    return {"params": options.max_params}, search
+
+
+def _gloo_fix(backend: str):
+    if backend != "cpu":
+        return contextlib.nullcontext()
+    from megatron_hybrid.backends.cpu import gloo_accepts_scalar_all_gather
+
+    return gloo_accepts_scalar_all_gather()
 
 
 @contextlib.contextmanager

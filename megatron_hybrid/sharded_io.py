@@ -145,7 +145,7 @@ class _StreamingSave(_torch_dist.TorchDistSaveShardedStrategy):
 
 
 @contextlib.contextmanager
-def _one_line_errors(action: str):
+def _one_line_errors(action: str, hint: str = ""):
     """PyTorch's checkpoint API wraps each rank's exception, traceback included, in a
     CheckpointException: raise this (single) rank's error instead, as one line."""
     try:
@@ -154,8 +154,8 @@ def _one_line_errors(action: str):
         (original, _), *_ = err.failures.values()
         if isinstance(original, ConversionError):
             raise original from None
-        first_line = (str(original).splitlines() or [""])[0]
-        raise ConversionError(f"{action}: {type(original).__name__}: {first_line}") from None
+        detail = ": ".join([type(original).__name__, *str(original).splitlines()[:1]])
+        raise ConversionError(f"{action} failed ({detail}){hint}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +186,8 @@ class CheckpointReader:
         request = {name: _with_data(self.entries[name],
                                     torch.empty(self.shapes[name], dtype=self.dtypes[name]))
                    for name in names}
-        with _one_line_errors(f"reading {self.directory}"), warnings.catch_warnings():
+        with _one_line_errors(f"reading {self.directory}", ": is a file of it truncated or "
+                              "corrupt? copy the checkpoint again"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`load_state_dict` is deprecated", FutureWarning)
             return mcore.dist_checkpointing.load(request, self.directory)
 

@@ -53,14 +53,17 @@ class Trainer:
             dp_rank=mcore.parallel_state.get_data_parallel_rank(), dp_size=self.dims.dp,
             num_workers=self.cfg.data.num_workers)
 
-    def evaluate(self) -> float | None:
+    def evaluate(self, model_chunks: list | None = None,
+                 forward_step: Callable | None = None) -> float | None:
+        """Validation loss of this run's model (or ``model_chunks``, e.g. a distillation
+        teacher) through its forward step (or ``forward_step``); None without validation data."""
         if self.valid_data is None:
             return None
         return engine.eval_loss(
-            self.model_chunks, self.batches(self.valid_data, 0),
+            model_chunks or self.model_chunks, self.batches(self.valid_data, 0),
             num_microbatches=self.num_microbatches * self.cfg.train.eval_batches,
             micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.seq_length,
-            forward_step=self.forward_step)
+            forward_step=forward_step or self.forward_step)
 
     def train(self, tracker: metrics.MetricsTracker) -> TrainState:
         cfg, state, total = self.cfg, self.state, self.cfg.total_steps

@@ -76,7 +76,8 @@ def test_torchrun_cp2_reproduces_cp1_losses(cp1_run, tmp_path):
 def test_long_context_stage_continues_from_loaded_weights_at_cp2(cp1_run, tmp_path):
     start = cp1_run / "checkpoints" / "step_000004"
     result = train("long_context.yaml", tmp_path, f"checkpoint.load={start}", "train.max_steps=2",
-                   "train.eval_interval=1000", "logging.progress_bar=off", nproc=2)
+                   "train.eval_interval=1000", "scheduler.warmup_steps=1",
+                   "logging.progress_bar=off", nproc=2)
     assert f"initial weights from {start}" in result.stdout
     meta = json.loads((tmp_path / "checkpoints" / "step_000002" / "meta.json").read_text())
     assert meta["layout"]["cp"] == 2 and meta["train_state"]["tokens"] == 2 * 4 * 1024

@@ -216,25 +216,31 @@ def test_streamed_checkpoint_is_what_save_weights_writes(good_hf_dir, tmp_path):
 
 # --- pruned checkpoints from the training code ------------------------------------------------
 
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
+
+
 @pytest.fixture(scope="module")
 def pruned_checkpoint(tmp_path_factory):
-    """tiny-nano-v2-9b (a depth-pruned pattern with a stage mark) saved by the Checkpointer."""
+    """A checkpoint of tiny-nano-v2-9b (a depth-pruned pattern with a stage mark) written by a
+    real training run (weights, optimizer state, meta.json), and its model's logits."""
+    out = tmp_path_factory.mktemp("run")
+    command = [sys.executable, "-m", "megatron_hybrid", "train", str(RECIPE),
+               "model.flavor=tiny-nano-v2-9b", "train.max_steps=1", "train.seq_length=64",
+               "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_batches=1",
+               "scheduler.warmup_steps=0", "logging.progress_bar=off", "logging.plot=false",
+               "logging.tensorboard=false", f"output_dir={out}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     cfg = get_flavor("tiny-nano-v2-9b")
-    model = build_model(cfg, ModelLayout(), backend="cpu")
-    saver = checkpoint.Checkpointer(
-        tmp_path_factory.mktemp("run"), save_interval=None, keep_last=1, config_yaml="",
-        meta={"model": cfg.to_dict(), "tokenizer": None,
-              "layout": {"tp": 1, "pp": 1, "cp": 1, "dp": 1}})
-    path = saver.save(checkpoint.TrainState(step=3, consumed_samples=12, tokens=768), [model],
-                      None, None)
-    with torch.no_grad():
-        logits = megatron_logits_and_loss(model.eval(), ids())[0]
-    return cfg, path, logits
+    path = out / "checkpoints" / "step_000001"
+    return cfg, path, megatron_logits(cfg, path)
 
 
 def test_pruned_checkpoint_exports_its_own_pattern(pruned_checkpoint, hf_module, tmp_path):
     cfg, path, logits = pruned_checkpoint
-    assert "|" in cfg.pattern and cfg.num_layers == 31
+    assert "|" in checkpoint.read_meta(path)["model"]["pattern"] and cfg.num_layers == 31
+    saved = mcore.dist_checkpointing.load_tensors_metadata(str(path))
+    assert any(key.startswith("optimizer.") for key in saved)  # ignored by the export
     hf_checkpoint.export_hf(path, tmp_path / "hf")
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert exported["hybrid_override_pattern"] == cfg.layer_pattern.layers

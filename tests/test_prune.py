@@ -76,6 +76,10 @@ def test_missing_checkpoint_and_layout_errors_name_the_fix():
         run_in_process()
     with pytest.raises(ConfigError, match="pruning runs at parallel.tp=1"):
         run_in_process("parallel.tp=2")
+    with pytest.raises(ConfigError, match="pruning measures held-out loss: give data.split a "
+                                          "validation share"):
+        run_in_process("data.default_corpus=false", "data.blend=[some/prefix]",
+                       "data.split='100,0,0'")
 
 
 def test_tiny_prune_recipe_mirrors_12b_to_9b():

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes" / "tiny"
 CLI = Path(__file__).with_name("prune_cli.py")
 SMALL = ["train.seq_length=64", "train.micro_batch_size=2", "logging.progress_bar=off"]
-PRETRAIN_STEPS = 12
+PRETRAIN_STEPS = 40
 PRUNE_DATA = ["prune.calibration_samples=16", "prune.heldout_samples=16"]
 
 
@@ -34,7 +34,7 @@ def pretrained(base: Path) -> Path:
     checkpoint = out / "checkpoints" / f"step_{PRETRAIN_STEPS:06d}"
     if not checkpoint.is_dir():
         run("train", str(RECIPES / "pretrain.yaml"), *SMALL, f"output_dir={out}",
-            "train.global_batch_size=8", f"train.max_steps={PRETRAIN_STEPS}",
+            "train.global_batch_size=4", f"train.max_steps={PRETRAIN_STEPS}",
             "train.eval_interval=1000", "scheduler.warmup_steps=2")
     return checkpoint
 
