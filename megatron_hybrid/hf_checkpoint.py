@@ -2,11 +2,11 @@
 
 - :func:`import_hf` (``convert hf-to-mcore``): config.json -> the model config, safetensors
   shards -> a Megatron dist_checkpointing checkpoint in ``checkpoint.py``'s format (meta.json
-  beside it), so ``checkpoint.load=OUT`` starts a run from it in any TP/PP layout; tokenizer
-  files are copied to ``OUT/tokenizer/``.
+  beside it), so ``checkpoint.load=OUT`` starts a run from it in any TP/PP layout; the
+  tokenizer files are copied beside it (``tokenizer.path=OUT/tokenizer.json``).
 - :func:`export_hf` (``convert mcore-to-hf``): a checkpoint (e.g. ``runs/NAME/checkpoints/
   step_N``) -> config.json, safetensors shards with NVIDIA's published names (``backbone.``)
-  and their index, and the tokenizer files of ``CKPT/tokenizer/``.
+  and their index, and the checkpoint's tokenizer files if it has any.
 
 Memory stays near the largest tensor (import) or layer (export), never the model: import reads
 each HF tensor when the checkpoint writer reaches it (one safetensors file opening per tensor,
@@ -47,13 +47,11 @@ from megatron_hybrid.data.cache import sha256_bytes, temporary_sibling
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-"""Where a converted checkpoint keeps the HF tokenizer files (``tokenizer.path`` can point into
-it)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
-"""Files carried through both conversions unchanged (tokenizer, chat template, generation)."""
+"""Files carried through both conversions unchanged (tokenizer, chat template, generation);
+a converted checkpoint keeps them beside its tensors."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16}
@@ -107,8 +105,8 @@ def import_hf(hf_dir, out) -> Converted:
     with staged_directory(out) as staging:
         sharded_io.save_model(source.model_config, staging, dtypes=source.mcore_dtypes(),
                               produce=source.mcore_tensor)
-        carried = copy_tokenizer_files(source.directory, staging / TOKENIZER_DIR)
-        _write_meta(staging, source.model_config, _tokenizer_identity(staging / TOKENIZER_DIR))
+        carried = copy_tokenizer_files(source.directory, staging)
+        _write_meta(staging, source.model_config, _tokenizer_identity(staging))
     return Converted(Path(out), source.parameters(), source.dtype_names(), carried)
 
 
@@ -303,7 +301,7 @@ def export_hf(checkpoint_dir, out, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_B
         with staged_directory(out) as staging:
             write_safetensors(staging, specs, _hf_tensors(maps, reader), max_shard_bytes)
             write_hf_config(staging, hf_config)
-            carried = copy_tokenizer_files(checkpoint_dir / TOKENIZER_DIR, staging)
+            carried = copy_tokenizer_files(checkpoint_dir, staging)
             _verify_export(staging, cfg)
     return Converted(Path(out), sum(math.prod(s.shape) for s in specs), _dtype_names(specs),
                      carried)
@@ -441,8 +439,6 @@ def staged_directory(out) -> Iterator[Path]:
 def copy_tokenizer_files(source: Path, target: Path) -> tuple[str, ...]:
     """Copy the TOKENIZER_FILES present in ``source`` to ``target``; their names."""
     present = tuple(name for name in TOKENIZER_FILES if (source / name).is_file())
-    if present:
-        target.mkdir(parents=True, exist_ok=True)
     for name in present:
         shutil.copyfile(source / name, target / name)
     return present

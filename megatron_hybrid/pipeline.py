@@ -55,6 +55,8 @@ STAGE_KINDS = {
     # kind -> "module:function" that runs one stage: function(Namespace(recipe, overrides))
     # returns an exit code. Imported only inside the stage's own process.
     "train": "megatron_hybrid.cli:cmd_train",
+    "sft": "megatron_hybrid.sft:run",
+    "dpo": "megatron_hybrid.dpo:run",
     "prune": "megatron_hybrid.prune:run",
     "distill": "megatron_hybrid.distill:run",
 }
@@ -379,26 +381,35 @@ def _status_text(plan: StagePlan) -> str:
 
 def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
     cfg, stage = plan.cfg, plan.stage
-    model, layout, train = cfg.model, cfg.parallel, cfg.train
+    model, layout = cfg.model, cfg.parallel
     counts = model.layer_pattern.counts
     inputs = ", ".join(f"{key} <- {source} ({_input_text(pipeline, key, source)})"
                        for key, source in stage.inputs.items())
-    tokens = cfg.total_steps * train.tokens_per_step(model)
     dp = plan.nproc // layout.model_parallel_size
     return [
         ("recipe", " ".join([str(stage.recipe), *stage.overrides])),
         ("inputs", inputs or "none"),
-        ("output", f"{plan.run_dir} (final checkpoint: {LATEST.parent}/step_*)"),
+        ("output", str(plan.run_dir)),
         ("model", f"{model.num_layers} layers ({counts['M']} Mamba, {counts['*']} attention, "
                   f"{counts['-']} MLP), hidden {model.hidden_size}, FFN "
                   f"{model.ffn_hidden_size}, vocab {model.vocab_size}"),
         ("layout", f"tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {dp} = world size "
                    f"{plan.nproc}, sequence parallel {'on' if layout.sequence_parallel else 'off'}"
                    f", backend {layout.backend}"),
-        ("training", f"{cfg.total_steps} steps x {train.global_batch_size} sequences x "
-                     f"{cfg.seq_length} tokens = {_si(tokens)} tokens, {train.precision}"),
+        ("work", _work_text(cfg, stage.kind)),
         ("command", shlex.join(plan.command)),
     ]
+
+
+def _work_text(cfg: RunConfig, kind: str) -> str:
+    """What the stage computes: pruning targets, or the tokens it trains on."""
+    if kind == "prune":
+        target = cfg.prune.export_config or {"max_params": cfg.prune.max_params}
+        return (f"prune to {json.dumps(target)} after {cfg.prune.calibration_samples} "
+                f"calibration samples of {cfg.seq_length} tokens")
+    tokens = cfg.total_steps * cfg.train.tokens_per_step(cfg.model)
+    return (f"{cfg.total_steps} steps x {cfg.train.global_batch_size} sequences x "
+            f"{cfg.seq_length} tokens = {_si(tokens)} tokens, {cfg.train.precision}")
 
 
 def _input_text(pipeline: Pipeline, key: str, source: str) -> str:

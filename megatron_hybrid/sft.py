@@ -117,15 +117,11 @@ def conversations_of(sft: SFTConfig) -> tuple[list, list]:
 
 def chat_dataset(cfg: RunConfig, conversations: list, tokenizer, packed: bool,
                  num_samples: int):
-    """``num_samples`` samples of ``conversations``, shuffled (seeded by data.seed) before
-    packing so that each sequence mixes sources."""
-    import numpy
-
+    """``num_samples`` samples of ``conversations``, packed in a seeded shuffle (data.seed)."""
     from megatron_hybrid.data import chat
 
-    order = numpy.random.default_rng(cfg.data.seed).permutation(len(conversations))
-    sequences = chat.pack_conversations([conversations[i] for i in order], tokenizer,
-                                        seq_length=cfg.seq_length, packed=packed)
+    sequences = chat.pack_conversations(conversations, tokenizer, seq_length=cfg.seq_length,
+                                        packed=packed, seed=cfg.data.seed)
     return chat.ChatDataset(sequences, num_samples=num_samples, seed=cfg.data.seed)
 
 

@@ -89,7 +89,7 @@ def test_packing_keeps_conversations_whole_and_in_order(tokenizer):
 
 
 def test_a_conversation_longer_than_the_sequence_is_refused(tokenizer):
-    with pytest.raises(DataError, match=r"conversation 1 has \d+ tokens, more than the sequence "
+    with pytest.raises(DataError, match=r"conversation 2 has \d+ tokens, more than the sequence "
                                         r"length \(80\): raise train.seq_length"):
         chat.pack_conversations([conversation(False, answer="Ok."), conversation(True)],
                                 tokenizer, seq_length=80)

@@ -68,7 +68,8 @@ def save_hf_checkpoint(hf_module, directory: Path, cfg: ModelConfig, *, dtype=to
     """Random weights saved by transformers' own save_pretrained in ``shards`` or more
     safetensors files (``backbone.`` names, an index), plus a tokenizer; returns their bytes."""
     hf_config = convert.hf_config_from_model(cfg)
-    shapes = {name: t.shape for name, t in build_hf(hf_module, hf_config, None).state_dict().items()}
+    empty = build_hf(hf_module, hf_config, None)
+    shapes = {name: tensor.shape for name, tensor in empty.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     weights = {name: random_tensor(name, shape, generator) for name, shape in shapes.items()}
     model = build_hf(hf_module, hf_config, weights).to(dtype)
@@ -158,7 +159,7 @@ def test_round_trip_keeps_the_model_config_and_tokenizer(converted):
     assert meta["train_state"]["step"] == 0 and meta["tokenizer"]["kind"] == "hf"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         original = (root / "hf" / name).read_bytes()
-        assert (root / "mcore" / "tokenizer" / name).read_bytes() == original
+        assert (root / "mcore" / name).read_bytes() == original
         assert (root / "back" / name).read_bytes() == original
     exported = json.loads((root / "back" / "config.json").read_text())
     layers = cfg.layer_pattern.layers
@@ -211,7 +212,8 @@ def test_streamed_checkpoint_is_what_save_weights_writes(good_hf_dir, tmp_path):
     saved = FileSystemReader(str(tmp_path / "saved")).read_metadata()
     assert streamed.state_dict_metadata == saved.state_dict_metadata
     for name in ("metadata.json", "common.pt"):
-        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes()
+        streamed_file, saved_file = tmp_path / "streamed" / name, tmp_path / "saved" / name
+        assert streamed_file.read_bytes() == saved_file.read_bytes()
 
 
 # --- pruned checkpoints from the training code ------------------------------------------------

@@ -100,9 +100,11 @@ def test_saved_student_is_plain_and_the_run_resumes(distilled):
 
     out, sources, _ = distilled
     saved = out / "checkpoints" / f"step_{STEPS:06d}"
-    keys = FileSystemReader(str(saved)).read_metadata().state_dict_metadata
-    model_keys = [key for key in keys if key.startswith("model.")]
-    assert model_keys and not [key for key in model_keys if "teacher" in key]
+    keys = list(FileSystemReader(str(saved)).read_metadata().state_dict_metadata)
+    assert "embedding.word_embeddings.weight" in keys and "output_layer.weight" in keys
+    assert not [key for key in keys if "teacher" in key]
+    layers = {int(key.split(".")[2]) for key in keys if key.startswith("decoder.layers.")}
+    assert layers == set(range(31))  # the student's layers only
     meta = json.loads((saved / "meta.json").read_text())
     assert meta["model"]["hidden_size"] == 112 and meta["model"]["pattern"].count("|") == 1
     result = prune_runs.run("distill", RECIPE, *DISTILL, *sources,

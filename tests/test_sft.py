@@ -32,7 +32,7 @@ def model_engine():
     parallel.seed_everything(0)
     chunks = [engine.wrap_ddp(build_model(MODEL, ModelLayout(), backend="cpu"),
                               use_distributed_optimizer=False)]
-    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=3e-3,
+    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-2,
                                                                         weight_decay=0.0))
     yield chunks, optimizer
     parallel.destroy_distributed()
@@ -100,11 +100,11 @@ def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
                                 micro_batch_size=4, seq_length=256)
 
     before = heldout_loss()
-    data = batches(train, 8 * 12)
+    data = batches(train, 8 * 8)
     losses = [engine.train_step(chunks, optimizer, data, num_microbatches=2, micro_batch_size=4,
-                                seq_length=256).loss for _ in range(12)]
+                                seq_length=256).loss for _ in range(8)]
     after = heldout_loss()
-    assert losses[-1] < losses[0] and after < before - 1.0, (before, after, losses)
+    assert losses[-1] < losses[0] - 0.5 and after < before - 0.5, (before, after, losses)
 
 
 def test_sft_stage_reports_heldout_loss_and_toggle(tmp_path):
@@ -114,8 +114,8 @@ def test_sft_stage_reports_heldout_loss_and_toggle(tmp_path):
     cfg = recipe.load_recipe(RECIPE, [
         *SMALL_MODEL, "checkpoint.load=null", f"output_dir={out}", "train.max_steps=3",
         "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_batches=1",
-        "train.log_interval=1", "logging.progress_bar=off", "logging.tensorboard=false",
-        "logging.plot=false"])
+        "train.log_interval=1", "scheduler.warmup_steps=1", "logging.progress_bar=off",
+        "logging.tensorboard=false", "logging.plot=false"])
     options = sft.SFTConfig(toggle_prompts=2, max_new_tokens=4)
     with train.session(cfg) as (backend, dims):
         report = sft.finetune(cfg, options, backend, dims)

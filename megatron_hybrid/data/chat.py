@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -390,16 +391,16 @@ class Sequences:
 
 
 def pack(examples: list[tuple[list[int], list[bool]]], *, seq_length: int, eod: int, pad: int,
-         packed: bool = True) -> Sequences:
+         name: Callable[[int], str], packed: bool = True) -> Sequences:
     """Examples (token ids, trained flags), each followed by ``eod``, in order into sequences
-    of ``seq_length`` (+1 for the shifted labels); ``packed=False``: one example each."""
+    of ``seq_length`` (+1 for the shifted labels); ``packed=False``: one example each.
+    ``name(index)`` names an example that does not fit."""
     capacity = seq_length + 1
     rows: list[list[int]] = []
     for index, (ids, _) in enumerate(examples):
         if len(ids) > seq_length:
-            raise DataError(f"conversation {index} has {len(ids)} tokens, more than the "
-                            f"sequence length ({seq_length}): raise train.seq_length or "
-                            f"shorten it")
+            raise DataError(f"{name(index)} has {len(ids)} tokens, more than the sequence "
+                            f"length ({seq_length}): raise train.seq_length or shorten it")
         if not rows or not packed or _row_length(rows[-1], examples) + len(ids) + 1 > capacity:
             rows.append([])
         rows[-1].append(index)
@@ -428,10 +429,16 @@ def _fill(rows, examples, capacity: int, eod: int, pad: int) -> Sequences:
 
 
 def pack_conversations(conversations: list[Conversation], tokenizer: Tokenizer, *,
-                       seq_length: int, packed: bool = True) -> Sequences:
+                       seq_length: int, packed: bool = True, seed: int | None = None
+                       ) -> Sequences:
+    """The conversations packed into sequences; with ``seed``, in a seeded shuffle, so that
+    each sequence mixes sources."""
     examples = tokenize([segments(c) for c in conversations], tokenizer)
-    return pack(examples, seq_length=seq_length, eod=tokenizer.eod, pad=tokenizer.pad,
-                packed=packed)
+    order = (range(len(examples)) if seed is None
+             else numpy.random.default_rng(seed).permutation(len(examples)))
+    return pack([examples[i] for i in order], seq_length=seq_length, eod=tokenizer.eod,
+                pad=tokenizer.pad, packed=packed,
+                name=lambda index: f"conversation {order[index] + 1}")
 
 
 def pair_sequences(pairs: list[PreferencePair], tokenizer: Tokenizer, *,
@@ -439,7 +446,8 @@ def pair_sequences(pairs: list[PreferencePair], tokenizer: Tokenizer, *,
     """Rows 2k and 2k+1: the chosen and the rejected sequence of pair k (one per row)."""
     examples = tokenize([pieces for pair in pairs for pieces in pair_pieces(pair)], tokenizer)
     return pack(examples, seq_length=seq_length, eod=tokenizer.eod, pad=tokenizer.pad,
-                packed=False)
+                packed=False, name=lambda index: f"pair {index // 2 + 1} "
+                                                 f"({('chosen', 'rejected')[index % 2]})")
 
 
 # -- datasets ---------------------------------------------------------------------------------

@@ -66,6 +66,13 @@ def _intra_chunk_decay(cumsum, same_doc):
     return torch.where(keep, log_decay, float("-inf")).exp_()
 
 
+def _segsum_backward(grad_log):
+    """Gradient of :func:`_segsum`'s input from the gradient of its (..., s, s) output:
+    a_k is summed into out[i, j] for j < k <= i."""
+    below = grad_log.flip(-2).cumsum(-2).flip(-2)  # [k, j] = sum over i >= k of grad[i, j]
+    return below.tril(-1).sum(-1)
+
+
 def _document_masks(seq_idx, nchunks, chunk_size):
     """Where decay may flow, for packed documents (all None without seq_idx).
 
@@ -83,6 +90,124 @@ def _document_masks(seq_idx, nchunks, chunk_size):
     prev_doc = seq == ends[..., :-1, None]
     same_end = ends[..., :, None] == ends[..., None, :]
     return same_doc, prev_doc, same_end
+
+
+def _group_major(t, ngroups):
+    """(b, h, c, ...) -> a contiguous (b, g, c, r, ...) copy (r: the heads of a group)."""
+    return t.unflatten(1, (ngroups, -1)).transpose(2, 3).contiguous()
+
+
+def _head_major(t):
+    """Inverse of :func:`_group_major`: (b, g, c, r, ...) -> a contiguous (b, h, c, ...)."""
+    return t.transpose(2, 3).flatten(1, 2).contiguous()
+
+
+def _per_group(from_start, ngroups):
+    """(b, h, c, i) -> (b, g, c, i, r) view."""
+    return from_start.unflatten(1, (ngroups, -1)).permute(0, 1, 3, 4, 2)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked SSD scan on head-major chunked inputs, with a hand-written backward.
+
+    Inputs: xdt = dt x (b, h, c, i, p), the cumsum of dt A within each chunk (b, h, c, i),
+    B and C (b, g, c, i, n), initial states (b, h, p, n) and the document masks. Outputs: the
+    within-chunk part of y (b, h, c, i, p), the carried-in part (b, g, c, i, r, p) and the
+    states before each chunk followed by the final one (b, h, c+1, p, n).
+
+    Every product is a batched matmul over contiguous blocks: per head for the (chunk x chunk)
+    part, per group against all its r heads at once for the state parts. Against autograd's
+    backward of the same forward it saves materialised broadcasts, permute copies of
+    gradients and passes over the (chunk x chunk) blocks.
+    """
+
+    @staticmethod
+    def forward(ctx, xdt, cumsum, B, C, initial, same_doc, prev_doc, same_end):
+        headdim, ngroups, dstate = xdt.shape[-1], B.shape[1], B.shape[-1]
+        # Within chunks: y_i = sum_{j <= i} C_i.B_j decay(j -> i) xdt_j
+        decay = _intra_chunk_decay(cumsum, same_doc)  # (b, h, c, i, j)
+        scores = C @ B.mT  # (b, g, c, i, j)
+        weights = (decay.unflatten(1, (ngroups, -1)) * scores[:, :, None]).flatten(1, 2)
+        y_diag = weights @ xdt
+
+        # Each chunk's own state at its end: the last row of decay weighs its tokens.
+        to_end = _group_major(xdt * decay[..., -1, :, None], ngroups)  # (b, g, c, r, j, p)
+        xdt_to_end = to_end.permute(0, 1, 2, 4, 3, 5).flatten(-2).contiguous()  # (b,g,c,j,(r p))
+        chunk_states = (xdt_to_end.mT @ B).unflatten(3, (-1, headdim))  # (b, g, c, r, p, n)
+
+        # Across chunks: the states before each chunk (the initial one first), then the final.
+        stacked = torch.cat([initial[:, :, None], _head_major(chunk_states)], dim=2).flatten(-2)
+        chunk_decay = torch.exp(_segsum(F.pad(cumsum[..., -1], (1, 0)), same_end))
+        states = chunk_decay @ stacked  # (b, h, c+1, p n)
+
+        # Carry-in: each chunk's start state read out by C, decayed to token i.
+        starts = _group_major(states[:, :, :-1], ngroups).unflatten(-1, (headdim, dstate))
+        starts = starts.flatten(3, 4)  # (b, g, c, (r p), n)
+        read_out = (C @ starts.mT).unflatten(-1, (-1, headdim))  # (b, g, c, i, r, p)
+        from_start = _masked_exp(cumsum, prev_doc)  # (b, h, c, i)
+        y_carry = read_out * _per_group(from_start, ngroups)[..., None]
+
+        ctx.save_for_backward(xdt, B, C, decay, weights, xdt_to_end, stacked, chunk_decay,
+                              starts, read_out, from_start)
+        return y_diag, y_carry, states.unflatten(-1, (headdim, dstate))
+
+    @staticmethod
+    def backward(ctx, grad_diag, grad_carry, grad_states):
+        saved = ctx.saved_tensors
+        xdt, B, C, decay, weights, xdt_to_end, stacked, chunk_decay, starts, read_out, \
+            from_start = saved
+        ngroups = B.shape[1]
+        grad_states = torch.zeros_like(stacked) if grad_states is None else \
+            grad_states.flatten(-2).contiguous()  # (b, h, c+1, p n)
+        grad_C = torch.zeros_like(C)
+        grad_cumsum = _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out,
+                                      from_start, ngroups)
+        grad_initial, grad_B, grad_xdt, grad_to_end = _states_backward(
+            grad_states, grad_cumsum, xdt, B, xdt_to_end, stacked, chunk_decay, decay, ngroups)
+
+        # Within chunks.
+        grad_diag = grad_diag.contiguous()
+        grad_weights = grad_diag @ xdt.mT  # (b, h, c, i, j)
+        grad_xdt += weights.mT @ grad_diag
+        grad_scores = (grad_weights * decay).unflatten(1, (ngroups, -1)).sum(2)
+        grad_B += grad_scores.mT @ C
+        grad_C += grad_scores @ B
+        grad_log = grad_weights.mul_(weights)  # d/d(cumsum_i - cumsum_j); zero where masked
+        grad_log[..., -1, :] += grad_to_end * decay[..., -1, :]
+        grad_cumsum += grad_log.sum(-1) - grad_log.sum(-2)
+        return grad_xdt, grad_cumsum, grad_B, grad_C, grad_initial, None, None, None
+
+
+def _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out, from_start, ngroups):
+    """Backward of the carry-in: adds into grad_states and grad_C; returns d/d cumsum."""
+    if grad_carry is None:
+        return torch.zeros_like(from_start)
+    grad_carry = grad_carry.contiguous()  # (b, g, c, i, r, p)
+    grad_from_start = (grad_carry * read_out).sum(-1)  # (b, g, c, i, r)
+    grad_read_out = (grad_carry * _per_group(from_start, ngroups)[..., None]).flatten(-2)
+    grad_C += grad_read_out @ starts
+    grad_starts = (grad_read_out.mT @ C).unflatten(3, (grad_carry.shape[4], -1))
+    grad_states[:, :, :-1] += _head_major(grad_starts.flatten(-2))
+    return grad_from_start.permute(0, 1, 4, 2, 3).flatten(1, 2) * from_start
+
+
+def _states_backward(grad_states, grad_cumsum, xdt, B, xdt_to_end, stacked, chunk_decay, decay,
+                     ngroups):
+    """Backward of the chunk states and the recurrence across chunks; adds the chunk-level
+    decay gradient into grad_cumsum. Returns grad_initial, grad_B, grad_xdt, grad_to_end."""
+    headdim = xdt.shape[-1]
+    grad_chunk_log = _segsum_backward((grad_states @ stacked.mT) * chunk_decay)
+    grad_cumsum[..., -1] += grad_chunk_log[..., 1:]
+    grad_stacked = chunk_decay.mT @ grad_states  # (b, h, c+1, p n)
+    grad_initial = grad_stacked[:, :, 0].unflatten(-1, (headdim, -1))
+    grad_chunk = _group_major(grad_stacked[:, :, 1:], ngroups).unflatten(-1, (headdim, -1))
+    grad_chunk = grad_chunk.flatten(3, 4)  # (b, g, c, (r p), n)
+    grad_B = xdt_to_end @ grad_chunk
+    grad_to_end_x = (B @ grad_chunk.mT).unflatten(-1, (-1, headdim))  # (b, g, c, j, r, p)
+    grad_to_end_x = _head_major(grad_to_end_x.transpose(3, 4))  # (b, h, c, j, p)
+    grad_xdt = grad_to_end_x * decay[..., -1, :, None]
+    grad_to_end = (grad_to_end_x * xdt).sum(-1)  # (b, h, c, j)
+    return grad_initial, grad_B, grad_xdt, grad_to_end
 
 
 def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions):
@@ -109,37 +234,13 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
     def by_group(t):  # (b, h, ...) -> (b, g, r, ...)
         return t.unflatten(1, (ngroups, per_group))
 
-    def group_major(t):  # (b, h, c, i, p) -> (b, g, c, i, (r p))
-        return by_group(t).permute(0, 1, 3, 4, 2, 5).flatten(-2)
-
     xdt = chunked(x.to(dtype) * dt[..., None])  # (b, h, c, i, p)
     B, C = chunked(B.to(dtype)), chunked(C.to(dtype))  # (b, g, c, i, n)
     cumsum = chunked(dt * A.to(dtype)).cumsum(-1)  # (b, h, c, i)
-    same_doc, prev_doc, same_end = _document_masks(seq_idx, nchunks, chunk_size)
-
-    # Within chunks: y_i = sum_{j <= i} C_i.B_j decay(j -> i) dt_j x_j
-    decay = _intra_chunk_decay(cumsum, same_doc)  # (b, h, c, i, j)
-    scores = C @ B.mT  # (b, g, c, i, j)
-    y_diag = (by_group(decay) * scores[:, :, None]).flatten(1, 2) @ xdt  # (b, h, c, i, p)
-
-    # Each chunk's own contribution to the state at its end (the last row of decay).
-    to_end = decay[..., -1, :, None]  # (b, h, c, j, 1)
-    chunk_states = group_major(xdt * to_end).mT @ B  # (b, g, c, (r p), n)
-
-    # Across chunks, per head: states[:, :, c] = state before chunk c, [:, :, -1] the final one.
     if initial_states is None:
-        initial_states = chunk_states.new_zeros(batch, nheads, headdim, dstate)
-    chunk_states = chunk_states.unflatten(3, (per_group, headdim)).transpose(2, 3)
-    states = torch.cat([initial_states.to(dtype)[:, :, None],
-                        chunk_states.flatten(1, 2)], dim=2).flatten(-2)  # (b, h, c+1, p n)
-    chunk_decay = torch.exp(_segsum(F.pad(cumsum[..., -1], (1, 0)), same_end))  # (b, h, c+1, c+1)
-    states = (chunk_decay @ states).unflatten(-1, (headdim, dstate))  # (b, h, c+1, p, n)
-
-    # Carry-in: each chunk's start state read out by C and decayed to token i.
-    starts = by_group(states[:, :, :-1]).transpose(2, 3).flatten(3, 4)  # (b, g, c, (r p), n)
-    carry = (C @ starts.mT).unflatten(-1, (per_group, headdim))  # (b, g, c, i, r, p)
-    from_start = _masked_exp(cumsum, prev_doc)  # (b, h, c, i)
-    carry = carry * by_group(from_start).permute(0, 1, 3, 4, 2)[..., None]
+        initial_states = xdt.new_zeros(batch, nheads, headdim, dstate)
+    masks = _document_masks(seq_idx, nchunks, chunk_size)
+    y_diag, carry, states = _ChunkedScan.apply(xdt, cumsum, B, C, initial_states.to(dtype), *masks)
 
     # Back to tokens (b, l, g, r, p): both parts are views; the first addend sets the layout.
     parts = [by_group(y_diag).permute(0, 3, 4, 1, 2, 5).flatten(1, 2),
@@ -153,14 +254,33 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
     y = y.flatten(2, 3)
 
     picked = None
-    if state_positions is not None:  # the chunk's own part up to the token, plus the carry-in
-        chunk, row = state_positions.long() // chunk_size, state_positions.long() % chunk_size
-        to_row = decay[0][:, chunk, row].transpose(0, 1)[..., None]  # (k, h, j, 1)
-        own = torch.einsum("gkjn,kgrjp->kgrpn", B[0][:, chunk],
-                           (xdt[0][:, chunk].transpose(0, 1) * to_row).unflatten(1, (ngroups, -1)))
-        carried = from_start[0][:, chunk, row, None, None] * states[0][:, chunk]  # (h, k, p, n)
-        picked = own.flatten(1, 2) + carried.transpose(0, 1)
+    if state_positions is not None:
+        picked = _states_after(state_positions, xdt[0], B[0], cumsum[0], states[0],
+                               [None if m is None else m[0, 0] for m in masks])
     return y, states[:, :, -1], picked
+
+
+def _states_after(positions, xdt, B, cumsum, states, masks):
+    """States after the tokens at ``positions`` of one sequence (k, h, p, n): the own part of
+    the token's chunk up to it, plus the chunk's carried-in state decayed to it.
+
+    xdt (h, c, i, p), B (g, c, i, n), cumsum (h, c, i), states (h, c+1, p, n); masks: that
+    row's same_doc (c, i, j) and prev_doc (c, i), or None.
+    """
+    same_doc, prev_doc, _ = masks
+    size = cumsum.shape[-1]
+    chunk, row = positions.long() // size, positions.long() % size
+    cumsum = cumsum[:, chunk]  # (h, k, j)
+    keep = torch.arange(size, device=row.device) <= row[:, None]  # (k, j)
+    if same_doc is not None:
+        keep = keep & same_doc[chunk, row]
+    at_row = cumsum.gather(-1, row[None, :, None].expand(cumsum.shape[0], -1, 1))  # (h, k, 1)
+    to_row = torch.where(keep, at_row - cumsum, float("-inf")).exp()  # (h, k, j)
+    own = torch.einsum("gkjn,gkrjp->kgrpn", B[:, chunk],
+                       (xdt[:, chunk] * to_row[..., None]).unflatten(0, (B.shape[0], -1)))
+    from_start = _masked_exp(at_row[..., 0], None if prev_doc is None else prev_doc[chunk, row])
+    carried = from_start[..., None, None] * states[:, chunk]  # (h, k, p, n)
+    return own.flatten(1, 2) + carried.transpose(0, 1)
 
 
 def mamba_chunk_scan_combined(
