@@ -21,6 +21,8 @@ from megatron_hybrid import flavors, pattern
 from megatron_hybrid.config import ModelConfig
 
 HELP = "inspect checkpoints: flavor, pattern, shapes, layout, step, tokens, diff vs a recipe"
+ORIGIN_KEYS = ("converted_from", "pruned_from")
+"""meta.json keys saying where a checkpoint's weights came from (conversion, pruning)."""
 SHAPE_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig)
                          if f.default is dataclasses.MISSING)
 """The model fields a flavor is defined by (the pattern compared without stage marks)."""
@@ -46,24 +48,17 @@ def inspect_checkpoint(directory, *, recipe: str | None = None) -> dict:
 
     if backends.active() is None:
         backends.install("cpu")  # checkpoint.py reads through Megatron-Core
-    from megatron_hybrid import checkpoint, mcore
-    from megatron_hybrid.sharded_io import OPTIMIZER_KEY_PREFIX
+    from megatron_hybrid import checkpoint
 
     meta = checkpoint.read_meta(directory)
     model = ModelConfig(**meta["model"])
-    saved = mcore.dist_checkpointing.load_tensors_metadata(str(directory))
-    weights = [t for key, t in saved.items() if not key.startswith(OPTIMIZER_KEY_PREFIX)]
     flavor, flavor_differences = closest_flavor(model)
-    state = meta.get("train_state") or {}
     report = {
         "checkpoint": str(directory), "flavor": flavor,
         "differences_from_flavor": flavor_differences, "model": model.to_dict(),
-        "parameters": sum(math.prod(t.global_shape) for t in weights),
-        "parameters_by_dtype": _parameters_by_dtype(weights),
-        "optimizer_state": len(weights) < len(saved), "layout": meta.get("layout"),
-        "step": state.get("step"), "consumed_samples": state.get("consumed_samples"),
-        "tokens": state.get("tokens"), "tokenizer": meta.get("tokenizer"),
-        "converted_from": meta.get("converted_from"),
+        **_saved_tensors(directory), "layout": meta["layout"], **meta["train_state"],
+        "tokenizer": meta["tokenizer"],
+        **{key: meta[key] for key in ORIGIN_KEYS if key in meta},
     }
     if recipe is not None:
         from megatron_hybrid.recipe import load_recipe
@@ -71,6 +66,20 @@ def inspect_checkpoint(directory, *, recipe: str | None = None) -> dict:
         report["recipe"] = str(recipe)
         report["recipe_differences"] = model_differences(model, load_recipe(recipe).model)
     return report
+
+
+def _saved_tensors(directory) -> dict:
+    """Parameters saved (optimizer state excluded), per dtype, and whether optimizer state is."""
+    from megatron_hybrid import mcore
+    from megatron_hybrid.sharded_io import OPTIMIZER_KEY_PREFIX
+
+    saved = mcore.dist_checkpointing.load_tensors_metadata(str(directory))
+    by_dtype = Counter()
+    for key, tensor in saved.items():
+        if not key.startswith(OPTIMIZER_KEY_PREFIX):
+            by_dtype[str(tensor.dtype).removeprefix("torch.")] += math.prod(tensor.global_shape)
+    return {"parameters": sum(by_dtype.values()), "parameters_by_dtype": dict(by_dtype),
+            "optimizer_state": any(key.startswith(OPTIMIZER_KEY_PREFIX) for key in saved)}
 
 
 def closest_flavor(model: ModelConfig) -> tuple[str | None, dict]:
@@ -98,13 +107,6 @@ def model_differences(model: ModelConfig, other: ModelConfig) -> dict:
     return differences
 
 
-def _parameters_by_dtype(tensors: list) -> dict[str, int]:
-    counts = Counter()
-    for tensor in tensors:
-        counts[str(tensor.dtype).removeprefix("torch.")] += math.prod(tensor.global_shape)
-    return dict(counts)
-
-
 def format_report(report: dict) -> str:
     model = ModelConfig(**report["model"])
     layers = model.layer_pattern
@@ -120,8 +122,7 @@ def format_report(report: dict) -> str:
         f"({', '.join(f'{n:,} {dtype}' for dtype, n in report['parameters_by_dtype'].items())})",
         f"saved as    {_layout_text(report['layout'])} (loads in any TP/PP/CP layout)",
         f"trained     step {report['step']}, {report['tokens']:,} tokens, "
-        f"{report['consumed_samples']:,} samples"
-        + (f" (converted from {report['converted_from']})" if report["converted_from"] else ""),
+        f"{report['consumed_samples']:,} samples{_origin_text(report)}",
         f"optimizer   {'saved' if report['optimizer_state'] else 'not saved (weights only)'}",
         f"tokenizer   {_tokenizer_text(report['tokenizer'])}",
     ]
@@ -139,6 +140,11 @@ def _flavor_text(report: dict) -> str:
                                if differences else "")
 
 
+def _origin_text(report: dict) -> str:
+    origins = [f"{key.replace('_', ' ')} {report[key]}" for key in ORIGIN_KEYS if key in report]
+    return f" ({'; '.join(origins)})" if origins else ""
+
+
 def _differences_text(differences: dict, other: str) -> str:
     if not differences:
         return "same model"
@@ -154,9 +160,7 @@ def _shapes_text(model: ModelConfig) -> str:
             f"{model.vocab_size}, seq {model.seq_length}")
 
 
-def _layout_text(layout: dict | None) -> str:
-    if not layout:
-        return "unknown layout"
+def _layout_text(layout: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in layout.items())
 
 

@@ -65,10 +65,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from megatron_hybrid import recipe
+    from megatron_hybrid import backends, recipe
 
     cfg = recipe.load_recipe(args.recipe, args.overrides)
-    check_request(cfg, cfg.dpo)
+    backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
     from megatron_hybrid import train
 
     with train.session(cfg) as (backend, dims):
@@ -196,36 +196,52 @@ def pair_metrics(policy_logps, ref_logps, beta: float) -> dict:
 def optimize(cfg: RunConfig, dpo: DPOConfig, backend: str, dims) -> dict:
     """DPO-train ``cfg``'s model on ``dpo``'s pairs; return (and write) the report."""
     from megatron_hybrid import train
-    from megatron_hybrid.data import chat
-    from megatron_hybrid.data.tokenizer import load_tokenizer
 
     check_request(cfg, dpo)
-    tokenizer = load_tokenizer(cfg.tokenizer)
     num_samples = cfg.total_steps * cfg.train.global_batch_size
     train_pairs, heldout_pairs = pairs_of(dpo, cfg.data.seed, num_samples // 2)
-    train_seqs, heldout_seqs = (chat.pair_sequences(pairs, tokenizer, seq_length=cfg.seq_length)
-                                for pairs in (train_pairs, heldout_pairs))
-    trainer = train.build_trainer(cfg, backend, dims, forward_step=partial(forward_step, dpo.beta))
-    score = partial(sequence_logps, trainer.model_chunks, micro_batch_size=cfg.train.micro_batch_size,
-                    seq_length=cfg.seq_length, dp_size=dims.dp)
+    train_seqs, heldout_seqs = _sequences(cfg, train_pairs, heldout_pairs)
+    trainer = train.build_trainer(cfg, backend, dims,
+                                  forward_step=partial(forward_step, dpo.beta))
+    score = partial(sequence_logps, trainer.model_chunks, seq_length=cfg.seq_length,
+                    micro_batch_size=cfg.train.micro_batch_size, dp_size=dims.dp)
     reference = _reference(trainer, cfg, score, train_seqs, heldout_seqs)
-    trainer = dataclasses.replace(
-        trainer,
-        train_data=chat.PreferenceDataset(train_seqs, reference["train"],
-                                          num_samples=num_samples, seed=cfg.data.seed),
-        valid_data=chat.PreferenceDataset(
-            heldout_seqs, reference["heldout"], seed=cfg.data.seed,
-            num_samples=cfg.train.eval_batches * cfg.train.global_batch_size))
-    start = pair_metrics(reference["heldout"], reference["heldout"], dpo.beta)
+    trainer = dataclasses.replace(trainer, **_datasets(cfg, num_samples, train_seqs,
+                                                       heldout_seqs, reference))
     train.fit(trainer)
-    end = pair_metrics(score(heldout_seqs), reference["heldout"], dpo.beta)
+    heldout_ref = reference["heldout"]
     report = {"checkpoint": cfg.checkpoint.load, "beta": dpo.beta,
               "output": str(Path(cfg.resolved_output_dir) / "checkpoints"),
-              "train_pairs": len(train_pairs), "start": {"step": 0, **start},
-              "end": {"step": trainer.state.step, **end}}
+              "train_pairs": len(train_pairs),
+              "start": {"step": 0, **pair_metrics(heldout_ref, heldout_ref, dpo.beta)},
+              "end": {"step": trainer.state.step,
+                      **pair_metrics(score(heldout_seqs), heldout_ref, dpo.beta)}}
     if int(os.environ.get("RANK", 0)) == 0:
         write_report(report, trainer.run_dir)
     return report
+
+
+def _sequences(cfg: RunConfig, *pair_lists) -> list:
+    from megatron_hybrid.data import chat
+    from megatron_hybrid.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    return [chat.pair_sequences(pairs, tokenizer, seq_length=cfg.seq_length)
+            for pairs in pair_lists]
+
+
+def _datasets(cfg: RunConfig, num_samples: int, train_seqs, heldout_seqs,
+              reference: dict) -> dict:
+    """The trainer's datasets: the run's training samples, and one evaluation's held-out
+    samples, each carrying its reference log-probabilities."""
+    from megatron_hybrid.data import chat
+
+    seed = cfg.data.seed
+    return {"train_data": chat.PreferenceDataset(train_seqs, reference["train"],
+                                                 num_samples=num_samples, seed=seed),
+            "valid_data": chat.PreferenceDataset(
+                heldout_seqs, reference["heldout"], seed=seed,
+                num_samples=cfg.train.eval_batches * cfg.train.global_batch_size)}
 
 
 def pairs_of(dpo: DPOConfig, seed: int, needed: int) -> tuple[list, list]:
@@ -281,9 +297,17 @@ METRICS = (("preference accuracy", "preference_accuracy", "{:.1%}"),
 
 
 def write_report(report: dict, run_dir: Path) -> None:
+    """``dpo_report.{json,md}``, and the pipeline report's summary of the stage."""
+    from megatron_hybrid.report import write_summary
+
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
     (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
+    start, end = report["start"], report["end"]
+    write_summary(run_dir, heldout_loss=end["loss"], task_metrics={
+        "preference accuracy at start": start["preference_accuracy"],
+        "preference accuracy": end["preference_accuracy"],
+        "reward accuracy": end["reward_accuracy"], "reward margin": end["reward_margin"]})
 
 
 def format_markdown(report: dict) -> str:

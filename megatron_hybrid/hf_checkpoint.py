@@ -67,8 +67,12 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ class HFCheckpoint:
         return dtypes
 
     def parameters(self) -> int:
-        return sum(math.prod(spec.shape) for spec in self.specs.values())
+        return sum(spec.numel for spec in self.specs.values())
 
     def dtype_names(self) -> tuple[str, ...]:
         return _dtype_names(self.specs.values())
@@ -303,8 +307,7 @@ def export_hf(checkpoint_dir, out, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_B
             write_hf_config(staging, hf_config)
             carried = copy_tokenizer_files(checkpoint_dir, staging)
             _verify_export(staging, cfg)
-    return Converted(Path(out), sum(math.prod(s.shape) for s in specs), _dtype_names(specs),
-                     carried)
+    return Converted(Path(out), sum(spec.numel for spec in specs), _dtype_names(specs), carried)
 
 
 def _hf_specs(maps: list, reader) -> list[TensorSpec]:
@@ -330,7 +333,7 @@ def _main_dtype(specs: list[TensorSpec]) -> torch.dtype:
     """The dtype holding most parameters (config.json's ``dtype``)."""
     counts = Counter()
     for spec in specs:
-        counts[spec.dtype] += math.prod(spec.shape)
+        counts[spec.dtype] += spec.numel
     return counts.most_common(1)[0][0]
 
 

@@ -71,6 +71,8 @@ MODEL_INPUT = "model"
 """The input key that takes a stage's saved model rather than its checkpoint's path."""
 NOT_YET = "<final>"
 """Stands for the step folder of a checkpoint that does not exist yet (in the plan)."""
+PLAN_GPU = "h100"
+"""The GPU the planner's estimates are for: the one the published layouts are sized for."""
 
 
 class PipelineError(ValueError):
@@ -107,9 +109,6 @@ class Pipeline:
 
     def run_dir(self, name: str) -> Path:
         return self.output_dir / name
-
-    def stage(self, name: str) -> Stage:
-        return next(stage for stage in self.stages if stage.name == name)
 
     def is_finished(self, name: str) -> bool:
         return (self.run_dir(name) / DONE).is_file()
@@ -397,6 +396,7 @@ def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
                    f"{plan.nproc}, sequence parallel {'on' if layout.sequence_parallel else 'off'}"
                    f", backend {layout.backend}"),
         ("work", _work_text(cfg, stage.kind)),
+        ("estimate", _estimate_text(cfg, stage.kind, plan.nproc)),
         ("command", shlex.join(plan.command)),
     ]
 
@@ -408,8 +408,46 @@ def _work_text(cfg: RunConfig, kind: str) -> str:
         return (f"prune to {json.dumps(target)} after {cfg.prune.calibration_samples} "
                 f"calibration samples of {cfg.seq_length} tokens")
     tokens = cfg.total_steps * cfg.train.tokens_per_step(cfg.model)
-    return (f"{cfg.total_steps} steps x {cfg.train.global_batch_size} sequences x "
+    return (f"{cfg.total_steps:,} steps x {cfg.train.global_batch_size} sequences x "
             f"{cfg.seq_length} tokens = {_si(tokens)} tokens, {cfg.train.precision}")
+
+
+def _estimate_text(cfg: RunConfig, kind: str, nproc: int) -> str:
+    """The planner's memory per device and, for GPU stages, time of the stage's work."""
+    from megatron_hybrid import plan
+
+    gpu = plan.GPUS[PLAN_GPU]
+    if kind == "prune":  # a forward pass of the whole model in bf16 on one device
+        memory = plan.inference_memory(cfg.model, context=cfg.seq_length,
+                                       batch=cfg.train.micro_batch_size)
+        return f"{_gib(memory.total)} per device (bf16 weights, calibration forward)"
+    layout = plan.TrainingLayout.from_run(cfg, nproc)
+    on_gpu = cfg.parallel.backend == "cuda"
+    memory = plan.training_memory(cfg.model, layout, kernels="cuda" if on_gpu else "cpu")
+    student = " (the student; the teacher adds its weights)" if kind == "distill" else ""
+    if not on_gpu:
+        return f"{_gib(memory.total)} per rank{student}; the planner times GPU runs only"
+    peak = gpu.peak_flops(layout.precision)
+    verdict = "fits" if memory.total <= gpu.usable_bytes else "does NOT fit"
+    text = (f"{_gib(memory.total)} per GPU{student}, {verdict} an {gpu.device_name} "
+            f"({_gib(gpu.usable_bytes)} usable)")
+    if peak is None:
+        return text
+    step = plan.step_estimate(cfg.model, layout, peak)
+    return (f"{text}; step ~{step.seconds:.3g} s at MFU ~{step.mfu:.0%}, "
+            f"{cfg.total_steps:,} steps ~{_duration(step.seconds * cfg.total_steps)} on "
+            f"{nproc} GPUs")
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.1f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    for unit, scale in (("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= scale or unit == "s":
+            value = seconds / scale
+            return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
 
 
 def _input_text(pipeline: Pipeline, key: str, source: str) -> str:
@@ -441,8 +479,9 @@ def run_planned(pipeline: Pipeline, plan: StagePlan) -> None:
           flush=True)
     started = time.monotonic()
     _launch(plan)
-    _mark_done(plan, seconds=time.monotonic() - started)
-    print(f"{name}: done in {time.monotonic() - started:.0f} s", flush=True)
+    seconds = time.monotonic() - started
+    _mark_done(plan, seconds)
+    print(f"{name}: done in {seconds:.0f} s", flush=True)
 
 
 def _launch(plan: StagePlan) -> None:
@@ -474,7 +513,9 @@ def _mark_done(plan: StagePlan, seconds: float) -> None:
     done = {"stage": plan.stage.name, "kind": plan.stage.kind,
             "checkpoint": str(LATEST.parent / pointer.read_text().strip()),
             "seconds": round(seconds, 1), "command": plan.command}
-    (plan.run_dir / DONE).write_text(json.dumps(done, indent=2) + "\n")
+    partial = plan.run_dir / f"{DONE}.partial"
+    partial.write_text(json.dumps(done, indent=2) + "\n")
+    os.replace(partial, plan.run_dir / DONE)  # a DONE is whole or absent
 
 
 # -- inside a stage's process -----------------------------------------------------------------

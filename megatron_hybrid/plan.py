@@ -478,6 +478,33 @@ def all_attention_counterpart(cfg: ModelConfig) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Measurement on the CPU (what the planner is checked against)
+# ---------------------------------------------------------------------------------------------
+
+def measure_cpu_peak(fn) -> tuple[object, int]:
+    """``(fn(), peak bytes of CPU tensor memory allocated while it ran)``.
+
+    The bytes in use are the CPU allocator's own count, as it reports every allocation and
+    free to torch's profiler (``profile_memory=True``): every tensor storage, temporaries
+    inside ops included; not the Python heap, not freed memory the C library keeps (which
+    RSS would show). Memory allocated before ``fn`` starts is not counted.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = fn()
+    allocation = torch._C._profiler._EventType.Allocation
+    peak, events = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    while events:
+        event = events.pop()
+        events.extend(event.children)
+        if event.tag == allocation:
+            peak = max(peak, event.extra_fields.total_allocated)
+    return result, peak
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 

@@ -61,10 +61,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from megatron_hybrid import recipe
+    from megatron_hybrid import backends, recipe
 
     cfg = recipe.load_recipe(args.recipe, args.overrides)
-    cfg.validate()
+    backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
     from megatron_hybrid import train
 
     with train.session(cfg) as (backend, dims):
@@ -197,9 +197,20 @@ def _mean(values: list) -> float | None:
 # -- report -----------------------------------------------------------------------------------
 
 def write_report(report: dict, run_dir: Path) -> None:
+    """``sft_report.{json,md}``, and the pipeline report's summary of the stage."""
+    from megatron_hybrid.report import write_summary
+
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
     (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
+    end = report["end"]
+    metrics = {f"held-out loss /{mode}": end["heldout_loss"].get(mode)
+               for mode in ("think", "no_think")}
+    metrics.update({f"toggle obeyed /{mode}": (end["toggle_obeyed"] or {}).get(mode)
+                    for mode in ("think", "no_think")})
+    write_summary(run_dir, heldout_loss=end["heldout_loss"]["all"],
+                  task_metrics={name: value for name, value in metrics.items()
+                                if value is not None})
 
 
 def _percent(value: float | None) -> str:

@@ -63,8 +63,9 @@ def save_model(cfg: ModelConfig, directory, *, dtypes: dict[str, torch.dtype],
     """Write the weights of ``cfg``'s model to ``directory`` (an existing, empty directory).
 
     ``produce(name)`` returns parameter ``name`` (a ``model.state_dict()`` name) in full, with
-    dtype ``dtypes[name]``; it is called when the writer needs that parameter, once per
-    parameter, and the tensor is dropped as soon as it is written.
+    dtype ``dtypes[name]``; it is called when the writer reaches that parameter (once: the
+    pieces Megatron splits a parameter into are written one after another), and the tensor is
+    dropped when the writer moves on.
     """
     with _meta_model(cfg) as model:
         _set_dtypes(model, dtypes)

@@ -5,12 +5,14 @@ Behaviour changes by swapping specs, never by editing model code:
 - ``cpu``: ColumnParallel/RowParallel linears, :class:`TorchRMSNorm`, :class:`SDPAttention`,
   with the norm state-dict keys remapped to TE's fused-norm names, so a checkpoint written on
   the CPU loads on GPUs (as Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
-Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern.
+Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern and
+implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -80,13 +82,17 @@ class HybridStack(mcore.MambaStack):
     """MambaStack whose pipeline stages follow the pattern's split exactly.
 
     Megatron-Core 0.16's MambaStack gives each stage ``num_layers // pp`` layers (dropping the
-    rest silently) and always builds a Transformer-Engine final norm; here the stage sizes come
-    from the pattern module and the final norm from the spec.
+    rest silently), always builds a Transformer-Engine final norm and ignores
+    ``recompute_granularity="full"``; here the stage sizes come from the pattern module, the
+    final norm from the spec, and full recompute from :class:`RecomputedMambaLayer` /
+    :class:`RecomputedTransformerLayer` in place of the spec's layers.
     """
 
     def __init__(self, config, submodules, *, stage_sizes, final_norm, post_layer_norm=True,
                  **kwargs):
         self.stage_sizes = tuple(stage_sizes)
+        if config.recompute_granularity == "full":
+            submodules = _recomputed_layers(submodules)
         super().__init__(config, submodules, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
@@ -106,6 +112,41 @@ class HybridStack(mcore.MambaStack):
                              f"{self.pp_group.size()} ranks")
         first = sum(self.stage_sizes[:rank])
         return first, layer_type_list[first : first + self.stage_sizes[rank]]
+
+
+def _recomputed(forward, hidden_states, *args, **kwargs):
+    """``forward(hidden_states, ...)`` keeping only ``hidden_states`` for backward, which runs
+    the forward again (Megatron-Core's checkpoint: RNG states restored, non-tensor outputs
+    skipped)."""
+    if not torch.is_grad_enabled():
+        return forward(hidden_states, *args, **kwargs)
+    return mcore.tensor_parallel.checkpoint(
+        lambda hidden: forward(hidden, *args, **kwargs), False, hidden_states)
+
+
+class RecomputedMambaLayer(mcore.MambaLayer):
+    """A Mamba layer under full recompute."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return _recomputed(super().forward, hidden_states, *args, **kwargs)
+
+
+class RecomputedTransformerLayer(mcore.TransformerLayer):
+    """An attention, MLP or MoE layer under full recompute."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return _recomputed(super().forward, hidden_states, *args, **kwargs)
+
+
+def _recomputed_layers(submodules: "mcore.MambaStackSubmodules") -> "mcore.MambaStackSubmodules":
+    """The stack's layer specs with the recomputed layer classes (same parameters and keys)."""
+    recomputed = {mcore.MambaLayer: RecomputedMambaLayer,
+                  mcore.TransformerLayer: RecomputedTransformerLayer}
+    submodules = copy.copy(submodules)
+    for name, spec in vars(submodules).items():
+        if isinstance(spec, mcore.ModuleSpec) and spec.module in recomputed:
+            setattr(submodules, name, dataclasses.replace(spec, module=recomputed[spec.module]))
+    return submodules
 
 
 def _mamba_layer(mixer_params: dict) -> "mcore.ModuleSpec":

@@ -152,6 +152,11 @@ def test_round_trip_gives_the_same_bytes(converted):
         assert torch.equal(raw_bytes(back[name]), raw_bytes(tensor)), name
 
 
+def test_exported_directory_gives_the_same_logits_in_transformers(converted, hf_module):
+    _, root = converted
+    assert torch.equal(hf_logits(hf_module, root / "back"), hf_logits(hf_module, root / "hf"))
+
+
 def test_round_trip_keeps_the_model_config_and_tokenizer(converted):
     cfg, root = converted
     meta = checkpoint.read_meta(root / "mcore")

@@ -47,12 +47,14 @@ def test_loss_function_sums_the_response_tokens_of_each_pair():
 
 
 def toggle_pairs(split: str, count: int) -> list:
-    """/no_think prompts whose chosen answer obeys the toggle (an empty think block) and whose
-    rejected answer reasons anyway: a preference that carries over to unseen questions."""
+    """Short /no_think questions of the default set whose chosen answer obeys the toggle
+    (``<think></think>answer``) and whose rejected answer reasons instead (``<think>answer
+    </think>``): the same tokens in another order, so no preference of length, and one that
+    carries over to unseen questions."""
     conversations = [c for c in chat.default_conversations(split)
                      if not c.thinking and len(c.messages[-1]["content"]) < 60][:count]
     return [chat.PreferencePair(c.prompt, chat.response(c.messages[-1]["content"]),
-                                chat.response(c.messages[-1]["content"], "Let me recall it."))
+                                chat.response("", c.messages[-1]["content"]))
             for c in conversations]
 
 
@@ -94,8 +96,9 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     before = dpo.pair_metrics(heldout_ref, heldout_ref, 0.1)
     after = dpo.pair_metrics(score(heldout), heldout_ref, 0.1)
     assert before["reward_margin"] == 0 and before["loss"] == pytest.approx(math.log(2))
-    assert after["reward_margin"] > 0.5 and after["reward_accuracy"] > 0.9, after
-    assert after["preference_accuracy"] > before["preference_accuracy"] + 0.2, (before, after)
+    # measured: preference accuracy 9% -> 94%, reward accuracy 0 -> 94%, margin 0 -> 0.60
+    assert after["reward_margin"] > 0.3 and after["reward_accuracy"] > 0.8, after
+    assert after["preference_accuracy"] > before["preference_accuracy"] + 0.5, (before, after)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -139,3 +142,5 @@ def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
     assert report["start"]["loss"] == pytest.approx(math.log(2))
     assert report["end"]["step"] == 2 and report["end"]["pairs"] == 4
     assert (out / dpo.REFERENCE).is_file() and (out / "checkpoints" / "step_000002").is_dir()
+    summary = json.loads((out / "summary.json").read_text())  # for the pipeline's report
+    assert summary["task_metrics"]["preference accuracy"] == report["end"]["preference_accuracy"]

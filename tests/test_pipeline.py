@@ -142,6 +142,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert f"checkpoint.load <- first ({out / 'first' / 'checkpoints' / '<final>'})" in plan
     assert "tp 1 x pp 1 x cp 1 x dp 1 = world size 1" in plan
     assert f"{SECOND_STEPS} steps x 4 sequences x 64 tokens" in plan
+    assert "MiB per rank; the planner times GPU runs only" in plan  # the planner's memory
     assert not out.exists()
 
 

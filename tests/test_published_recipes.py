@@ -129,15 +129,20 @@ def graph(path: Path) -> list:
             for stage in pipeline.load_pipeline(path).stages]
 
 
-def test_published_pipeline_chains_the_stages_and_plans_8_gpu_nodes(capsys):
+def test_published_pipeline_chains_the_stages_and_plans_8_gpu_nodes(tmp_path):
     path = RECIPES / "nemotron_nano_v2" / "pipeline.yaml"
     assert graph(path) == STAGE_GRAPH
-    loaded = pipeline.load_pipeline(path, output_dir="unwritten")
-    for stage in loaded.stages:
-        plan = pipeline.plan_stage(loaded, stage, selected=True)
-        assert plan.nproc == (1 if stage.kind == "prune" else NODE_GPUS)
-        assert plan.cfg.parallel.backend == "cuda"
-    assert not Path("unwritten").exists()
+    loaded = pipeline.load_pipeline(path, output_dir=str(tmp_path / "out"))
+    plans = [pipeline.plan_stage(loaded, stage, selected=True) for stage in loaded.stages]
+    assert [plan.nproc for plan in plans] == [NODE_GPUS, NODE_GPUS, NODE_GPUS, 1, NODE_GPUS,
+                                              NODE_GPUS]
+    assert all(plan.cfg.parallel.backend == "cuda" for plan in plans)
+    text = pipeline.describe_plan(loaded, plans)
+    pretrain = text.split("\n2. ")[0]
+    assert "tp 4 x pp 1 x cp 1 x dp 2 = world size 8, sequence parallel on" in pretrain
+    assert "20T tokens, fp8-hybrid" in pretrain
+    assert "per GPU, fits an NVIDIA H100" in pretrain and "at MFU ~47%" in pretrain
+    assert not (tmp_path / "out").exists()
 
 
 def test_tiny_pipeline_mirrors_the_published_one():

@@ -128,6 +128,10 @@ def test_sft_stage_reports_heldout_loss_and_toggle(tmp_path):
     assert all(0 <= rate <= 1 for rate in end["toggle_obeyed"].values())
     assert (out / "checkpoints" / "step_000003").is_dir()
     assert "| toggle obeyed (think) |" in (out / "sft_report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())  # for the pipeline's report
+    assert summary["heldout_loss"] == end["heldout_loss"]["all"]
+    assert set(summary["task_metrics"]) == {"held-out loss /think", "held-out loss /no_think",
+                                            "toggle obeyed /think", "toggle obeyed /no_think"}
 
 
 @pytest.mark.parametrize("options, message", [

@@ -83,7 +83,8 @@ class PreferencePair:
 
 def thinking(messages) -> bool:
     """Whether the system prompt of ``messages`` asks for reasoning (/think) or not (/no_think)."""
-    system = messages[0]["content"].rstrip() if messages and messages[0]["role"] == "system" else ""
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    system = messages[0]["content"].rstrip() if has_system else ""
     if system.endswith(NO_THINK):
         return False
     if system.endswith(THINK):
@@ -92,8 +93,9 @@ def thinking(messages) -> bool:
                     f"(the reasoning toggle); got {str(messages[:1])[:80]}")
 
 
-def system_message(think: bool, prompt: str = SYSTEM_PROMPT) -> dict:
-    return {"role": "system", "content": f"{prompt} {THINK if think else NO_THINK}"}
+def system_message(think: bool) -> dict:
+    """The default sets' system prompt with the reasoning toggle."""
+    return {"role": "system", "content": f"{SYSTEM_PROMPT} {THINK if think else NO_THINK}"}
 
 
 def response(answer: str, reasoning: str = "") -> str:

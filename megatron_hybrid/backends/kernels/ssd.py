@@ -48,8 +48,17 @@ def _segsum(a, keep=None):
     return sums.masked_fill(~allowed, float("-inf"))
 
 
-def _masked_exp(log_decay, keep):
-    return torch.exp(log_decay if keep is None else log_decay.masked_fill(~keep, float("-inf")))
+LOG_DECAY_LIMIT = 80.0
+"""Log-decays are clamped to +-80 before exp. Below: exp(-80) ~ 2e-35 is nothing next to the
+other terms, and torch's vectorised exp takes a slow path (several times slower) for -inf and
+for results that underflow, which long or fast-decaying chunks produce. Above: the masked-out
+entries (j > i) hold positive log-decays whose exp could overflow to inf, and inf * 0 = nan."""
+
+
+def _masked_exp_(log_decay, keep):
+    """In place: exp(log_decay) where keep (everywhere if None), exactly 0 elsewhere."""
+    decay = log_decay.clamp_(-LOG_DECAY_LIMIT, LOG_DECAY_LIMIT).exp_()
+    return decay if keep is None else decay.mul_(keep)
 
 
 def _intra_chunk_decay(cumsum, same_doc):
@@ -62,8 +71,7 @@ def _intra_chunk_decay(cumsum, same_doc):
     keep = torch.ones(size, size, dtype=torch.bool, device=cumsum.device).tril()
     if same_doc is not None:
         keep = keep & same_doc
-    log_decay = cumsum[..., :, None] - cumsum[..., None, :]
-    return torch.where(keep, log_decay, float("-inf")).exp_()
+    return _masked_exp_(cumsum[..., :, None] - cumsum[..., None, :], keep)
 
 
 def _segsum_backward(grad_log):
@@ -144,7 +152,7 @@ class _ChunkedScan(torch.autograd.Function):
         starts = _group_major(states[:, :, :-1], ngroups).unflatten(-1, (headdim, dstate))
         starts = starts.flatten(3, 4)  # (b, g, c, (r p), n)
         read_out = (C @ starts.mT).unflatten(-1, (-1, headdim))  # (b, g, c, i, r, p)
-        from_start = _masked_exp(cumsum, prev_doc)  # (b, h, c, i)
+        from_start = _masked_exp_(cumsum.clone(), prev_doc)  # (b, h, c, i)
         y_carry = read_out * _per_group(from_start, ngroups)[..., None]
 
         ctx.save_for_backward(xdt, B, C, decay, weights, xdt_to_end, stacked, chunk_decay,
@@ -275,10 +283,10 @@ def _states_after(positions, xdt, B, cumsum, states, masks):
     if same_doc is not None:
         keep = keep & same_doc[chunk, row]
     at_row = cumsum.gather(-1, row[None, :, None].expand(cumsum.shape[0], -1, 1))  # (h, k, 1)
-    to_row = torch.where(keep, at_row - cumsum, float("-inf")).exp()  # (h, k, j)
-    own = torch.einsum("gkjn,gkrjp->kgrpn", B[:, chunk],
+    to_row = _masked_exp_(at_row - cumsum, keep)  # (h, k, j)
+    own = torch.einsum("gkjn,grkjp->kgrpn", B[:, chunk],
                        (xdt[:, chunk] * to_row[..., None]).unflatten(0, (B.shape[0], -1)))
-    from_start = _masked_exp(at_row[..., 0], None if prev_doc is None else prev_doc[chunk, row])
+    from_start = _masked_exp_(at_row[..., 0].clone(), None if prev_doc is None else prev_doc[chunk, row])
     carried = from_start[..., None, None] * states[:, chunk]  # (h, k, p, n)
     return own.flatten(1, 2) + carried.transpose(0, 1)
 
