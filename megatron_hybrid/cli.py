@@ -73,6 +73,8 @@ COMMAND_MODULES = {
     # subcommand -> module with HELP, add_arguments(parser) and run(args) -> exit code.
     # Each module keeps heavy imports inside run(), so building the parser stays fast.
     "launch": "megatron_hybrid.launch",
+    "convert": "megatron_hybrid.convert",
+    "ckpt": "megatron_hybrid.ckpt",
 }
 
 

@@ -489,19 +489,28 @@ def measure_cpu_peak(fn) -> tuple[object, int]:
     inside ops included; not the Python heap, not freed memory the C library keeps (which
     RSS would show). Memory allocated before ``fn`` starts is not counted.
     """
+    import gc
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # garbage freed during the run would lower the count it started from
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         result = fn()
     allocation = torch._C._profiler._EventType.Allocation
-    peak, events = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    events, allocations = list(profiler.profiler.kineto_results.experimental_event_tree()), []
     while events:
         event = events.pop()
         events.extend(event.children)
         if event.tag == allocation:
-            peak = max(peak, event.extra_fields.total_allocated)
-    return result, peak
+            fields = event.extra_fields
+            allocations.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
+    if not allocations:
+        return result, 0
+    allocations.sort()
+    # The allocator's running total spans the process; count from where this run started.
+    _, first_total, first_size = allocations[0]
+    return result, max(total for _, total, _ in allocations) - (first_total - first_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ corpus, and measures on that set's held-out split.
 
 The run directory also gets ``sft_report.{md,json}``, at the start and the end of the run:
 the held-out assistant-token loss, overall and split by /think and /no_think, and the
-"toggle obeyed" rate: held-out prompts are decoded greedily, and an answer obeys when a
-/think prompt opens it with a non-empty ``<think>`` block and a /no_think prompt with an
-empty one (decoding needs tp = pp = cp = 1; other layouts report n/a).
+"toggle obeyed" rate: held-out prompts are decoded greedily until their think block is known,
+and an answer obeys when a /think prompt opens it with a non-empty ``<think>`` block and a
+/no_think prompt with an empty one (decoding needs tp = pp = cp = 1; other layouts report
+n/a).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class SFTConfig:
     """Held-out prompts (half /think, half /no_think) decoded to measure the reasoning
     toggle at the start and the end (0: not measured)."""
     max_new_tokens: int = 96
-    """Decoding stops after this many tokens, or at ``</think>``."""
+    """Decoding of a /think answer stops at ``</think>`` or after this many tokens."""
 
     def validate(self) -> None:
         for name in ("train_path", "valid_path"):
@@ -50,8 +51,9 @@ class SFTConfig:
         if self.toggle_prompts < 0 or self.toggle_prompts % 2:
             raise ConfigError(f"sft.toggle_prompts={self.toggle_prompts} must be an even "
                               f"number >= 0 (half /think, half /no_think)")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"sft.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.max_new_tokens < 3:
+            raise ConfigError(f"sft.max_new_tokens={self.max_new_tokens} must be >= 3 "
+                              f"(<think>, a reasoning token, </think>)")
 
 
 def add_arguments(parser) -> None:
@@ -168,14 +170,28 @@ class HeldOut:
 
     def answer(self, model, conversation) -> dict:
         from megatron_hybrid.data import chat
-        from megatron_hybrid.generate import generate
 
         ((prompt, _),) = chat.tokenize([[(chat.prompt_text(conversation.prompt), False)]],
                                        self.tokenizer)
-        stops = {self.tokenizer.backend.token_to_id(t) for t in (chat.THINK_CLOSE, chat.IM_END)}
-        text = self.tokenizer.decode(generate(model, prompt, self.max_new_tokens, stop=stops))
+        ids = {token: self.tokenizer.backend.token_to_id(token)
+               for token in (chat.THINK_OPEN, chat.THINK_CLOSE)}
+        text = self.tokenizer.decode(think_block(
+            model, prompt, self.max_new_tokens, think=conversation.thinking,
+            open_id=ids[chat.THINK_OPEN], close_id=ids[chat.THINK_CLOSE]))
         return {"question": conversation.prompt[-1]["content"], "think": conversation.thinking,
                 "generated": text, "obeyed": obeys_toggle(text, conversation.thinking)}
+
+
+def think_block(model, prompt: list[int], max_new_tokens: int, *, think: bool, open_id: int,
+                close_id: int) -> list[int]:
+    """The greedy answer's tokens up to where its think block is known: two tokens decide,
+    unless a /think answer opened a non-empty block, which runs to its ``</think>``."""
+    from megatron_hybrid.generate import generate
+
+    head = generate(model, prompt, 2)
+    if not think or head[0] != open_id or close_id in head:
+        return head
+    return head + generate(model, prompt + head, max_new_tokens - 2, stop={close_id})
 
 
 def obeys_toggle(generated: str, think: bool) -> bool:
@@ -224,7 +240,7 @@ def format_markdown(report: dict) -> str:
     for mode in ("all", "think", "no_think"):
         rates = [_percent((m["toggle_obeyed"] or {}).get(mode)) for m in (start, end)]
         rows.append((f"toggle obeyed ({mode})", *rates))
-    examples = [f"- {'/think' if a['think'] else '/no_think'} {a['question']!r} -> "
+    openings = [f"- {'/think' if a['think'] else '/no_think'} {a['question']!r} -> "
                 f"`{a['generated']!r}`" for a in end["answers"]]
     return "\n".join([
         "# SFT report", "",
@@ -232,7 +248,8 @@ def format_markdown(report: dict) -> str:
         f"- data: `{json.dumps(report['data'])}`", "",
         f"| | step {start['step']} | step {end['step']} |", "|---|---|---|",
         *(f"| {name} | {before} | {after} |" for name, before, after in rows), "",
-        "Greedy answers at the end:", "", *examples, ""])
+        "Greedy openings at the end (decoded until the think block is known):", "",
+        *openings, ""])
 
 
 def format_summary(report: dict) -> str:

@@ -141,15 +141,15 @@ def test_jsonl_round_trip_and_one_line_errors(tmp_path):
         assert "\n" not in str(error.value)
 
 
-def test_pairs_must_open_with_the_think_block_their_toggle_asks_for(tmp_path):
+def test_chosen_responses_must_obey_the_toggle_rejected_ones_need_not(tmp_path):
     path = tmp_path / "pairs.jsonl"
     prompt = list(conversation(False).prompt)
-    good = {"prompt": prompt, "chosen": "<think></think>Yes.", "rejected": "<think></think>No."}
+    good = {"prompt": prompt, "chosen": "<think></think>Yes.", "rejected": "<think>Hm.</think>No."}
     path.write_text(json.dumps(good) + "\n")
-    assert chat.read_pairs(path)[0].rejected == "<think></think>No."
+    assert chat.read_pairs(path)[0].rejected == "<think>Hm.</think>No."
     path.write_text(json.dumps({**good, "chosen": "<think>hmm</think>Yes."}) + "\n")
-    with pytest.raises(DataError, match="\"chosen\" must open with an empty think block for a "
-                                        "/no_think prompt"):
+    with pytest.raises(DataError, match="pairs.jsonl:1: \"chosen\" must open with an empty "
+                                        "think block for a /no_think prompt"):
         chat.read_pairs(path)
 
 

@@ -65,6 +65,41 @@ def test_generate_refuses_a_model_split_over_ranks():
         check_single_rank(Split())
 
 
+class Scripted(torch.nn.Module):
+    """A stand-in model whose greedy continuation of any prompt is ``script``."""
+
+    config = type("Config", (), {"tensor_model_parallel_size": 1,
+                                 "pipeline_model_parallel_size": 1, "context_parallel_size": 1})
+
+    def __init__(self, script: list[int], prompt_length: int):
+        super().__init__()
+        self.script, self.prompt_length, self.calls = script, prompt_length, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where generate finds the device
+
+    def forward(self, tokens, position_ids, attention_mask):
+        self.calls += 1
+        logits = torch.zeros(1, tokens.shape[1], 16)
+        logits[0, -1, self.script[tokens.shape[1] - self.prompt_length]] = 1.0
+        return logits
+
+
+OPEN, CLOSE = 2, 3  # <think>, </think> in the default tokenizer
+
+
+@pytest.mark.parametrize("script, think, expected", [
+    ([OPEN, CLOSE, 7, 8], False, [OPEN, CLOSE]),  # empty block: obeys /no_think
+    ([OPEN, 7, CLOSE, 8], False, [OPEN, 7]),  # reasoning under /no_think: known at once
+    ([OPEN, CLOSE, 7, 8], True, [OPEN, CLOSE]),  # empty block under /think
+    ([OPEN, 7, 8, CLOSE, 9], True, [OPEN, 7, 8, CLOSE]),  # reasoning, to its end
+    ([OPEN, 7, 8, 9, 10, 11, 12], True, [OPEN, 7, 8, 9, 10]),  # never closed: max_new_tokens
+    ([7, OPEN, CLOSE], True, [7, OPEN]),  # no think block at all
+])
+def test_decoding_stops_once_the_think_block_is_known(script, think, expected):
+    model = Scripted(script, prompt_length=3)
+    ids = sft.think_block(model, [5, 6, 7], 5, think=think, open_id=OPEN, close_id=CLOSE)
+    assert ids == expected and model.calls == len(expected)
+
+
 @pytest.mark.parametrize("generated, think, obeyed", [
     ("<think>It is in json.</think>Serialize.", True, True),
     ("<think></think>Serialize.", True, False),
@@ -137,7 +172,7 @@ def test_sft_stage_reports_heldout_loss_and_toggle(tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"toggle_prompts": 3}, "sft.toggle_prompts=3 must be an even number >= 0"),
     ({"train_path": ""}, "sft.train_path is empty: give a JSONL file or null"),
-    ({"max_new_tokens": 0}, "sft.max_new_tokens=0 must be >= 1"),
+    ({"max_new_tokens": 2}, "sft.max_new_tokens=2 must be >= 3"),
 ])
 def test_bad_sft_options_are_refused_in_one_line(options, message):
     with pytest.raises(ConfigError, match=message) as error:

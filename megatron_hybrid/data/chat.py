@@ -21,8 +21,8 @@ take; ``pack=False`` gives one conversation per sequence (padded) where isolatio
 
 JSONL inputs: conversations ``{"messages": [{"role": ..., "content": ...}, ...],
 "reasoning": "..."}``; preference pairs ``{"prompt": [messages], "chosen": "...",
-"rejected": "..."}`` whose responses are complete assistant turns, think block included.
-The offline default sets ask about the embedded corpus's standard-library functions and
+"rejected": "..."}`` whose responses are complete assistant turns, think block included (the
+chosen one's as the toggle asks). The offline default sets ask about the embedded corpus's standard-library functions and
 classes ("What does `json.dumps` do?"), answered by the first sentence of the docstring; the
 corpus's held-out modules give the held-out split.
 """
@@ -175,15 +175,16 @@ def check_conversation(conversation: Conversation) -> None:
 
 
 def check_pair(pair: PreferencePair) -> None:
-    """Refuse a pair whose responses do not open with the think block its toggle asks for."""
+    """Refuse a pair whose chosen response does not open with the think block its toggle asks
+    for (the rejected one may be wrong in any way, that one included)."""
     _check_messages(pair.prompt, last_role="user")
     think = thinking(pair.prompt)
-    for name in ("chosen", "rejected"):
-        reasoning, _ = split_response(getattr(pair, name))
-        if bool(reasoning.strip()) != think:
-            wanted = "non-empty" if think else "empty"
-            raise DataError(f"\"{name}\" must open with an {wanted} think block for a "
-                            f"{THINK if think else NO_THINK} prompt")
+    reasoning, _ = split_response(pair.chosen)
+    if bool(reasoning.strip()) != think:
+        raise DataError(f"\"chosen\" must open with {'a non-empty' if think else 'an empty'} "
+                        f"think block for a {THINK if think else NO_THINK} prompt")
+    if not (isinstance(pair.rejected, str) and pair.rejected):
+        raise DataError("\"rejected\" must be a non-empty response")
 
 
 def _check_messages(messages, *, last_role: str) -> None:
@@ -291,21 +292,25 @@ def corpus_facts(split: str, cache_dir: str | os.PathLike | None = None) -> list
 
 
 def _document_facts(text: str) -> list[Fact]:
-    """Facts of one corpus document (``module X`` then ``def``/``class`` sections)."""
+    """Facts of one corpus document (``module X`` then ``def``/``class`` sections); functions
+    nested in functions are left out (not part of an API)."""
     headings = list(_HEADING.finditer(text))
     ends = [heading.start() for heading in headings[1:]] + [len(text)]
-    summaries = {heading.group(2): _summary(text[heading.end():end])
-                 for heading, end in zip(headings, ends)}
-    module = headings[0].group(2)
+    module, module_summary = headings[0].group(2), _summary(text[headings[0].end():ends[0]])
+    sections = {heading.group(2): (heading.group(1), _summary(text[heading.end():end]))
+                for heading, end in zip(headings[1:], ends[1:])}
     facts = []
-    for heading in headings[1:]:
-        keyword, qualname = heading.groups()
-        summary = summaries[qualname]
-        if _public(qualname) and _short(summary):
-            parent = qualname.rpartition(".")[0]
-            kind = "class" if keyword == "class" else "method" if parent else "function"
-            facts.append(Fact(module=module, name=f"{module}.{qualname}", kind=kind,
-                              summary=summary, context=_context(module, parent, summaries)))
+    for qualname, (keyword, summary) in sections.items():
+        parent = qualname.rpartition(".")[0]
+        parent_keyword, parent_summary = sections.get(parent, ("module", module_summary))
+        if parent_keyword == "def" or not (_public(qualname) and _short(summary)):
+            continue
+        where = (f"the class `{module}.{parent}`" if parent_keyword == "class"
+                 else f"the module `{module}`")
+        kind = "class" if keyword == "class" else "method" if parent else "function"
+        context = f"{where}: {parent_summary}" if _short(parent_summary) else f"{where}."
+        facts.append(Fact(module=module, name=f"{module}.{qualname}", kind=kind,
+                          summary=summary, context=context))
     return facts
 
 
@@ -317,12 +322,6 @@ def _summary(docstring: str) -> str:
 
 def _public(qualname: str) -> bool:
     return not any(part.startswith("_") for part in qualname.split("."))
-
-
-def _context(module: str, parent: str, summaries: dict) -> str:
-    where = f"the class `{module}.{parent}`" if parent else f"the module `{module}`"
-    summary = summaries.get(parent or module, "")
-    return f"{where}: {summary}" if _short(summary) else f"{where}."
 
 
 def _short(summary: str) -> bool:

@@ -23,7 +23,7 @@ def command(*args, nproc: int = 1) -> list[str]:
 
 def run(*args, nproc: int = 1) -> subprocess.CompletedProcess:
     result = subprocess.run(command(*args, nproc=nproc), capture_output=True, text=True,
-                            timeout=900, cwd=ROOT)
+                            timeout=1800, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 

@@ -139,8 +139,8 @@ class _ChunkedScan(torch.autograd.Function):
         y_diag = weights @ xdt
 
         # Each chunk's own state at its end: the last row of decay weighs its tokens.
-        to_end = _group_major(xdt * decay[..., -1, :, None], ngroups)  # (b, g, c, r, j, p)
-        xdt_to_end = to_end.permute(0, 1, 2, 4, 3, 5).flatten(-2).contiguous()  # (b,g,c,j,(r p))
+        xdt_to_end = (xdt * decay[..., -1, :, None]).unflatten(1, (ngroups, -1))
+        xdt_to_end = xdt_to_end.permute(0, 1, 3, 4, 2, 5).flatten(-2)  # (b, g, c, j, (r p))
         chunk_states = (xdt_to_end.mT @ B).unflatten(3, (-1, headdim))  # (b, g, c, r, p, n)
 
         # Across chunks: the states before each chunk (the initial one first), then the final.
