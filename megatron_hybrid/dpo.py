@@ -205,7 +205,7 @@ def optimize(cfg: RunConfig, dpo: DPOConfig, backend: str, dims) -> dict:
                                   forward_step=partial(forward_step, dpo.beta))
     score = partial(sequence_logps, trainer.model_chunks, seq_length=cfg.seq_length,
                     micro_batch_size=cfg.train.micro_batch_size, dp_size=dims.dp)
-    reference = _reference(trainer, cfg, score, train_seqs, heldout_seqs)
+    reference = reference_logps(trainer, cfg, score, train_seqs, heldout_seqs)
     trainer = dataclasses.replace(trainer, **_datasets(cfg, num_samples, train_seqs,
                                                        heldout_seqs, reference))
     train.fit(trainer)
@@ -258,11 +258,10 @@ def pairs_of(dpo: DPOConfig, seed: int, needed: int) -> tuple[list, list]:
     return [train[i] for i in sorted(chosen)], heldout
 
 
-def _reference(trainer, cfg: RunConfig, score, train_seqs, heldout_seqs) -> dict:
-    """The reference log-probabilities of the training and held-out sequences: scored by the
-    initial policy at step 0 (and saved), read back when the run resumes."""
+def reference_logps(trainer, cfg: RunConfig, score, train_seqs, heldout_seqs) -> dict:
+    """The reference log-probabilities of the training and held-out sequences: scored by
+    ``score`` (the initial policy) at step 0 and saved, read back when the run resumes."""
     import torch
-    import torch.distributed as dist
 
     path = trainer.run_dir / REFERENCE
     identity = _identity(cfg, train_seqs, heldout_seqs)
@@ -274,10 +273,11 @@ def _reference(trainer, cfg: RunConfig, score, train_seqs, heldout_seqs) -> dict
                               f"start it afresh in a new output_dir")
         return saved
     reference = {"identity": identity, "train": score(train_seqs), "heldout": score(heldout_seqs)}
-    if dist.get_rank() == 0:
+    if int(os.environ.get("RANK", 0)) == 0:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(reference, path.with_name(f".{path.name}.tmp"))
-        os.replace(path.with_name(f".{path.name}.tmp"), path)
+        partial_path = path.with_name(f".{path.name}.tmp")
+        torch.save(reference, partial_path)
+        os.replace(partial_path, path)  # never a half-written reference behind the final name
     return reference
 
 

@@ -20,6 +20,8 @@ def _require_mamba_kernels() -> None:
 _require_mamba_kernels()
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import mapping as dist_checkpointing_mapping
+from megatron.core.dist_checkpointing.strategies import torch as dist_checkpointing_torch
 from megatron.core.activations import squared_relu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset

@@ -30,8 +30,8 @@ def count_parameters(cfg: ModelConfig) -> dict:
     and a TP=1/PP=1 model-parallel state (a 1-process gloo group is started here, and torn
     down again, when none exists). The caller's RNG states are left as they were.
     """
-    with _single_process_model_parallel():
-        model = _build_on_meta(cfg)
+    with single_process_model_parallel():
+        model = build_on_meta(cfg)
         try:
             return _tally(model, cfg)
         finally:
@@ -70,7 +70,7 @@ def _tally(model: torch.nn.Module, cfg: ModelConfig) -> dict:
     return counts
 
 
-def _build_on_meta(cfg: ModelConfig):
+def build_on_meta(cfg: ModelConfig):
     from megatron_hybrid.backends.cpu import cuda_device_is
     from megatron_hybrid.model import ModelLayout, build_model
 
@@ -79,7 +79,7 @@ def _build_on_meta(cfg: ModelConfig):
 
 
 @contextlib.contextmanager
-def _single_process_model_parallel():
+def single_process_model_parallel():
     from megatron_hybrid import backends
 
     if backends.active() is None:

@@ -171,13 +171,11 @@ class HeldOut:
     def answer(self, model, conversation) -> dict:
         from megatron_hybrid.data import chat
 
-        ((prompt, _),) = chat.tokenize([[(chat.prompt_text(conversation.prompt), False)]],
-                                       self.tokenizer)
-        ids = {token: self.tokenizer.backend.token_to_id(token)
-               for token in (chat.THINK_OPEN, chat.THINK_CLOSE)}
+        ids = chat.special_ids(self.tokenizer)
         text = self.tokenizer.decode(think_block(
-            model, prompt, self.max_new_tokens, think=conversation.thinking,
-            open_id=ids[chat.THINK_OPEN], close_id=ids[chat.THINK_CLOSE]))
+            model, chat.prompt_ids(conversation.prompt, self.tokenizer), self.max_new_tokens,
+            think=conversation.thinking, open_id=ids[chat.THINK_OPEN],
+            close_id=ids[chat.THINK_CLOSE]))
         return {"question": conversation.prompt[-1]["content"], "think": conversation.thinking,
                 "generated": text, "obeyed": obeys_toggle(text, conversation.thinking)}
 

@@ -39,18 +39,9 @@ OPTIMIZER_KEY_PREFIX = "optimizer."
 """Megatron-Core names optimizer-state tensors ``optimizer.state.<moment>.<parameter key>``."""
 
 
-def _megatron_torch_dist_internals():
-    """Megatron-Core 0.16.1 names beyond ``megatron_hybrid.mcore`` (candidates to move there):
-    the sharded-tensor types, and the torch_dist save strategy, its save planner and its
-    translation of Megatron's sharded state dict into PyTorch's
-    (``dist_checkpointing/mapping.py``, ``dist_checkpointing/strategies/torch.py``)."""
-    from megatron.core.dist_checkpointing import mapping
-    from megatron.core.dist_checkpointing.strategies import torch as torch_dist
-
-    return mapping, torch_dist
-
-
-_mapping, _torch_dist = _megatron_torch_dist_internals()
+# The sharded-tensor types, and the torch_dist save strategy, its save planner and its
+# translation of Megatron's sharded state dict into PyTorch's.
+_mapping, _torch_dist = mcore.dist_checkpointing_mapping, mcore.dist_checkpointing_torch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,5 +223,5 @@ def _check_saved_tensors(saved: dict, expected: dict, directory, cfg: ModelConfi
 
 @contextlib.contextmanager
 def _meta_model(cfg: ModelConfig) -> Iterator[torch.nn.Module]:
-    with params._single_process_model_parallel():
-        yield params._build_on_meta(cfg)
+    with params.single_process_model_parallel():
+        yield params.build_on_meta(cfg)

@@ -2,6 +2,7 @@
 JSONL input, and the offline default sets built from the embedded corpus."""
 
 import json
+import re
 
 import numpy
 import pytest
@@ -171,3 +172,21 @@ def test_datasets_cycle_epochs_and_keep_pairs_together(tokenizer):
         assert chosen["tokens"][:40].tolist() == rejected["tokens"][:40].tolist()
         assert rejected["ref_logp"] == chosen["ref_logp"] + 1  # rows 2k, 2k+1
         assert "Right." in tokenizer.decode(chosen["labels"][chosen["loss_mask"].bool()].tolist())
+
+
+def test_a_tokenizer_without_the_chat_tokens_is_refused(tmp_path, tokenizer):
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["plain text, no chat tokens"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    plain = load_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "tokenizer.json")))
+    assert chat.special_ids(tokenizer)["<think>"] == 2
+    with pytest.raises(DataError, match=re.escape(
+            "the tokenizer has no special token <|im_start|>, <|im_end|>, <think>, </think>: "
+            "chat data needs")):
+        chat.pack_conversations([conversation(True)], plain, seq_length=256)

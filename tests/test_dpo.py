@@ -101,6 +101,29 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     assert after["preference_accuracy"] > before["preference_accuracy"] + 0.5, (before, after)
 
 
+def test_reference_is_scored_at_step_0_and_read_back_on_resume(tmp_path):
+    from types import SimpleNamespace
+
+    sequences = chat.pair_sequences(toggle_pairs("valid", 3), load_tokenizer(TokenizerConfig()),
+                                    seq_length=SEQ)
+    trainer = SimpleNamespace(run_dir=tmp_path, state=SimpleNamespace(step=0))
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(load="runs/sft/checkpoints/step_000100"))
+    scored = []
+
+    def score(seqs):
+        scored.append(seqs)
+        return -torch.rand(len(seqs))
+
+    first = dpo.reference_logps(trainer, cfg, score, sequences, sequences)
+    assert len(scored) == 2 and (tmp_path / dpo.REFERENCE).is_file()
+    trainer.state.step = 4  # resuming: the policy is no longer the reference
+    again = dpo.reference_logps(trainer, cfg, score, sequences, sequences)
+    assert len(scored) == 2 and torch.equal(again["train"], first["train"])
+    cfg.checkpoint.load = "runs/other/checkpoints/step_000100"
+    with pytest.raises(ConfigError, match="cannot resume against its reference: start it afresh"):
+        dpo.reference_logps(trainer, cfg, score, sequences, sequences)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.micro_batch_size=3", "train.global_batch_size=6"],
      "train.micro_batch_size=3 must be even for DPO (a micro-batch holds whole chosen/rejected "

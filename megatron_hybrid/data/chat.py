@@ -22,9 +22,9 @@ take; ``pack=False`` gives one conversation per sequence (padded) where isolatio
 JSONL inputs: conversations ``{"messages": [{"role": ..., "content": ...}, ...],
 "reasoning": "..."}``; preference pairs ``{"prompt": [messages], "chosen": "...",
 "rejected": "..."}`` whose responses are complete assistant turns, think block included (the
-chosen one's as the toggle asks). The offline default sets ask about the embedded corpus's standard-library functions and
-classes ("What does `json.dumps` do?"), answered by the first sentence of the docstring; the
-corpus's held-out modules give the held-out split.
+chosen one's as the toggle asks). The offline default sets ask about the embedded corpus's
+standard-library functions and classes ("What does `json.dumps` do?"), answered by the first
+sentence of the docstring; the corpus's held-out modules give the held-out split.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from megatron_hybrid.data.tokenizer import Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPECIAL_TOKENS = (IM_START, IM_END, THINK_OPEN, THINK_CLOSE)
 THINK, NO_THINK = "/think", "/no_think"
 ROLES = ("system", "user", "assistant")
 SYSTEM_PROMPT = "You are a concise assistant for the Python standard library."
@@ -153,6 +154,21 @@ def tokenize(examples: list[list[tuple[str, bool]]], tokenizer: Tokenizer
             trained += [is_assistant] * len(piece)
         tokenized.append((ids, trained))
     return tokenized
+
+
+def prompt_ids(messages, tokenizer: Tokenizer) -> list[int]:
+    """The token ids a model continues to answer ``messages`` (as training tokenises them)."""
+    return tokenizer.encode(prompt_text(messages))
+
+
+def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The ids of the template's special tokens; DataError if the tokenizer lacks one."""
+    ids = {token: tokenizer.encode(token) for token in SPECIAL_TOKENS}
+    missing = [token for token, encoded in ids.items() if len(encoded) != 1]
+    if missing:
+        raise DataError(f"the tokenizer has no special token {', '.join(missing)}: chat data "
+                        f"needs {', '.join(SPECIAL_TOKENS)} (the default tokenizer has them)")
+    return {token: encoded[0] for token, encoded in ids.items()}
 
 
 def pair_pieces(pair: PreferencePair) -> list[list[tuple[str, bool]]]:
@@ -434,6 +450,7 @@ def pack_conversations(conversations: list[Conversation], tokenizer: Tokenizer, 
                        ) -> Sequences:
     """The conversations packed into sequences; with ``seed``, in a seeded shuffle, so that
     each sequence mixes sources."""
+    special_ids(tokenizer)
     examples = tokenize([segments(c) for c in conversations], tokenizer)
     order = (range(len(examples)) if seed is None
              else numpy.random.default_rng(seed).permutation(len(examples)))
@@ -445,6 +462,7 @@ def pack_conversations(conversations: list[Conversation], tokenizer: Tokenizer, 
 def pair_sequences(pairs: list[PreferencePair], tokenizer: Tokenizer, *,
                    seq_length: int) -> Sequences:
     """Rows 2k and 2k+1: the chosen and the rejected sequence of pair k (one per row)."""
+    special_ids(tokenizer)
     examples = tokenize([pieces for pair in pairs for pieces in pair_pieces(pair)], tokenizer)
     return pack(examples, seq_length=seq_length, eod=tokenizer.eod, pad=tokenizer.pad,
                 packed=False, name=lambda index: f"pair {index // 2 + 1} "
