@@ -7,15 +7,17 @@ Training, per GPU (the most loaded pipeline stage):
   bytes per parameter (weights, fp32 gradient buffer, Adam m and v); bf16 / fp8-hybrid runs
   2 + 4 + 12 (bf16 weights, fp32 gradient buffer, fp32 master weights, m and v). The
   distributed optimizer shards the optimizer part over DP x CP.
-- activations: the bytes each layer kind saves for backward per token
-  (:func:`layer_activation_bytes`, for the kernels of a backend), times the micro-batch's tokens
-  on this CP rank, times the micro-batches 1F1B keeps in flight on the stage
-  (``min(pp - stage, micro-batches)``). Full recompute keeps only each layer's input, plus one
-  layer's activations while it is recomputed; selective recompute drops the core attention's
-  softmax statistics (flash-style kernels, TE's and torch's SDPA alike, never save the
-  ``s x s`` scores, so selective recompute saves little here).
-- the output stage's loss: the fp32 softmax the cross entropy saves (in the activations) and
-  one more logits-sized fp32 buffer while the loss is computed.
+- activations: the bytes each layer kind keeps for backward per token (formulas for the
+  ``cuda`` kernels, :func:`cuda_layer_activations`; measured by a probe for the ``cpu``
+  backend's kernels, :func:`cpu_layer_activations`), times the micro-batch's tokens on this CP
+  rank, times the micro-batches 1F1B keeps in flight on the stage
+  (``min(pp - stage, micro-batches)``). Full recompute keeps only each layer's input; selective
+  recompute drops the core attention's softmax statistics (flash-style kernels, TE's and
+  torch's SDPA alike, never keep ``s x s`` scores, so selective recompute saves little here).
+- on top, at the peak: the working set of the layer that runs (under full recompute with its
+  recomputed activations), or while the loss is computed the 16-bit logits beside their fp32
+  copy; and the output layer's weight gradient before it joins the fp32 gradient buffer. The
+  loss keeps an fp32 softmax over the vocabulary (counted in the activations).
 
 Inference on one GPU (bf16 weights): weights + KV cache (attention layers only) + SSM state
 (fp32) and conv state (Mamba layers) + the working set of one prefill chunk (chunked prefill,
@@ -29,8 +31,8 @@ pipeline bubble ``(m + pp - 1) / m``. Communication is assumed hidden.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 from megatron_hybrid.config import ModelConfig, RunConfig
@@ -162,13 +164,12 @@ def total_parameters(cfg: ModelConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Activations: bytes saved for backward per token, per layer kind and kernel set
+# Activations: bytes per token each layer kind keeps for backward, and needs while it runs
 # ---------------------------------------------------------------------------------------------
 
 KERNELS = ("cuda", "cpu")
 """Kernel sets: ``cuda`` (TE linears with fused norms, flash / fused attention, mamba_ssm's
-fused conv + scan) and ``cpu`` (this project's cpu backend: local linears, torch SDPA, the
-pure-PyTorch chunked SSD)."""
+fused conv + scan: formulas) and ``cpu`` (this project's cpu backend: measured by a probe)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,89 +185,96 @@ class Sharding:
         return width / self.tp if self.sequence_parallel else width
 
 
-def layer_activation_bytes(cfg: ModelConfig, symbol: str, *, kernels: str, precision: str,
-                           sharding: Sharding = Sharding(), recompute: str = "none") -> float:
-    """Bytes one layer saves for backward per token on one rank.
+@dataclass(frozen=True)
+class LayerActivations:
+    saved: float
+    """Bytes per token the layer keeps for its backward."""
+    working: float
+    """Bytes per token alive on top of those while the layer runs forward or backward."""
 
-    ``cuda`` (16-bit activations, ``b`` bytes; derived from what the kernels save):
 
-    - Mamba: norm input and output ``2h``, in_proj output ``z x B C dt``, the scan's ungated
-      output ``x_out``, gated output and normed output ``3 d_inner``, fp32 norm statistics;
-    - attention: ``2h``, q, k, v ``(a + 2g) d``, output ``a d``, fp32 softmax statistics;
-    - MLP: ``2h``, fc1 output and activation ``2f``;
-    - MoE: ``2h``, each routed copy ``h + 2 f_expert``, fp32 router probabilities.
+def cuda_layer_activations(cfg: ModelConfig, symbol: str, *, precision: str,
+                           sharding: Sharding = Sharding()) -> LayerActivations:
+    """What TE / flash-attention / mamba_ssm layers save per token on one rank (``b`` bytes
+    per 16-bit value, fp32 statistics 4), derived from the tensors each kernel saves:
 
-    ``cpu`` (fp32; what the cpu backend's torch ops save, counted in tests):
+    - Mamba: norm input and output ``2h``; in_proj output ``z x B C dt``; the scan's ungated
+      output, the gated output and the normed output ``3 d_inner``; norm statistics;
+    - attention: ``2h``; q, k, v ``(a + 2g) d``; output ``a d``; softmax statistics ``a``;
+    - MLP: ``2h``; fc1 output and activation ``2f``;
+    - MoE: ``2h``; each routed copy ``h + 2 f_expert``; router probabilities.
 
-    - Mamba: ``3h``, in_proj output, conv input / output / activation ``3 (d_inner + 2GN)``,
-      eight ``d_inner`` tensors (chunked x, y, z, gated and normed outputs), the chunk-local
-      decay ``2 H Q`` and ``C B^T`` ``G Q`` matrices, chunk states ``2 H P N / Q``, chunked B
-      and C ``2 G N`` and per-head scalars;
-    - attention: ``3h``, the fused qkv output, two ``a d`` tensors, softmax statistics
-      (under CP also the gathered keys and values of the whole sequence);
-    - MLP: ``3h``, ``2f``.
+    The working set of a layer is taken as its saved size (gradients of the same tensors).
     """
-    b = 4 if kernels == "cpu" or precision == "fp32" else 2
-    if recompute == "full":
-        return b * sharding.hidden(cfg.hidden_size)
-    w, tp = Widths.of(cfg), sharding.tp
-    table = _CPU_ACTIVATIONS if kernels == "cpu" else _CUDA_ACTIVATIONS
-    floats, fp32_stats = table[symbol](cfg, w, sharding)
-    if symbol == "*" and recompute == "selective":
-        fp32_stats -= w.a / tp  # the core attention's softmax statistics are recomputed
-    return b * floats + 4 * fp32_stats
+    b = 4 if precision == "fp32" else 2
+    w, tp, h = Widths.of(cfg), sharding.tp, sharding.hidden(cfg.hidden_size)
+    if symbol == "M":
+        values, stats = (w.in_proj_width + 3 * w.d_inner) / tp, 1 + w.groups / tp
+    elif symbol == "*":
+        values, stats = ((w.a + 2 * w.g) * w.d + w.a * w.d) / tp, 1 + w.a / tp
+    elif symbol == "-":
+        values, stats = 2 * w.f / tp, 1
+    else:
+        expert_ffn = cfg.moe_ffn_hidden_size or w.f
+        values = cfg.moe_router_topk * (w.h + 2 * expert_ffn / tp)
+        stats = 1 + (cfg.num_moe_experts or 0)
+    saved = b * (2 * h + values) + 4 * stats
+    return LayerActivations(saved=saved, working=saved)
 
 
-def _cuda_mamba(cfg, w: Widths, s: Sharding):
-    tp = s.tp
-    return 2 * s.hidden(w.h) + (w.in_proj_width + 3 * w.d_inner) / tp, 1 + w.groups / tp
+def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length: int,
+                          recompute: str = "none") -> dict[str, LayerActivations]:
+    """Per layer kind of ``cfg``, what the cpu backend's layers keep and need per token,
+    measured: one layer of each kind built at the model's widths runs forward (saved tensors
+    counted by storage through autograd's saved-tensor hooks) and backward (peak allocator
+    bytes) on a ``micro_batch_size x seq_length`` input. Measured rather than derived
+    because the torch kernels change; TP=1, no CP.
+    """
+    import torch
+
+    from megatron_hybrid.model import ModelLayout, build_model
+
+    kinds = "".join(dict.fromkeys(cfg.layer_pattern.layers))
+    probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length))
+    layout = ModelLayout(recompute="selective" if recompute == "selective" else "none")
+    with _cpu_process_group(), _rng_state_kept():
+        model = build_model(probe_cfg, layout, backend="cpu")
+        tokens = micro_batch_size * seq_length
+        shape = (seq_length, micro_batch_size, cfg.hidden_size)
+        return {symbol: _probe_layer(layer, torch.randn(shape), tokens)
+                for symbol, layer in zip(kinds, model.decoder.layers)}
 
 
-def _cuda_attention(cfg, w: Widths, s: Sharding):
-    tp = s.tp
-    return 2 * s.hidden(w.h) + ((w.a + 2 * w.g) * w.d + w.a * w.d) / tp, 1 + w.a / tp
+def _probe_layer(layer, hidden, tokens: int) -> LayerActivations:
+    import torch
 
+    parameters = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = {}
 
-def _cuda_mlp(cfg, w: Widths, s: Sharding):
-    return 2 * s.hidden(w.h) + 2 * w.f / s.tp, 1
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
+    def forward_backward():
+        hidden.requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            out = layer(hidden_states=hidden, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
 
-def _moe(cfg, w: Widths, s: Sharding):
-    expert_ffn = cfg.moe_ffn_hidden_size or w.f
-    routed = cfg.moe_router_topk * (w.h + 2 * expert_ffn / s.tp)
-    return 2 * s.hidden(w.h) + routed, 1 + (cfg.num_moe_experts or 0)
-
-
-def _cpu_mamba(cfg, w: Widths, s: Sharding):
-    tp = s.tp
-    heads, groups, d_inner = w.heads / tp, w.groups / tp, w.d_inner / tp
-    conv = d_inner + 2 * groups * w.state
-    in_proj = 2 * d_inner + 2 * groups * w.state + heads
-    floats = (3 * s.hidden(w.h) + in_proj + 3 * conv + 8 * d_inner + 2 * heads * w.chunk
-              + groups * w.chunk + 2 * heads * w.head_dim * w.state / w.chunk
-              + 2 * groups * w.state + 4 * heads + groups + 1)
-    return floats, 0
-
-
-def _cpu_attention(cfg, w: Widths, s: Sharding):
-    tp = s.tp
-    gathered_kv = 2 * w.g * w.d / tp * (s.cp - 1)
-    floats = 3 * s.hidden(w.h) + ((w.a + 2 * w.g) * w.d + 2 * w.a * w.d) / tp + gathered_kv
-    return floats + 1, w.a / tp
-
-
-def _cpu_mlp(cfg, w: Widths, s: Sharding):
-    return 3 * s.hidden(w.h) + 2 * w.f / s.tp + 1, 0
-
-
-_CUDA_ACTIVATIONS = {"M": _cuda_mamba, "*": _cuda_attention, "-": _cuda_mlp, "E": _moe}
-_CPU_ACTIVATIONS = {"M": _cpu_mamba, "*": _cpu_attention, "-": _cpu_mlp, "E": _moe}
+    _, peak = measure_cpu_peak(forward_backward)
+    layer.zero_grad(set_to_none=True)
+    kept = sum(saved.values())
+    return LayerActivations(saved=kept / tokens, working=max(peak - kept, 0) / tokens)
 
 
 def output_activation_bytes(cfg: ModelConfig, *, kernels: str, precision: str,
                             sharding: Sharding = Sharding()) -> float:
-    """Bytes per token the last stage saves after the layers: final norm, output layer input,
-    the cross entropy's fp32 softmax over the vocabulary shard, int64 labels and the mask."""
+    """Bytes per token the last stage keeps after the layers: final norm and output layer
+    inputs (three hidden-size copies on the cpu backend, two with TE), the cross entropy's
+    fp32 softmax over the vocabulary shard, int64 labels and the loss mask."""
     b = 4 if kernels == "cpu" or precision == "fp32" else 2
     hidden_copies = 3 if kernels == "cpu" else 2
     return (b * hidden_copies * sharding.hidden(cfg.hidden_size) + 4
@@ -274,7 +282,7 @@ def output_activation_bytes(cfg: ModelConfig, *, kernels: str, precision: str,
 
 
 INPUT_ACTIVATION_BYTES = 8
-"""Per token on the first stage: the int64 token ids the embedding lookup saves."""
+"""Per token on the first stage: the int64 token ids the embedding lookup keeps."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,11 +340,13 @@ class TrainingMemory:
     gradients: float
     optimizer: float
     activations: dict[str, float]
-    """Saved for backward by the in-flight micro-batches, by layer kind (and input / output)."""
+    """Kept for backward by the in-flight micro-batches, by layer kind (and input / output)."""
     in_flight: int
     """Micro-batches whose activations the stage holds at once (1F1B)."""
     transient: float
-    """The loss's extra logits buffer and, with full recompute, the recomputed layer."""
+    """On top, at the peak: one layer's working set (recomputed activations included), or the
+    loss's 16-bit logits, and the output layer's weight gradient before it joins the fp32
+    gradient buffer."""
     total: float = field(init=False)
 
     def __post_init__(self):
@@ -349,36 +359,65 @@ KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
 def training_memory(cfg: ModelConfig, layout: TrainingLayout, *,
                     kernels: str = "cuda") -> TrainingMemory:
-    """Peak memory per GPU of training ``cfg`` with ``layout``: the most loaded stage."""
-    plans = [_stage_memory(cfg, layout, kernels, stage) for stage in range(layout.pp)]
+    """Peak memory per GPU of training ``cfg`` with ``layout``: the most loaded stage.
+    ``kernels="cpu"`` probes the cpu backend's layers (runs them; TP=1, no CP)."""
+    per_kind = _layer_activations(cfg, layout, kernels)
+    plans = [_stage_memory(cfg, layout, kernels, per_kind, stage) for stage in range(layout.pp)]
     return max(plans, key=lambda plan: plan.total)
 
 
+def _layer_activations(cfg: ModelConfig, layout: TrainingLayout,
+                       kernels: str) -> dict[str, LayerActivations]:
+    if kernels == "cuda":
+        activations = {symbol: cuda_layer_activations(cfg, symbol, precision=layout.precision,
+                                                      sharding=layout.sharding)
+                       for symbol in set(cfg.layer_pattern.layers)}
+        if layout.recompute == "selective" and "*" in activations:
+            # The core attention's softmax statistics are recomputed (no s x s scores exist).
+            attention = activations["*"]
+            activations["*"] = LayerActivations(
+                saved=attention.saved - 4 * cfg.num_attention_heads / layout.tp,
+                working=attention.working)
+        return activations
+    if (layout.tp, layout.cp) != (1, 1):
+        raise PlanError(f"cpu-kernel plans probe the layers at tp=1, cp=1 (asked: "
+                        f"tp={layout.tp}, cp={layout.cp}): plan kernels='cuda' instead")
+    return cpu_layer_activations(cfg, micro_batch_size=layout.micro_batch_size,
+                                 seq_length=layout.seq_length, recompute=layout.recompute)
+
+
 def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
-                  stage: int) -> TrainingMemory:
+                  per_kind: dict[str, LayerActivations], stage: int) -> TrainingMemory:
     params = stage_parameters(cfg, layout.tp, layout.pp)[stage]
     states = _state_bytes_per_parameter(layout)
     layers = cfg.layer_pattern.stages(layout.pp)[stage]
     tokens = layout.tokens_per_microbatch
     in_flight = min(layout.pp - stage, layout.num_microbatches)
-    options = dict(kernels=kernels, precision=layout.precision, sharding=layout.sharding)
-    activations = {}
-    for symbol in dict.fromkeys(layers):
-        per_token = layer_activation_bytes(cfg, symbol, recompute=layout.recompute, **options)
-        activations[KIND_NAMES[symbol]] = in_flight * tokens * layers.count(symbol) * per_token
-    transient = 0.0
+    b = 4 if kernels == "cpu" or layout.precision == "fp32" else 2
+    full = layout.recompute == "full"
+    layer_input = b * layout.sharding.hidden(cfg.hidden_size)
+    activations = {KIND_NAMES[symbol]: in_flight * tokens * layers.count(symbol)
+                   * (layer_input if full else per_kind[symbol].saved)
+                   for symbol in dict.fromkeys(layers)}
+    # While a layer runs: its working set (and, recomputed, its activations again).
+    working = tokens * max(per_kind[s].working + (per_kind[s].saved if full else 0)
+                           for s in set(layers))
     if stage == 0:
         activations["input"] = in_flight * tokens * INPUT_ACTIVATION_BYTES
     if stage == layout.pp - 1:
-        activations["output"] = in_flight * tokens * output_activation_bytes(cfg, **options)
-        transient += tokens * 4 * cfg.vocab_size / layout.tp
-    if layout.recompute == "full":
-        transient += tokens * max(layer_activation_bytes(cfg, symbol, **options)
-                                  for symbol in set(layers))
+        output = tokens * output_activation_bytes(cfg, kernels=kernels,
+                                                  precision=layout.precision,
+                                                  sharding=layout.sharding)
+        activations["output"] = in_flight * output
+        # The output's activations are freed before the layers' backward runs; 16-bit logits
+        # stay alive beside their fp32 copy while the loss is computed.
+        logits = tokens * b * cfg.vocab_size / layout.tp if b == 2 else 0.0
+        output_weight_grad = b * cfg.vocab_size * cfg.hidden_size / layout.tp
+        working = max(working - output, logits) + output_weight_grad
     return TrainingMemory(stage=stage, parameters=params * states["weights"],
                           gradients=params * states["gradients"],
                           optimizer=params * states["optimizer"], activations=activations,
-                          in_flight=in_flight, transient=transient)
+                          in_flight=in_flight, transient=working)
 
 
 def _state_bytes_per_parameter(layout: TrainingLayout) -> dict[str, float]:
@@ -511,6 +550,49 @@ def measure_cpu_peak(fn) -> tuple[object, int]:
     # The allocator's running total spans the process; count from where this run started.
     _, first_total, first_size = allocations[0]
     return result, max(total for _, total, _ in allocations) - (first_total - first_size)
+
+
+@contextlib.contextmanager
+def _cpu_process_group():
+    """The cpu backend and a model-parallel state to build a probe in: this process's, or a
+    1-process group started here and torn down after."""
+    from megatron_hybrid import backends
+
+    if backends.active() not in (None, "cpu"):
+        raise PlanError(f"cpu-kernel plans run the cpu backend; this process runs "
+                        f"{backends.active()!r}: plan in a separate process")
+    backends.install("cpu")
+    from megatron_hybrid import mcore, parallel
+
+    if mcore.parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+    try:
+        yield
+    finally:
+        parallel.destroy_distributed()
+
+
+@contextlib.contextmanager
+def _rng_state_kept():
+    """Seed Megatron-Core's RNG tracker for a probe build; leave the caller's RNGs as they were."""
+    import torch
+
+    from megatron_hybrid import mcore
+
+    tracker = mcore.tensor_parallel.get_cuda_rng_tracker()
+    cpu_state = torch.get_rng_state()
+    tracker_states = tracker.get_states() if tracker.is_initialized() else None
+    mcore.tensor_parallel.model_parallel_cuda_manual_seed(0)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if tracker_states is None:
+            tracker.reset()
+        else:
+            tracker.set_states(tracker_states)
 
 
 # ---------------------------------------------------------------------------------------------
