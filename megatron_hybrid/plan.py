@@ -678,7 +678,7 @@ def format_report(report: dict) -> str:
     rows = [("parameters", training["parameters"]), ("gradients", training["gradients"]),
             ("optimizer", training["optimizer"])]
     rows += [(f"activations {kind}", value) for kind, value in training["activations"].items()]
-    rows += [("loss / recompute", training["transient"])]
+    rows += [("working set at the peak", training["transient"])]
     lines += [f"  {name:<30}{_gib(value):>12}" for name, value in rows]
     lines.append(f"  {'total':<30}{_gib(training['total']):>12}  {_verdict(training['fits'])}"
                  f" ({training['in_flight']} micro-batches in flight)")
