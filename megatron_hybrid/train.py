@@ -81,7 +81,7 @@ class Trainer:
             tracker.step(state.step, loss=result.loss, grad_norm=result.grad_norm,
                          lr=self.optimizer.param_groups[0]["lr"], tokens=result.num_tokens,
                          seconds=time.perf_counter() - started)
-            if state.step % cfg.train.eval_interval == 0 or state.step == total:
+            if _due(state.step, cfg.train.eval_interval) or state.step == total:
                 tracker.log_eval(state.step, self.evaluate())
             if self.checkpointer.should_save(state.step, final=state.step == total):
                 self.checkpointer.save(state, self.model_chunks, self.optimizer, self.scheduler)
@@ -193,3 +193,8 @@ def _tracker(cfg: RunConfig, trainer: Trainer, world_size: int) -> metrics.Metri
 def _print0(message: str) -> None:
     if dist.get_rank() == 0:
         print(message, flush=True)
+
+
+def _due(step: int, interval: int) -> bool:
+    """Every ``interval`` steps; an interval of 0 means never."""
+    return bool(interval) and step % interval == 0

@@ -48,7 +48,7 @@ def _segsum(a, keep=None):
     return sums.masked_fill(~allowed, float("-inf"))
 
 
-LOG_DECAY_LIMIT = 30.0
+LOG_DECAY_LIMIT = 80.0
 """Log-decays are clamped to +-80 before exp. Below: exp(-80) ~ 2e-35 is nothing next to the
 other terms, and torch's vectorised exp takes a slow path (several times slower) for -inf and
 for results that underflow, which long or fast-decaying chunks produce. Above: the masked-out
