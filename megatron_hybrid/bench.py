@@ -217,14 +217,15 @@ class _Side:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve,
-                                        args=(side, settings, weights, optimizer, child),
-                                        name=f"bench-{side}", daemon=True)
+        self._conn, self._child_conn = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(side, settings, weights, optimizer, self._child_conn),
+            name=f"bench-{side}", daemon=True)
         self.side = side
 
     def __enter__(self) -> "_Side":
         self._process.start()
+        self._child_conn.close()  # the child's end lives in the child: its exit reads as EOF
         self.started = self._receive()
         return self
 
@@ -240,9 +241,12 @@ class _Side:
         return self._receive()
 
     def _receive(self):
-        if not self._conn.poll(None) or not self._process.is_alive() and not self._conn.poll():
-            raise RuntimeError(f"the {self.side} benchmark process died")
-        status, payload = self._conn.recv()
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            self._process.join(timeout=30)
+            raise RuntimeError(f"the {self.side} benchmark process died (exit code "
+                               f"{self._process.exitcode})") from None
         if status == "error":
             raise RuntimeError(f"the {self.side} benchmark process failed:\n{payload}")
         return payload
@@ -264,7 +268,8 @@ def _serve(side: str, settings: BenchSettings, weights: Path, optimizer: dict | 
             trainer = OursTrainer(settings, weights)
         else:
             trainer = HFTrainer(settings, weights, optimizer)
-        conn.send(("ok", {"parameters": trainer.parameters, "optimizer": trainer.optimizer_settings}))
+        conn.send(("ok", {"parameters": trainer.parameters,
+                          "optimizer": trainer.optimizer_settings}))
         while (message := conn.recv())[0] != "stop":
             if message[0] == "step":
                 start = time.perf_counter()
@@ -334,9 +339,11 @@ class HFTrainer:
 
         import torch
         from transformers import NemotronHForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from megatron_hybrid import convert
 
+        hf_logging.set_verbosity_error()  # not its notes on falling back to the torch kernels
         found = [name for name in ("mamba_ssm", "causal_conv1d")
                  if name in sys.modules or importlib.util.find_spec(name) is not None]
         if found:

@@ -18,8 +18,8 @@ MODEL = ModelConfig(pattern="M*-M-", hidden_size=32, ffn_hidden_size=64, num_att
                     mamba_state_dim=8, mamba_num_groups=2, vocab_size=1024, seq_length=256,
                     mamba_chunk_size=64)
 SMALL_MODEL = [f"model.{key}={value}" for key, value in MODEL.to_dict().items()
-               if key in ("pattern", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                          "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim")]
+               if value is not None]
+"""MODEL as recipe overrides."""
 
 
 @pytest.fixture
