@@ -24,14 +24,20 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
   "CPU RNG state changed within GPU RNG context" warning is filtered (same generator here).
+- ``jit.py`` makes Megatron-Core's fused functions ``torch.compile``'d; each torchrun rank gets
+  its own inductor cache so ranks compiling on a cold cache do not load each other's kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import importlib.metadata
 import logging
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -157,12 +163,22 @@ _EXPECTED_WARNINGS = (
 )
 
 
+def _separate_compile_caches() -> None:
+    """Megatron-Core's fused functions are torch.compile'd; ranks that start together on a
+    cold inductor cache load each other's half-written kernels, so each rank gets its own."""
+    rank = os.environ.get("RANK")
+    if rank is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        root = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / f"rank{rank}")
+
+
 def install() -> None:
     """Make Megatron-Core run on the CPU. Idempotent; call before importing Megatron-Core."""
     global _redirect
     if _redirect is not None:
         return
     _check_megatron_version()
+    _separate_compile_caches()
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     kernels.register()
