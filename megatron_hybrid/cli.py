@@ -75,6 +75,13 @@ COMMAND_MODULES = {
     "launch": "megatron_hybrid.launch",
     "convert": "megatron_hybrid.convert",
     "ckpt": "megatron_hybrid.ckpt",
+    "prune": "megatron_hybrid.prune",
+    "distill": "megatron_hybrid.distill",
+    "sft": "megatron_hybrid.sft",
+    "dpo": "megatron_hybrid.dpo",
+    "pipeline": "megatron_hybrid.pipeline",
+    "plan": "megatron_hybrid.plan",
+    "bench": "megatron_hybrid.bench",
 }
 
 

@@ -322,6 +322,136 @@ class LoggingConfig:
         _check_choice("logging.progress_bar", self.progress_bar, PROGRESS_BAR_MODES)
 
 
+PRUNABLE = ("hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim",
+            "num_attention_heads", "num_layers")
+"""Model sizes Minitron pruning (ModelOpt ``mcore_minitron``) can shrink here."""
+GROUPED_HEADS = {"mamba_num_heads": "mamba_num_groups", "num_attention_heads": "num_query_groups"}
+"""Head counts that are pruned within their groups, so stay multiples of the group count."""
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    export_config: dict | None = None
+    """Manual mode: the pruned sizes, keys from PRUNABLE (e.g. ``{hidden_size: 4480,
+    ffn_hidden_size: 15680, num_layers: 56}``); sizes not given stay as they are."""
+    max_params: float | None = None
+    """Search mode: a parameter budget; the fitting candidates with the most parameters are
+    scored on held-out loss and the best is kept (give this or export_config, not both)."""
+    calibration_samples: int = 64
+    """Training-split samples whose activations rank neurons, heads and layers."""
+    heldout_samples: int = 32
+    """Validation-split samples of the held-out loss (before / after, and search scores)."""
+    hidden_size_divisor: int = 64
+    """Pruned hidden_size must be a multiple of this (or stay unchanged)."""
+    ffn_hidden_size_divisor: int = 64
+    """Pruned ffn_hidden_size must be a multiple of this (or stay unchanged)."""
+    mamba_head_dim_divisor: int = 8
+    """Pruned mamba_head_dim must be a multiple of this (or stay unchanged)."""
+    num_layers_divisor: int = 1
+    """Pruned num_layers must be a multiple of this (or stay unchanged)."""
+    max_width_pruning: float = 0.4
+    """Search mode: the largest fraction of each width's choices the search may cut."""
+    max_depth_pruning: float = 0.2
+    """Search mode: the largest fraction of the layers the search may drop."""
+    top_k: int = 10
+    """Search mode: candidates (the largest that fit the budget) scored on held-out loss."""
+    skip_hparams: list[str] = field(default_factory=list)
+    """Search mode: sizes from PRUNABLE the search leaves unchanged."""
+
+    @property
+    def mode(self) -> str | None:
+        """``manual`` (export_config), ``search`` (max_params) or None (no pruning asked)."""
+        if self.export_config is not None:
+            return "manual"
+        return "search" if self.max_params is not None else None
+
+    def validate(self) -> None:
+        for name in ("calibration_samples", "heldout_samples", "top_k", "hidden_size_divisor",
+                     "ffn_hidden_size_divisor", "mamba_head_dim_divisor", "num_layers_divisor"):
+            _check_positive_int(f"prune.{name}", getattr(self, name))
+        for name in ("max_width_pruning", "max_depth_pruning"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"prune.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.export_config is not None and self.max_params is not None:
+            raise ConfigError("prune: give prune.export_config (manual sizes) or "
+                              "prune.max_params (search under a budget), not both")
+        if self.max_params is not None and self.max_params <= 0:
+            raise ConfigError(f"prune.max_params={self.max_params} must be > 0")
+        for name in [*(self.export_config or {}), *self.skip_hparams]:
+            if name not in PRUNABLE:
+                key = "export_config" if name in (self.export_config or {}) else "skip_hparams"
+                close = difflib.get_close_matches(str(name), PRUNABLE, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ConfigError(f"prune.{key}: {name!r} cannot be pruned: {hint}choose from "
+                                  f"{', '.join(PRUNABLE)}")
+
+    def check_against(self, model: ModelConfig) -> None:
+        """Refuse an export_config the model cannot be pruned to, naming the allowed values."""
+        for name, value in (self.export_config or {}).items():
+            current = getattr(model, name)
+            step, unit = self._step(name, model)
+            fits = value % step == 0 or value == current if _is_positive_int(value) else False
+            if not (fits and value <= current):
+                raise ConfigError(
+                    f"prune.export_config.{name}={value!r} is not a size the model's {current} "
+                    f"can be pruned to: choose a multiple of {unit} up to {current}: "
+                    f"{_allowed_sizes(step, current)}")
+
+    def _step(self, name: str, model: ModelConfig) -> tuple[int, str]:
+        """What a pruned ``name`` must be a multiple of, and the key that sets it."""
+        group_key = GROUPED_HEADS.get(name)
+        if group_key:
+            return getattr(model, group_key), f"model.{group_key} ({getattr(model, group_key)})"
+        divisor = getattr(self, f"{name}_divisor", 1)
+        return divisor, f"prune.{name}_divisor ({divisor})"
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    teacher: str | None = None
+    """The frozen teacher's checkpoint (a step_* folder; its meta.json gives its model). The
+    student starts from checkpoint.load."""
+    logits_temperature: float = 1.0
+    """Softmax temperature of the logits KL (published Nemotron recipes: 1)."""
+    logits_topk: int | None = None
+    """KL over the teacher's top-k vocabulary entries only; None: the whole vocabulary."""
+    intermediate_pairs: list[list[int]] = field(default_factory=list)
+    """``[student_layer, teacher_layer]`` pairs (0-based layer indices) whose output hidden
+    states a cosine loss pulls together (projected when the widths differ)."""
+    intermediate_weight: float = 1.0
+    """Weight of the mean cosine loss of intermediate_pairs."""
+    lm_loss_weight: float = 0.0
+    """Weight of the student's own next-token loss added to the KD loss (0: pure KD)."""
+
+    def validate(self) -> None:
+        if self.teacher is not None and not self.teacher:
+            raise ConfigError("distill.teacher is empty: give the teacher's checkpoint folder")
+        if self.logits_temperature <= 0:
+            raise ConfigError(f"distill.logits_temperature={self.logits_temperature} must be > 0")
+        if self.logits_topk is not None:
+            _check_positive_int("distill.logits_topk", self.logits_topk)
+        for name in ("intermediate_weight", "lm_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"distill.{name}={getattr(self, name)} must be >= 0")
+        for pair in self.intermediate_pairs:
+            if len(pair) != 2 or min(pair) < 0:
+                raise ConfigError(f"distill.intermediate_pairs: {pair!r} must be "
+                                  f"[student_layer, teacher_layer] with 0-based indices")
+
+    def check_against(self, student: ModelConfig, teacher: ModelConfig) -> None:
+        """Refuse pairs or a top-k that do not fit the two models."""
+        if self.logits_topk is not None and self.logits_topk > student.vocab_size:
+            raise ConfigError(f"distill.logits_topk={self.logits_topk} exceeds the vocabulary "
+                              f"({student.vocab_size}): lower it or set it to null")
+        for student_layer, teacher_layer in self.intermediate_pairs:
+            for role, index, model in (("student", student_layer, student),
+                                       ("teacher", teacher_layer, teacher)):
+                if index >= model.num_layers:
+                    raise ConfigError(
+                        f"distill.intermediate_pairs: {role} layer {index} does not exist: the "
+                        f"{role} has layers 0..{model.num_layers - 1}")
+
+
 def default_data_config() -> DataConfig:
     from megatron_hybrid.data.datasets import DataConfig
 
@@ -358,6 +488,10 @@ class RunConfig:
     """Saving, loading and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metric outputs."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """The prune stage: target sizes or a budget, calibration and held-out data."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The distill stage: teacher checkpoint and the KD loss."""
 
     @property
     def resolved_output_dir(self) -> str:
@@ -382,8 +516,10 @@ class RunConfig:
         """Raise ConfigError (one line naming the key and the fix) if the sections do not fit
         together; with ``world_size`` also check the data-parallel size it implies."""
         for section in (self.model, self.parallel, self.train, self.optimizer, self.scheduler,
-                        self.data, self.tokenizer, self.checkpoint, self.logging):
+                        self.data, self.tokenizer, self.checkpoint, self.logging, self.prune,
+                        self.distill):
             section.validate()
+        self.prune.check_against(self.model)
         self.resolved_output_dir  # noqa: B018  (raises on a bad placeholder)
         self._check_seq_length()
         self._check_batch(world_size)
@@ -525,6 +661,13 @@ def _check_choice(key: str, value, choices: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"{key}={value!r}: {hint}choose one of {', '.join(choices)}")
+
+
+def _allowed_sizes(step: int, maximum: int) -> str:
+    """The multiples of ``step`` up to ``maximum`` (and ``maximum``), shortened when long."""
+    sizes = sorted({*range(step, maximum + 1, step), maximum})
+    shown = sizes if len(sizes) <= 8 else [*sizes[:3], "...", *sizes[-2:]]
+    return ", ".join(map(str, shown))
 
 
 def _divisors(n: int) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_hybrid import mcore
+from megatron_hybrid import context_parallel, mcore
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +42,9 @@ class StepResult:
 def wrap_ddp(model: torch.nn.Module, *, use_distributed_optimizer: bool):
     """Megatron-Core DDP with fp32 gradient buffers (and the buckets the distributed
     optimizer shards)."""
+    context_parallel.check_matches_groups(
+        model.config.context_parallel_size,
+        mcore.parallel_state.get_context_parallel_world_size())
     model.config.calculate_per_token_loss = True
     ddp_config = mcore.DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -104,8 +107,10 @@ def lm_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def get_batch(data_iterator: Iterator[dict]) -> dict:
-    """The next micro-batch as this rank's model stage consumes it."""
-    return next(data_iterator)
+    """The next micro-batch as this rank's model stage consumes it: under context parallel,
+    this CP rank's load-balanced share of every sequence (the schedule still gets the full
+    sequence length: it divides by CP itself)."""
+    return context_parallel.batch_on_this_rank(next(data_iterator))
 
 
 def lm_forward_step(data_iterator: Iterator[dict], model):

@@ -5,17 +5,19 @@ Behaviour changes by swapping specs, never by editing model code:
 - ``cpu``: ColumnParallel/RowParallel linears, :class:`TorchRMSNorm`, :class:`SDPAttention`,
   with the norm state-dict keys remapped to TE's fused-norm names, so a checkpoint written on
   the CPU loads on GPUs (as Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
-Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern.
+Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern and
+implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-from megatron_hybrid import mcore
+from megatron_hybrid import context_parallel, mcore
 
 # Local norm names -> the names of Transformer Engine's fused norm+linear parameters.
 MAMBA_TE_KEY_MAP = {"norm.": "mixer.in_proj.layer_norm_"}
@@ -40,24 +42,39 @@ class TorchRMSNorm(torch.nn.Module):
 
 
 class SDPAttention(mcore.DotProductAttention):
-    """Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+    """Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``,
+    context parallel included (:func:`context_parallel.attention`).
 
     Subclasses Megatron-Core's DotProductAttention so ModelOpt recognises it (head pruning),
     but avoids its CUDA global memory buffer and fused-softmax kernels.
     """
+
+    def __init__(self, config: "mcore.TransformerConfig", *args, pg_collection=None, **kwargs):
+        # DotProductAttention refuses CP > 1 (on GPUs only TE's attention does CP): build it
+        # from a CP=1 view of the config, then keep the real one.
+        cp1_view = copy.copy(config)
+        cp1_view.context_parallel_size = 1
+        super().__init__(cp1_view, *args, pg_collection=pg_collection, **kwargs)
+        self.config = config
+        self.cp_group = (pg_collection.cp if pg_collection is not None
+                         else mcore.parallel_state.get_context_parallel_group())
+        context_parallel.check_matches_groups(config.context_parallel_size, self.cp_group.size())
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need the THD attention of the cpu backend")
         seq_len, batch = query.shape[:2]
-        # [s, b, heads, dim] -> [b, heads, s, dim]; key/value keep their query-group heads.
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.attention_dropout.p if self.training else 0.0,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        if self.cp_group.size() > 1:
+            out = context_parallel.attention(query, key, value, group=self.cp_group,
+                                             scale=self.softmax_scale, dropout_p=dropout_p)
+        else:
+            # [s, b, heads, dim] -> [b, heads, s, dim]; key/value keep their query-group heads.
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                 dropout_p=dropout_p,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
 
 
@@ -65,13 +82,17 @@ class HybridStack(mcore.MambaStack):
     """MambaStack whose pipeline stages follow the pattern's split exactly.
 
     Megatron-Core 0.16's MambaStack gives each stage ``num_layers // pp`` layers (dropping the
-    rest silently) and always builds a Transformer-Engine final norm; here the stage sizes come
-    from the pattern module and the final norm from the spec.
+    rest silently), always builds a Transformer-Engine final norm and ignores
+    ``recompute_granularity="full"``; here the stage sizes come from the pattern module, the
+    final norm from the spec, and full recompute from :class:`RecomputedMambaLayer` /
+    :class:`RecomputedTransformerLayer` in place of the spec's layers.
     """
 
     def __init__(self, config, submodules, *, stage_sizes, final_norm, post_layer_norm=True,
                  **kwargs):
         self.stage_sizes = tuple(stage_sizes)
+        if config.recompute_granularity == "full":
+            submodules = _recomputed_layers(submodules)
         super().__init__(config, submodules, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
@@ -91,6 +112,41 @@ class HybridStack(mcore.MambaStack):
                              f"{self.pp_group.size()} ranks")
         first = sum(self.stage_sizes[:rank])
         return first, layer_type_list[first : first + self.stage_sizes[rank]]
+
+
+def _recomputed(forward, hidden_states, *args, **kwargs):
+    """``forward(hidden_states, ...)`` keeping only ``hidden_states`` for backward, which runs
+    the forward again (Megatron-Core's checkpoint: RNG states restored, non-tensor outputs
+    skipped)."""
+    if not torch.is_grad_enabled():
+        return forward(hidden_states, *args, **kwargs)
+    return mcore.tensor_parallel.checkpoint(
+        lambda hidden: forward(hidden, *args, **kwargs), False, hidden_states)
+
+
+class RecomputedMambaLayer(mcore.MambaLayer):
+    """A Mamba layer under full recompute."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return _recomputed(super().forward, hidden_states, *args, **kwargs)
+
+
+class RecomputedTransformerLayer(mcore.TransformerLayer):
+    """An attention, MLP or MoE layer under full recompute."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return _recomputed(super().forward, hidden_states, *args, **kwargs)
+
+
+def _recomputed_layers(submodules: "mcore.MambaStackSubmodules") -> "mcore.MambaStackSubmodules":
+    """The stack's layer specs with the recomputed layer classes (same parameters and keys)."""
+    recomputed = {mcore.MambaLayer: RecomputedMambaLayer,
+                  mcore.TransformerLayer: RecomputedTransformerLayer}
+    submodules = copy.copy(submodules)
+    for name, spec in vars(submodules).items():
+        if isinstance(spec, mcore.ModuleSpec) and spec.module in recomputed:
+            setattr(submodules, name, dataclasses.replace(spec, module=recomputed[spec.module]))
+    return submodules
 
 
 def _mamba_layer(mixer_params: dict) -> "mcore.ModuleSpec":

@@ -7,8 +7,10 @@ The loop stays short: the checkpointer decides when to save, evaluation is a cal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ class Trainer:
     train_data: object
     valid_data: object
     state: TrainState
+    forward_step: Callable = engine.lm_forward_step
+    """(data iterator, model) -> (output, loss function), for training and evaluation."""
 
     @property
     def num_microbatches(self) -> int:
@@ -49,13 +53,17 @@ class Trainer:
             dp_rank=mcore.parallel_state.get_data_parallel_rank(), dp_size=self.dims.dp,
             num_workers=self.cfg.data.num_workers)
 
-    def evaluate(self) -> float | None:
+    def evaluate(self, model_chunks: list | None = None,
+                 forward_step: Callable | None = None) -> float | None:
+        """Validation loss of this run's model (or ``model_chunks``, e.g. a distillation
+        teacher) through its forward step (or ``forward_step``); None without validation data."""
         if self.valid_data is None:
             return None
         return engine.eval_loss(
-            self.model_chunks, self.batches(self.valid_data, 0),
+            model_chunks or self.model_chunks, self.batches(self.valid_data, 0),
             num_microbatches=self.num_microbatches * self.cfg.train.eval_batches,
-            micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.seq_length)
+            micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.seq_length,
+            forward_step=forward_step or self.forward_step)
 
     def train(self, tracker: metrics.MetricsTracker) -> TrainState:
         cfg, state, total = self.cfg, self.state, self.cfg.total_steps
@@ -64,7 +72,8 @@ class Trainer:
             started = time.perf_counter()
             result = engine.train_step(
                 self.model_chunks, self.optimizer, data, num_microbatches=self.num_microbatches,
-                micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.seq_length)
+                micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.seq_length,
+                forward_step=self.forward_step)
             self.scheduler.step(increment=1)
             state.step += 1
             state.consumed_samples += cfg.train.global_batch_size
@@ -81,6 +90,13 @@ class Trainer:
 
 def run(cfg: RunConfig) -> TrainState:
     """Train ``cfg`` in this process (one rank of a torchrun job, or alone)."""
+    with session(cfg) as (backend, dims):
+        return fit(build_trainer(cfg, backend, dims))
+
+
+@contextlib.contextmanager
+def session(cfg: RunConfig) -> Iterator[tuple[str, parallel.ParallelDims]]:
+    """Backend and process groups for ``cfg``, torn down on exit: (backend, dims)."""
     backend = backends.install(cfg.parallel.backend)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg.validate(world_size)
@@ -89,25 +105,42 @@ def run(cfg: RunConfig) -> TrainState:
                                  world_size=world_size)
     parallel.init_distributed(dims, backend=backend)
     try:
-        trainer = build_trainer(cfg, backend, dims)
-        with _tracker(cfg, trainer, world_size) as tracker:
-            state = trainer.train(tracker)
-        if dist.get_rank() == 0 and cfg.logging.plot:
-            metrics.plot_loss_curve(trainer.run_dir / "metrics.jsonl",
-                                    trainer.run_dir / "loss.png", title=cfg.name)
-        return state
+        yield backend, dims
     finally:
         parallel.destroy_distributed()
 
 
-def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims) -> Trainer:
+def fit(trainer: Trainer) -> TrainState:
+    """Train to the end of the run with metrics, then plot the loss curve."""
+    cfg = trainer.cfg
+    with _tracker(cfg, trainer, trainer.dims.world_size) as tracker:
+        state = trainer.train(tracker)
+    if dist.get_rank() == 0 and cfg.logging.plot:
+        metrics.plot_loss_curve(trainer.run_dir / "metrics.jsonl",
+                                trainer.run_dir / "loss.png", title=cfg.name)
+    return state
+
+
+def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
+                  wrap_model: Callable | None = None,
+                  forward_step: Callable = engine.lm_forward_step) -> Trainer:
+    """The trainer of ``cfg``; ``wrap_model`` (e.g. attaching a distillation teacher) gets the
+    model after its initial weights are loaded and before DDP wraps it."""
     run_dir = Path(cfg.resolved_output_dir)
     parallel.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    layout = ModelLayout(tp=dims.tp, pp=dims.pp, cp=dims.cp,
-                         sequence_parallel=cfg.parallel.sequence_parallel,
-                         precision=cfg.train.precision, recompute=cfg.train.recompute)
-    model = build_model(cfg.model, layout, backend=backend)
+    model = build_model(cfg.model, model_layout(cfg, dims), backend=backend)
+    checkpointer = Checkpointer(
+        run_dir, save_interval=cfg.checkpoint.save_interval, keep_last=cfg.checkpoint.keep_last,
+        meta={"model": cfg.model.to_dict(), "tokenizer": tokenizer.unique_identifiers,
+              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp}},
+        config_yaml=recipe.dump_yaml(cfg))
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is None and cfg.checkpoint.load:
+        _print0(f"initial weights from {cfg.checkpoint.load}")
+        load_weights([model], cfg.checkpoint.load)
+    if wrap_model is not None:
+        model = wrap_model(model)
     chunks = [engine.wrap_ddp(model, use_distributed_optimizer=cfg.parallel.distributed_optimizer)]
     optimizer = engine.build_optimizer(chunks, _optimizer_settings(cfg))
     scheduler = engine.build_scheduler(
@@ -115,12 +148,10 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims) -> 
         warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.total_steps,
         decay_fraction=cfg.scheduler.decay_fraction,
         wsd_decay_style=cfg.scheduler.wsd_decay_style, weight_decay=cfg.optimizer.weight_decay)
-    checkpointer = Checkpointer(
-        run_dir, save_interval=cfg.checkpoint.save_interval, keep_last=cfg.checkpoint.keep_last,
-        meta={"model": cfg.model.to_dict(), "tokenizer": tokenizer.unique_identifiers,
-              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp}},
-        config_yaml=recipe.dump_yaml(cfg))
-    state = _restore(cfg, checkpointer, chunks, optimizer, scheduler)
+    state = TrainState()
+    if latest is not None:
+        _print0(f"resuming from {latest}")
+        state = checkpointer.resume(latest, chunks, optimizer, scheduler)
     train_samples = cfg.total_steps * cfg.train.global_batch_size
     valid_samples = cfg.train.eval_batches * cfg.train.global_batch_size
     train_data, valid_data = build_datasets(
@@ -130,7 +161,14 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
         recipe.save_resolved(cfg, run_dir / "config.yaml")
     return Trainer(cfg, run_dir, dims, chunks, optimizer, scheduler, checkpointer, train_data,
-                   valid_data, state)
+                   valid_data, state, forward_step)
+
+
+def model_layout(cfg: RunConfig, dims: parallel.ParallelDims) -> ModelLayout:
+    """How this run lays its model out across ranks."""
+    return ModelLayout(tp=dims.tp, pp=dims.pp, cp=dims.cp,
+                       sequence_parallel=cfg.parallel.sequence_parallel,
+                       precision=cfg.train.precision, recompute=cfg.train.recompute)
 
 
 def _optimizer_settings(cfg: RunConfig) -> engine.OptimizerSettings:
@@ -139,19 +177,6 @@ def _optimizer_settings(cfg: RunConfig) -> engine.OptimizerSettings:
         lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
         adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, clip_grad=opt.clip_grad,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-
-
-def _restore(cfg: RunConfig, checkpointer: Checkpointer, chunks, optimizer,
-             scheduler) -> TrainState:
-    """Resume this run from its latest checkpoint, or start from ``checkpoint.load``."""
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        _print0(f"resuming from {latest}")
-        return checkpointer.resume(latest, chunks, optimizer, scheduler)
-    if cfg.checkpoint.load:
-        _print0(f"initial weights from {cfg.checkpoint.load}")
-        load_weights(chunks, cfg.checkpoint.load)
-    return TrainState()
 
 
 def _tracker(cfg: RunConfig, trainer: Trainer, world_size: int) -> metrics.MetricsTracker:

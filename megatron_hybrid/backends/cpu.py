@@ -16,7 +16,10 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   ``optimizer/clip_grads.py``, ``pipeline_parallel/schedules.py`` token count,
   ``tensor_parallel/data.py``), ``Tensor.cuda()``, and the
   ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks of ``optimizer/clip_grads.py``,
-  ``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py``.
+  ``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py``. It sees every torch call
+  made from Python (about 2,800 per training step of the benchmark's 22.7M model) at ~1.5 us
+  each over a plain call: ~4 ms of a ~1.5 s step, below the step-to-step noise, so it stays on
+  the stack rather than being traded for patches of each call site (see docs/performance.md).
 - other ``torch.cuda`` stand-ins: ``synchronize``/``empty_cache`` (no-ops),
   ``Stream``/``Event``/``current_stream``/``stream`` (inert objects used by DDP overlap and
   timers), ``nvtx`` ranges, and the RNG functions (mapped to the CPU generator).
@@ -24,6 +27,12 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
   "CPU RNG state changed within GPU RNG context" warning is filtered (same generator here).
+- Denormal floats are flushed to zero on every intra-op thread
+  (:func:`_flush_denormals_on_every_thread`): the SSD scan's decays underflow towards them,
+  and x86 arithmetic on denormals, matmuls included, runs up to ~100x slower.
+- ModelOpt 0.43 ``prune/plugins/mcore_minitron.py`` (``drop_mcore_language_model_layers``)
+  all-gathers a 0-d tensor, which gloo rejects ("invalid tensor size ... expected (), got (1)");
+  :func:`gloo_accepts_scalar_all_gather` gives such inputs one dimension, only around pruning.
 - ``jit.py`` makes Megatron-Core's fused functions ``torch.compile``'d; each torchrun rank gets
   its own inductor cache so ranks compiling on a cold cache do not load each other's kernels.
 """
@@ -31,6 +40,7 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import getpass
 import importlib.metadata
 import logging
@@ -147,6 +157,24 @@ def _patch_megatron_rng() -> None:
         lambda record: "CPU RNG state changed" not in record.getMessage())
 
 
+def _flush_denormals_on_every_thread() -> None:
+    """Treat denormal floats as zero (FTZ/DAZ) in this thread and in torch's OpenMP threads.
+
+    The flag is per thread and ``torch.set_flush_denormal`` sets only the caller's, so it is
+    also run once in a parallel region of the OpenMP runtime torch ships (``torch/lib``),
+    whose pool then computes torch's parallel ops. Without that runtime (another OpenMP, or
+    none) only this thread is set. Values below 1.2e-38 (fp32) never matter for training;
+    a torch.set_num_threads raised later starts threads without the flag (slower, not wrong).
+    """
+    torch.set_flush_denormal(True)
+    runtimes = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    if not runtimes:
+        return
+    body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(True))
+    ctypes.CDLL(str(runtimes[0])).GOMP_parallel(
+        body, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
+
+
 def _check_megatron_version() -> None:
     found = importlib.metadata.version("megatron-core")
     if found != MEGATRON_CORE_VERSION:
@@ -182,6 +210,7 @@ def install() -> None:
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     kernels.register()
+    _flush_denormals_on_every_thread()
     _patch_torch_cuda()
     _redirect = _CudaDeviceRedirect()
     _redirect.__enter__()  # stays on the mode stack for the life of the process
@@ -198,3 +227,19 @@ def cuda_device_is(device: str | torch.device):
         yield
     finally:
         _redirect.target = previous
+
+
+@contextlib.contextmanager
+def gloo_accepts_scalar_all_gather():
+    """Within: ``torch.distributed.all_gather_into_tensor`` takes a 0-d input as shape (1,)
+    (the layout gloo expects; NCCL accepts both)."""
+    original = torch.distributed.all_gather_into_tensor
+
+    def all_gather_into_tensor(output, input, *args, **kwargs):
+        return original(output, input.reshape(1) if input.dim() == 0 else input, *args, **kwargs)
+
+    torch.distributed.all_gather_into_tensor = all_gather_into_tensor
+    try:
+        yield
+    finally:
+        torch.distributed.all_gather_into_tensor = original

@@ -1,8 +1,10 @@
 """torchrun worker: train the same weights under several parallel layouts in one launch.
 
-Every layout loads the checkpoint written by the first (TP=1, PP=1) layout and trains a few
-steps on the same global batches; rank 0 writes {layout: {"loss": [...], "grad_norm": [...]}}
-as JSON to argv[1]. Grouping layouts in one launch pays the import cost once per rank.
+Every layout loads the checkpoint written by the first (TP=1, PP=1, CP=1) layout and trains a
+few steps on the same global batches; rank 0 writes {layout: {"loss": [...], "grad_norm":
+[...]}} as JSON to argv[1], plus under "cp_mismatch" the error of a model whose
+TransformerConfig says CP=1 inside CP=2 process groups. Grouping layouts in one launch pays
+the import cost once per rank.
 """
 
 import json
@@ -14,14 +16,18 @@ import torch
 from megatron_hybrid import backends
 
 LAYOUTS = {
-    # name: (tp, pp, sequence_parallel, distributed_optimizer)
-    "tp1": (1, 1, False, False),
-    "tp2": (2, 1, False, False),
-    "pp2": (1, 2, False, False),
-    "tp2pp2": (2, 2, False, False),
-    "tp2sp": (2, 1, True, False),
-    "tp2sp_distopt": (2, 1, True, True),
-    "tp2_own_init": (2, 1, False, False),  # control: its own random weights, not the checkpoint
+    # name: (tp, pp, cp, sequence_parallel, distributed_optimizer)
+    "tp1": (1, 1, 1, False, False),
+    "tp2": (2, 1, 1, False, False),
+    "pp2": (1, 2, 1, False, False),
+    "tp2pp2": (2, 2, 1, False, False),
+    "tp2sp": (2, 1, 1, True, False),
+    "tp2sp_distopt": (2, 1, 1, True, True),
+    "cp2": (1, 1, 2, False, False),
+    "tp2cp2": (2, 1, 2, False, False),
+    "tp2cp2sp": (2, 1, 2, True, False),
+    "pp2cp2": (1, 2, 2, False, False),
+    "tp2_own_init": (2, 1, 1, False, False),  # control: its own random weights, not the checkpoint
 }
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -45,11 +51,11 @@ def run_layout(model_cfg, name, checkpoint_dir, world_size):
     from megatron_hybrid import checkpoint, engine, mcore, parallel
     from megatron_hybrid.model import ModelLayout, build_model
 
-    tp, pp, sp, distopt = LAYOUTS[name]
-    dims = parallel.ParallelDims(tp=tp, pp=pp, world_size=world_size)
+    tp, pp, cp, sp, distopt = LAYOUTS[name]
+    dims = parallel.ParallelDims(tp=tp, pp=pp, cp=cp, world_size=world_size)
     parallel.init_distributed(dims, backend="cpu")
     parallel.seed_everything(1 if name.endswith("own_init") else 0)
-    layout = ModelLayout(tp=tp, pp=pp, sequence_parallel=sp)
+    layout = ModelLayout(tp=tp, pp=pp, cp=cp, sequence_parallel=sp)
     model = build_model(model_cfg, layout, backend="cpu")
     if name == "tp1":
         checkpoint.save_weights([model], checkpoint_dir)
@@ -71,6 +77,22 @@ def run_layout(model_cfg, name, checkpoint_dir, world_size):
     return {"loss": losses, "grad_norm": norms}
 
 
+def cp_mismatch_error(model_cfg, world_size) -> str:
+    """The error of building a model told CP=1 while the process groups have CP=2."""
+    from megatron_hybrid import mcore, parallel
+    from megatron_hybrid.context_parallel import ContextParallelError
+    from megatron_hybrid.model import ModelLayout, build_model
+
+    parallel.init_distributed(parallel.ParallelDims(cp=2, world_size=world_size), backend="cpu")
+    try:
+        build_model(model_cfg, ModelLayout(cp=1), backend="cpu")
+    except ContextParallelError as err:
+        return str(err)
+    finally:
+        mcore.parallel_state.destroy_model_parallel()
+    return "no error"
+
+
 def main():
     from megatron_hybrid.config import ModelConfig
 
@@ -85,6 +107,7 @@ def main():
     checkpoint_dir = os.path.join(os.path.dirname(out_path), "initial_weights")
     results = {name: run_layout(model_cfg, name, checkpoint_dir, world_size)
                for name in LAYOUTS}
+    results["cp_mismatch"] = cp_mismatch_error(model_cfg, world_size)
     if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle)

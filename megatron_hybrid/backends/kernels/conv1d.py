@@ -25,24 +25,71 @@ def _same_document(seq_idx: torch.Tensor, lag: int) -> torch.Tensor:
     return same
 
 
-def _causal_conv(window, weight, bias, seq_idx, activation, out_dtype):
-    """Depthwise causal conv of ``window`` = (width - 1 history columns, then the tokens)."""
+class _DepthwiseCausalConv(torch.autograd.Function):
+    """Depthwise causal conv, + bias, + optional SiLU, over a tokens-major ``window``
+    (b, width - 1 history tokens + seqlen, dim), with a hand-written backward.
+
+    Tokens-major keeps every tap a contiguous (b, seqlen, dim) block and every per-channel
+    operand a contiguous row, so each pass is one vectorised sweep; autograd's own backward
+    of the taps allocates a zero-padded gradient per tap instead.
+    """
+
+    @staticmethod
+    def forward(ctx, window, weight, bias, keep, silu):
+        """weight (dim, width); bias (dim,) or None; keep: per lag >= 1, a (b, seqlen, 1)
+        0/1 tensor of taps that stay inside the token's document, or None."""
+        width = weight.shape[1]
+        seqlen = window.shape[1] - (width - 1)
+        taps = weight.t().contiguous()  # (width, dim); tap k reads token t - (width - 1 - k)
+        pre = window[:, width - 1:] * taps[-1]
+        if bias is not None:
+            pre += bias
+        for k in range(width - 1):
+            tap = window[:, k:k + seqlen]
+            pre.addcmul_(tap if keep is None else tap * keep[width - 1 - k], taps[k])
+        ctx.save_for_backward(window, taps, pre)
+        ctx.keep, ctx.silu, ctx.has_bias = keep, silu, bias is not None
+        return F.silu(pre) if silu else pre
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        window, taps, pre = ctx.saved_tensors
+        width, seqlen = taps.shape[0], pre.shape[1]
+        grad_out = grad_out.contiguous()
+        grad_pre = torch.ops.aten.silu_backward(grad_out, pre) if ctx.silu else grad_out
+        grad_window = torch.empty_like(window)
+        grad_window[:, :width - 1].zero_()
+        torch.mul(grad_pre, taps[-1], out=grad_window[:, width - 1:])
+        grad_taps = torch.empty_like(taps)
+        product = torch.empty_like(grad_pre)
+        for k in range(width):
+            lag = width - 1 - k
+            grad = grad_pre if ctx.keep is None or lag == 0 else grad_pre * ctx.keep[lag]
+            if lag:
+                grad_window[:, k:k + seqlen].addcmul_(grad, taps[k])
+            grad_taps[k] = torch.mul(grad, window[:, k:k + seqlen], out=product).sum((0, 1))
+        grad_bias = grad_pre.sum((0, 1)) if ctx.has_bias else None
+        return grad_window, grad_taps.t(), grad_bias, None, None
+
+
+def causal_conv_tokens(window, weight, bias, seq_idx, activation, out_dtype):
+    """Depthwise causal conv of a tokens-major ``window`` (b, width - 1 history tokens, then
+    the tokens, dim) -> (b, seqlen, dim); no taps across documents of ``seq_idx``."""
     dtype = compute_dtype(window, weight)
     width = weight.shape[1]
-    seqlen = window.shape[-1] - (width - 1)
-    window, weight = window.to(dtype), weight.to(dtype)
-    out = torch.zeros(*window.shape[:2], seqlen, dtype=dtype, device=window.device)
-    for k in range(width):  # tap k reads token t - lag
-        lag = width - 1 - k
-        tap = window[..., k : k + seqlen]
-        if seq_idx is not None and lag > 0:
-            tap = tap * _same_document(seq_idx, lag)[:, None, :]
-        out = out + weight[:, k, None] * tap
-    if bias is not None:
-        out = out + bias.to(dtype)[:, None]
-    if activation is not None:
-        out = F.silu(out)
+    keep = None
+    if seq_idx is not None:
+        keep = {lag: _same_document(seq_idx, lag)[..., None].to(dtype) for lag in range(1, width)}
+    out = _DepthwiseCausalConv.apply(
+        window.to(dtype).contiguous(), weight.to(dtype), None if bias is None else bias.to(dtype),
+        keep, activation is not None)
     return out.to(out_dtype)
+
+
+def _causal_conv(window, weight, bias, seq_idx, activation, out_dtype):
+    """Depthwise causal conv of a channels-first ``window`` (b, dim, width - 1 + seqlen)."""
+    out = causal_conv_tokens(window.transpose(1, 2), weight, bias, seq_idx, activation, out_dtype)
+    return out.transpose(1, 2)
 
 
 def causal_conv1d_fn(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_hybrid.backends.kernels._util import compute_dtype, read_rows, write_rows
-from megatron_hybrid.backends.kernels.conv1d import causal_conv1d_fn
+from megatron_hybrid.backends.kernels.conv1d import causal_conv_tokens
 from megatron_hybrid.backends.kernels.norm_gated import rmsnorm_fn
 
 
@@ -48,14 +48,43 @@ def _segsum(a, keep=None):
     return sums.masked_fill(~allowed, float("-inf"))
 
 
-def _masked_exp(log_decay, keep):
-    return torch.exp(log_decay if keep is None else log_decay.masked_fill(~keep, float("-inf")))
+LOG_DECAY_LIMIT = 80.0
+"""Log-decays are clamped to +-80 before exp. Below: exp(-80) ~ 2e-35 is nothing next to the
+other terms, and torch's vectorised exp takes a slow path (several times slower) for -inf and
+for results that underflow, which long or fast-decaying chunks produce. Above: the masked-out
+entries (j > i) hold positive log-decays whose exp could overflow to inf, and inf * 0 = nan."""
+
+
+def _masked_exp_(log_decay, keep):
+    """In place: exp(log_decay) where keep (everywhere if None), exactly 0 elsewhere."""
+    decay = log_decay.clamp_(-LOG_DECAY_LIMIT, LOG_DECAY_LIMIT).exp_()
+    return decay if keep is None else decay.mul_(keep)
+
+
+def _intra_chunk_decay(cumsum, same_doc):
+    """(b, h, c, i, j): exp(cumsum_i - cumsum_j) for j <= i in the same document, else 0.
+
+    Within a chunk the difference of cumsums is exact enough (the CUDA kernels use it too)
+    and costs one pass over the (chunk x chunk) blocks less than a segsum.
+    """
+    size = cumsum.shape[-1]
+    keep = torch.ones(size, size, dtype=torch.bool, device=cumsum.device).tril()
+    if same_doc is not None:
+        keep = keep & same_doc
+    return _masked_exp_(cumsum[..., :, None] - cumsum[..., None, :], keep)
+
+
+def _segsum_backward(grad_log):
+    """Gradient of :func:`_segsum`'s input from the gradient of its (..., s, s) output:
+    a_k is summed into out[i, j] for j < k <= i."""
+    below = grad_log.flip(-2).cumsum(-2).flip(-2)  # [k, j] = sum over i >= k of grad[i, j]
+    return below.tril(-1).sum(-1)
 
 
 def _document_masks(seq_idx, nchunks, chunk_size):
     """Where decay may flow, for packed documents (all None without seq_idx).
 
-    same_doc (b, c, 1, i, j): tokens i and j of a chunk; prev_doc (b, c, 1, i): token i and the
+    same_doc (b, 1, c, i, j): tokens i and j of a chunk; prev_doc (b, 1, c, i): token i and the
     end of the previous chunk (document 0 before the first); same_end (b, 1, c+1, c+1): the ends
     of two chunks (index 0: before the first).
     """
@@ -63,12 +92,130 @@ def _document_masks(seq_idx, nchunks, chunk_size):
         return None, None, None
     pad = nchunks * chunk_size - seq_idx.shape[1]
     seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)  # padding continues
-    seq = seq.reshape(seq.shape[0], nchunks, chunk_size)
+    seq = seq.reshape(seq.shape[0], 1, nchunks, chunk_size)
     ends = F.pad(seq[..., -1], (1, 0))
-    same_doc = (seq[..., :, None] == seq[..., None, :])[:, :, None]
-    prev_doc = (seq == ends[:, :-1, None])[:, :, None]
-    same_end = (ends[:, :, None] == ends[:, None, :])[:, None]
+    same_doc = seq[..., :, None] == seq[..., None, :]
+    prev_doc = seq == ends[..., :-1, None]
+    same_end = ends[..., :, None] == ends[..., None, :]
     return same_doc, prev_doc, same_end
+
+
+def _group_major(t, ngroups):
+    """(b, h, c, ...) -> a contiguous (b, g, c, r, ...) copy (r: the heads of a group)."""
+    return t.unflatten(1, (ngroups, -1)).transpose(2, 3).contiguous()
+
+
+def _head_major(t):
+    """Inverse of :func:`_group_major`: (b, g, c, r, ...) -> a contiguous (b, h, c, ...)."""
+    return t.transpose(2, 3).flatten(1, 2).contiguous()
+
+
+def _per_group(from_start, ngroups):
+    """(b, h, c, i) -> (b, g, c, i, r) view."""
+    return from_start.unflatten(1, (ngroups, -1)).permute(0, 1, 3, 4, 2)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked SSD scan on head-major chunked inputs, with a hand-written backward.
+
+    Inputs: xdt = dt x (b, h, c, i, p), the cumsum of dt A within each chunk (b, h, c, i),
+    B and C (b, g, c, i, n), initial states (b, h, p, n) and the document masks. Outputs: the
+    within-chunk part of y (b, h, c, i, p), the carried-in part (b, g, c, i, r, p) and the
+    states before each chunk followed by the final one (b, h, c+1, p, n).
+
+    Every product is a batched matmul over contiguous blocks: per head for the (chunk x chunk)
+    part, per group against all its r heads at once for the state parts. Against autograd's
+    backward of the same forward it saves materialised broadcasts, permute copies of
+    gradients and passes over the (chunk x chunk) blocks.
+    """
+
+    @staticmethod
+    def forward(ctx, xdt, cumsum, B, C, initial, same_doc, prev_doc, same_end):
+        headdim, ngroups, dstate = xdt.shape[-1], B.shape[1], B.shape[-1]
+        # Within chunks: y_i = sum_{j <= i} C_i.B_j decay(j -> i) xdt_j
+        decay = _intra_chunk_decay(cumsum, same_doc)  # (b, h, c, i, j)
+        scores = C @ B.mT  # (b, g, c, i, j)
+        weights = (decay.unflatten(1, (ngroups, -1)) * scores[:, :, None]).flatten(1, 2)
+        y_diag = weights @ xdt
+
+        # Each chunk's own state at its end: the last row of decay weighs its tokens.
+        xdt_to_end = (xdt * decay[..., -1, :, None]).unflatten(1, (ngroups, -1))
+        xdt_to_end = xdt_to_end.permute(0, 1, 3, 4, 2, 5).flatten(-2)  # (b, g, c, j, (r p))
+        chunk_states = (xdt_to_end.mT @ B).unflatten(3, (-1, headdim))  # (b, g, c, r, p, n)
+
+        # Across chunks: the states before each chunk (the initial one first), then the final.
+        stacked = torch.cat([initial[:, :, None], _head_major(chunk_states)], dim=2).flatten(-2)
+        chunk_decay = torch.exp(_segsum(F.pad(cumsum[..., -1], (1, 0)), same_end))
+        states = chunk_decay @ stacked  # (b, h, c+1, p n)
+
+        # Carry-in: each chunk's start state read out by C, decayed to token i.
+        starts = _group_major(states[:, :, :-1], ngroups).unflatten(-1, (headdim, dstate))
+        starts = starts.flatten(3, 4)  # (b, g, c, (r p), n)
+        read_out = (C @ starts.mT).unflatten(-1, (-1, headdim))  # (b, g, c, i, r, p)
+        from_start = _masked_exp_(cumsum.clone(), prev_doc)  # (b, h, c, i)
+        y_carry = read_out * _per_group(from_start, ngroups)[..., None]
+
+        ctx.save_for_backward(xdt, B, C, decay, weights, xdt_to_end, stacked, chunk_decay,
+                              starts, read_out, from_start)
+        return y_diag, y_carry, states.unflatten(-1, (headdim, dstate))
+
+    @staticmethod
+    def backward(ctx, grad_diag, grad_carry, grad_states):
+        saved = ctx.saved_tensors
+        xdt, B, C, decay, weights, xdt_to_end, stacked, chunk_decay, starts, read_out, \
+            from_start = saved
+        ngroups = B.shape[1]
+        grad_states = torch.zeros_like(stacked) if grad_states is None else \
+            grad_states.flatten(-2).contiguous()  # (b, h, c+1, p n)
+        grad_C = torch.zeros_like(C)
+        grad_cumsum = _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out,
+                                      from_start, ngroups)
+        grad_initial, grad_B, grad_xdt, grad_to_end = _states_backward(
+            grad_states, grad_cumsum, xdt, B, xdt_to_end, stacked, chunk_decay, decay, ngroups)
+
+        # Within chunks.
+        grad_diag = grad_diag.contiguous()
+        grad_weights = grad_diag @ xdt.mT  # (b, h, c, i, j)
+        grad_xdt += weights.mT @ grad_diag
+        grad_scores = (grad_weights * decay).unflatten(1, (ngroups, -1)).sum(2)
+        grad_B += grad_scores.mT @ C
+        grad_C += grad_scores @ B
+        grad_log = grad_weights.mul_(weights)  # d/d(cumsum_i - cumsum_j); zero where masked
+        grad_log[..., -1, :] += grad_to_end * decay[..., -1, :]
+        grad_cumsum += grad_log.sum(-1) - grad_log.sum(-2)
+        return grad_xdt, grad_cumsum, grad_B, grad_C, grad_initial, None, None, None
+
+
+def _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out, from_start, ngroups):
+    """Backward of the carry-in: adds into grad_states and grad_C; returns d/d cumsum."""
+    if grad_carry is None:
+        return torch.zeros_like(from_start)
+    grad_carry = grad_carry.contiguous()  # (b, g, c, i, r, p)
+    grad_from_start = (grad_carry * read_out).sum(-1)  # (b, g, c, i, r)
+    grad_read_out = (grad_carry * _per_group(from_start, ngroups)[..., None]).flatten(-2)
+    grad_C += grad_read_out @ starts
+    grad_starts = (grad_read_out.mT @ C).unflatten(3, (grad_carry.shape[4], -1))
+    grad_states[:, :, :-1] += _head_major(grad_starts.flatten(-2))
+    return grad_from_start.permute(0, 1, 4, 2, 3).flatten(1, 2) * from_start
+
+
+def _states_backward(grad_states, grad_cumsum, xdt, B, xdt_to_end, stacked, chunk_decay, decay,
+                     ngroups):
+    """Backward of the chunk states and the recurrence across chunks; adds the chunk-level
+    decay gradient into grad_cumsum. Returns grad_initial, grad_B, grad_xdt, grad_to_end."""
+    headdim = xdt.shape[-1]
+    grad_chunk_log = _segsum_backward((grad_states @ stacked.mT) * chunk_decay)
+    grad_cumsum[..., -1] += grad_chunk_log[..., 1:]
+    grad_stacked = chunk_decay.mT @ grad_states  # (b, h, c+1, p n)
+    grad_initial = grad_stacked[:, :, 0].unflatten(-1, (headdim, -1))
+    grad_chunk = _group_major(grad_stacked[:, :, 1:], ngroups).unflatten(-1, (headdim, -1))
+    grad_chunk = grad_chunk.flatten(3, 4)  # (b, g, c, (r p), n)
+    grad_B = xdt_to_end @ grad_chunk
+    grad_to_end_x = (B @ grad_chunk.mT).unflatten(-1, (-1, headdim))  # (b, g, c, j, r, p)
+    grad_to_end_x = _head_major(grad_to_end_x.transpose(3, 4))  # (b, h, c, j, p)
+    grad_xdt = grad_to_end_x * decay[..., -1, :, None]
+    grad_to_end = (grad_to_end_x * xdt).sum(-1)  # (b, h, c, j)
+    return grad_initial, grad_B, grad_xdt, grad_to_end
 
 
 def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions):
@@ -76,60 +223,72 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
 
     Returns y (b, l, h, p) including the D skip (no gate), the final states (b, h, p, n) and the
     states after the tokens at ``state_positions`` of batch row 0 (k, h, p, n), or None.
+
+    Layouts are chosen so that every product is a batched matmul over contiguous blocks:
+    per head (b, h, c, i, ...) for the (chunk x chunk) part, per group (b, g, c, i, ...)
+    against all its heads at once, (r p) = heads of the group x head dim, for the state parts.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
+    per_group = nheads // ngroups
     dtype = dt.dtype
     nchunks = -(-seqlen // chunk_size)
     pad = nchunks * chunk_size - seqlen
 
-    def chunked(t):  # (b, l, ...) -> (b, c, chunk, ...); padded tokens have dt = 0: no effect
+    def chunked(t):  # (b, l, heads, ...) -> (b, heads, c, chunk, ...); padded tokens: dt = 0
         t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(batch, nchunks, chunk_size, *t.shape[2:])
+        return t.unflatten(1, (nchunks, chunk_size)).movedim(3, 1).contiguous()
 
-    def by_group(t, dim):  # split a heads dim into (groups, heads per group)
-        return t.unflatten(dim, (ngroups, nheads // ngroups))
+    def by_group(t):  # (b, h, ...) -> (b, g, r, ...)
+        return t.unflatten(1, (ngroups, per_group))
 
-    xdt = by_group(chunked(x.to(dtype) * dt[..., None]), 3)  # (b, c, i, g, r, p)
-    B, C = chunked(B.to(dtype)), chunked(C.to(dtype))  # (b, c, i, g, n)
-    log_a = chunked(dt * A.to(dtype)).transpose(2, 3)  # (b, c, h, i)
-    cumsum = log_a.cumsum(-1)
-
-    same_doc, prev_doc, same_end = _document_masks(seq_idx, nchunks, chunk_size)
-
-    # Within chunks: y_i += sum_{j <= i} C_i.B_j decay(j -> i) dt_j x_j
-    decay = torch.exp(_segsum(log_a, same_doc))  # (b, c, h, i, j)
-    scores = torch.einsum("bcign,bcjgn->bcgij", C, B)[:, :, :, None] * by_group(decay, 2)
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, xdt)
-
-    # Each chunk's own contribution to the state at its end (the last row of decay).
-    to_end = by_group(decay[..., -1, :].transpose(2, 3), 3)[..., None]  # (b, c, j, g, r, 1)
-    chunk_states = torch.einsum("bcjgn,bcjgrp->bcgrpn", B, xdt * to_end).flatten(2, 3)
-
-    # Across chunks: states[c] = state before chunk c; states[nchunks] = final state.
+    xdt = chunked(x.to(dtype) * dt[..., None])  # (b, h, c, i, p)
+    B, C = chunked(B.to(dtype)), chunked(C.to(dtype))  # (b, g, c, i, n)
+    cumsum = chunked(dt * A.to(dtype)).cumsum(-1)  # (b, h, c, i)
     if initial_states is None:
-        initial_states = chunk_states.new_zeros(batch, nheads, headdim, dstate)
-    states = torch.cat([initial_states.to(dtype)[:, None], chunk_states], dim=1)
-    chunk_log_a = F.pad(cumsum[..., -1].transpose(1, 2), (1, 0))  # (b, h, c+1)
-    chunk_decay = torch.exp(_segsum(chunk_log_a, same_end))
-    states = torch.einsum("bhcs,bshpn->bchpn", chunk_decay, states)
+        initial_states = xdt.new_zeros(batch, nheads, headdim, dstate)
+    masks = _document_masks(seq_idx, nchunks, chunk_size)
+    y_diag, carry, states = _ChunkedScan.apply(xdt, cumsum, B, C, initial_states.to(dtype), *masks)
 
-    from_start = _masked_exp(cumsum, prev_doc)  # decay from each chunk's start to token i
-    starts = by_group(states[:, :-1], 2)
-    y_carry = torch.einsum("bcign,bcgrpn->bcigrp", C, starts)
-    y = y + y_carry * by_group(from_start.transpose(2, 3), 3)[..., None]
-    y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
+    # Back to tokens (b, l, g, r, p): both parts are views; the first addend sets the layout.
+    parts = [by_group(y_diag).permute(0, 3, 4, 1, 2, 5).flatten(1, 2),
+             carry.permute(0, 2, 3, 1, 4, 5).flatten(1, 2)]
     if D is not None:
-        y = y + x.to(dtype) * (D[:, None] if D.dim() == 1 else D).to(dtype)
+        skip = x.to(dtype) * (D[:, None] if D.dim() == 1 else D).to(dtype)
+        parts.insert(0, skip.unflatten(2, (ngroups, per_group)))
+    y = parts[0][:, :seqlen]
+    for part in parts[1:]:
+        y = y + part[:, :seqlen]
+    y = y.flatten(2, 3)
 
     picked = None
-    if state_positions is not None:  # the chunk's own part up to the token, plus the carry-in
-        chunk, row = state_positions.long() // chunk_size, state_positions.long() % chunk_size
-        to_row = by_group(decay[0][chunk, :, row].transpose(1, 2), 2)[..., None]  # (k, j, g, r, 1)
-        own = torch.einsum("kjgn,kjgrp->kgrpn", B[0, chunk], xdt[0, chunk] * to_row)
-        carried = from_start[0][chunk, :, row][..., None, None] * states[0, chunk]
-        picked = own.flatten(1, 2) + carried
-    return y, states[:, -1], picked
+    if state_positions is not None:
+        picked = _states_after(state_positions, xdt[0], B[0], cumsum[0], states[0],
+                               [None if m is None else m[0, 0] for m in masks])
+    return y, states[:, :, -1], picked
+
+
+def _states_after(positions, xdt, B, cumsum, states, masks):
+    """States after the tokens at ``positions`` of one sequence (k, h, p, n): the own part of
+    the token's chunk up to it, plus the chunk's carried-in state decayed to it.
+
+    xdt (h, c, i, p), B (g, c, i, n), cumsum (h, c, i), states (h, c+1, p, n); masks: that
+    row's same_doc (c, i, j) and prev_doc (c, i), or None.
+    """
+    same_doc, prev_doc, _ = masks
+    size = cumsum.shape[-1]
+    chunk, row = positions.long() // size, positions.long() % size
+    cumsum = cumsum[:, chunk]  # (h, k, j)
+    keep = torch.arange(size, device=row.device) <= row[:, None]  # (k, j)
+    if same_doc is not None:
+        keep = keep & same_doc[chunk, row]
+    at_row = cumsum.gather(-1, row[None, :, None].expand(cumsum.shape[0], -1, 1))  # (h, k, 1)
+    to_row = _masked_exp_(at_row - cumsum, keep)  # (h, k, j)
+    own = torch.einsum("gkjn,grkjp->kgrpn", B[:, chunk],
+                       (xdt[:, chunk] * to_row[..., None]).unflatten(0, (B.shape[0], -1)))
+    from_start = _masked_exp_(at_row[..., 0].clone(), None if prev_doc is None else prev_doc[chunk, row])
+    carried = from_start[..., None, None] * states[:, chunk]  # (h, k, p, n)
+    return own.flatten(1, 2) + carried.transpose(0, 1)
 
 
 def mamba_chunk_scan_combined(
@@ -217,9 +376,8 @@ def mamba_split_conv1d_scan_combined(
     zx0, z, xBC, dt = torch.split(
         zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1
     )
-    xBC = causal_conv1d_fn(
-        xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx=seq_idx, activation=activation
-    ).transpose(1, 2)
+    window = F.pad(xBC, (0, 0, conv1d_weight.shape[1] - 1, 0))  # zero history, tokens-major
+    xBC = causal_conv_tokens(window, conv1d_weight, conv1d_bias, seq_idx, activation, xBC.dtype)
     x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
     y, final_states = mamba_chunk_scan_combined(
         x.unflatten(-1, (nheads, headdim)),

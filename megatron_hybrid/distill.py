@@ -1,0 +1,264 @@
+"""The distill stage: knowledge distillation of a (pruned) student from a frozen teacher.
+
+``megatron-hybrid distill RECIPE [key=value ...]`` starts the student from
+``checkpoint.load`` (e.g. the prune stage's checkpoint) and the teacher from
+``distill.teacher``, on the same parallel layout, and trains the student through the loop,
+checkpoints and metrics of pretraining (``train.py``). The loss is ModelOpt's
+(``modelopt.torch.distill`` and its Megatron plugin): logits KL at a temperature (optionally
+over the teacher's top-k), plus optional cosine losses between chosen layers' hidden states,
+plus optionally the student's own next-token loss. Checkpoints hold the student only, so the
+result loads as a plain model; a stopped run resumes like any training run.
+
+The run directory also gets ``distill_report.{md,json}``: held-out loss of student and
+teacher and the held-out KL at the start and end of the run, and the fraction of the
+student-teacher gap closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from functools import partial
+from pathlib import Path
+from types import MethodType
+
+from megatron_hybrid.config import ConfigError, DistillConfig, ModelConfig, RunConfig
+
+HELP = "distill a student checkpoint from a frozen teacher (ModelOpt KD, the training loop)"
+REPORT = "distill_report"
+LOGITS_LOSS = "Logits"
+"""ModelOpt names each loss by its class: the logits KL's name contains this."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/distill.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, applied last (e.g. train.max_steps=50)")
+
+
+def run(args) -> int:
+    from megatron_hybrid import recipe
+
+    cfg, teacher = check_request(recipe.load_recipe(args.recipe, args.overrides))
+    from megatron_hybrid import train
+
+    with train.session(cfg) as (backend, dims):
+        report = distill(cfg, teacher, backend, dims)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(format_summary(report))
+    return 0
+
+
+# -- checks before anything is loaded ---------------------------------------------------------
+
+def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
+    """(``cfg`` with the student's saved model, the teacher's model) after refusing, in one
+    line each, a missing teacher or student, and a teacher that cannot share the student's
+    layout (TP, PP, CP, sequence length, vocabulary)."""
+    from megatron_hybrid.prune import checkpoint_model, require_heldout_data
+
+    cfg.validate()
+    require_heldout_data(cfg, "distillation")
+    if not cfg.distill.teacher:
+        raise ConfigError("set distill.teacher to the teacher's checkpoint (a checkpoints/step_* "
+                          "folder)")
+    if cfg.parallel.pp != 1:
+        raise ConfigError("distillation runs at parallel.pp=1 for now (the engine does not "
+                          "yet pass ModelOpt's teacher+student tensor shapes to the pipeline "
+                          "schedule): set parallel.pp=1")
+    student = checkpoint_model(cfg, role="student (e.g. the prune stage's checkpoint)")
+    from megatron_hybrid.checkpoint import read_meta  # after checkpoint_model installed a backend
+
+    teacher = ModelConfig(**read_meta(cfg.distill.teacher)["model"])
+    if teacher.vocab_size != student.vocab_size:
+        raise ConfigError(f"teacher vocabulary ({teacher.vocab_size}) differs from the "
+                          f"student's ({student.vocab_size}): distill between models that "
+                          f"share a tokenizer")
+    try:
+        dataclasses.replace(cfg, model=teacher).validate()
+    except ConfigError as err:
+        raise ConfigError(f"the teacher ({cfg.distill.teacher}) cannot run on this layout: "
+                          f"{err}") from None
+    cfg.distill.check_against(student, teacher)
+    return dataclasses.replace(cfg, model=student), teacher
+
+
+# -- distillation -----------------------------------------------------------------------------
+
+def distill(cfg: RunConfig, teacher_cfg: ModelConfig, backend: str, dims) -> dict:
+    """Train the student of ``cfg`` against its teacher; return (and write) the report."""
+    from megatron_hybrid import parallel, train
+    from megatron_hybrid.checkpoint import load_weights
+    from megatron_hybrid.model import build_model
+
+    parallel.seed_everything(cfg.train.seed)
+    teacher = build_model(teacher_cfg, train.model_layout(cfg, dims), backend=backend,
+                          perform_initialization=False)
+    load_weights([teacher], cfg.distill.teacher)
+    loss = DistillationLoss(cfg.distill, teacher)
+    trainer = train.build_trainer(cfg, backend, dims, wrap_model=loss.attach_teacher,
+                                  forward_step=loss.forward_step)
+    start = measure(trainer, loss)
+    train.fit(trainer)
+    end = measure(trainer, loss)
+    report = build_report(cfg, start, end)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_report(report, trainer.run_dir)
+    return report
+
+
+class DistillationLoss:
+    """ModelOpt's KD model around the student, and the forward step that trains it.
+
+    Losses are token sums with the token count, as the engine's LM loss, so every layout
+    optimises the same objective: KL + intermediate_weight * mean cosine + lm_loss_weight * LM.
+    """
+
+    def __init__(self, options: DistillConfig, teacher):
+        self.options = options
+        self.teacher = teacher
+
+    def attach_teacher(self, student):
+        """The student converted to a ModelOpt DistillationModel holding the frozen teacher."""
+        import modelopt.torch.distill as mtd
+        from modelopt.torch.distill.plugins import megatron as mtd_megatron
+
+        options = self.options
+        kd_config = mtd_megatron.setup_distillation_config(
+            mtd_megatron.DistillationConfig(
+                intermediate_layer_pairs=[(f"decoder.layers.{s}", f"decoder.layers.{t}", "cosine")
+                                          for s, t in options.intermediate_pairs],
+                logit_kl_temperature=options.logits_temperature,
+                logit_kl_topk=options.logits_topk,
+                skip_lm_loss=options.lm_loss_weight == 0),
+            student.config, self.teacher.config)
+        model = mtd.convert(student, mode=[("kd_loss", {
+            "teacher_model": self.teacher, "criterion": kd_config.criterion,
+            "loss_balancer": kd_config.loss_balancer})])
+        mtd_megatron.adjust_distillation_model_for_mcore(model, kd_config)
+        model.compute_language_model_loss = MethodType(
+            partial(_student_lm_loss, needed_in_training=options.lm_loss_weight > 0), model)
+        return model
+
+    def forward_step(self, data_iterator, model, *, report: str = "auto"):
+        """Student (and teacher) forward for Megatron-Core's schedules. The engine's "lm loss"
+        report carries the KD objective when training, the student's LM loss in evaluation,
+        or the KL with ``report="kl"``."""
+        from megatron_hybrid import engine
+        from megatron_hybrid.checkpoint import unwrap
+
+        batch = engine.get_batch(data_iterator)
+        per_token_lm = model(batch["tokens"], None, None, labels=batch["labels"])
+        return per_token_lm, partial(self.loss, batch["loss_mask"], unwrap(model), report)
+
+    def loss(self, loss_mask, kd_model, report: str, per_token_lm):
+        import torch
+
+        mask = loss_mask.float()
+        lm_sum = (per_token_lm.float() * mask).sum()
+        losses = kd_model.compute_kd_loss(skip_balancer=True,
+                                          loss_reduction_fn=partial(_masked_sum, mask))
+        kl_sum = next(value for key, value in losses.items() if LOGITS_LOSS in key)
+        cosines = [value for key, value in losses.items() if LOGITS_LOSS not in key]
+        objective = kl_sum + self.options.lm_loss_weight * lm_sum
+        if cosines:
+            objective = objective + self.options.intermediate_weight * sum(cosines) / len(cosines)
+        if report == "auto":
+            report = "objective" if kd_model.training else "lm"
+        shown = {"objective": objective, "lm": lm_sum, "kl": kl_sum}[report]
+        num_tokens = mask.sum().to(torch.int)
+        return objective, num_tokens, {"lm loss": torch.stack([shown.detach(),
+                                                               num_tokens.detach().float()])}
+
+
+def _student_lm_loss(model, labels, logits, *, needed_in_training: bool):
+    """The student's per-token LM loss (zeros when training without it). Megatron-Core's
+    cross entropy overwrites its logits in place, so it gets a copy: the KL loss reads the
+    logits its hook captured."""
+    import torch
+
+    if model.training and not needed_in_training:
+        return torch.zeros_like(labels, dtype=logits.dtype)
+    return type(model).compute_language_model_loss(model, labels, logits.clone())
+
+
+def teacher_forward_step(data_iterator, teacher):
+    """LM forward step of the bare teacher, whose own LM loss the KD model stubs out (it
+    would overwrite the teacher logits the KL loss reads)."""
+    from megatron_hybrid import engine
+
+    batch = engine.get_batch(data_iterator)
+    logits = teacher(batch["tokens"], None, None).transpose(0, 1).contiguous()  # [s, b, v]
+    per_token = type(teacher).compute_language_model_loss(teacher, batch["labels"], logits)
+    return per_token, partial(engine.lm_loss_func, batch["loss_mask"])
+
+
+def _masked_sum(mask, loss):
+    """Sum of a ModelOpt per-token loss ``(loss [b, s], tp_reduce, is_sequence_parallel)``
+    over the unmasked tokens of the whole tensor-parallel group."""
+    from megatron_hybrid import mcore
+
+    values, tp_reduce, sequence_parallel = loss
+    if sequence_parallel:  # this TP rank holds a slice of the sequence
+        state = mcore.parallel_state
+        mask = mask.chunk(state.get_tensor_model_parallel_world_size(), dim=1)[
+            state.get_tensor_model_parallel_rank()]
+    total = (values.float() * mask).sum()
+    if tp_reduce or sequence_parallel:  # partial sums per TP rank (vocab or sequence shards)
+        total = mcore.tensor_parallel.reduce_from_tensor_model_parallel_region(total)
+    return total
+
+
+def measure(trainer, loss: DistillationLoss) -> dict:
+    """Held-out losses of teacher and student and the held-out KL, at the trainer's step."""
+    with warnings.catch_warnings():  # the bare teacher's KD hook keeps what nobody reads
+        warnings.filterwarnings("ignore", message="Teacher's Module")
+        teacher_loss = trainer.evaluate([loss.teacher], teacher_forward_step)
+    return {  # the teacher first: evaluating the student clears what the teacher left behind
+        "step": trainer.state.step,
+        "teacher_loss": teacher_loss,
+        "student_loss": trainer.evaluate(),
+        "kl": trainer.evaluate(forward_step=partial(loss.forward_step, report="kl")),
+    }
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def build_report(cfg: RunConfig, start: dict, end: dict) -> dict:
+    gap = start["student_loss"] - start["teacher_loss"]
+    closed = (start["student_loss"] - end["student_loss"]) / gap if gap > 0 else None
+    return {"teacher": cfg.distill.teacher, "student": cfg.checkpoint.load,
+            "output": str(Path(cfg.resolved_output_dir) / "checkpoints"),
+            "distill": dataclasses.asdict(cfg.distill), "start": start, "end": end,
+            "gap_closed": closed}
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
+    (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
+
+
+def format_markdown(report: dict) -> str:
+    start, end = report["start"], report["end"]
+    rows = [(name, start[key], end[key]) for name, key in (
+        ("student held-out loss", "student_loss"), ("teacher held-out loss", "teacher_loss"),
+        ("held-out KL(teacher || student)", "kl"))]
+    closed = report["gap_closed"]
+    return "\n".join([
+        "# Distillation report", "",
+        f"- teacher: `{report['teacher']}`; student from `{report['student']}`",
+        f"- settings: `{json.dumps(report['distill'])}`",
+        f"- student-teacher gap closed: {'n/a' if closed is None else f'{closed:.1%}'}", "",
+        f"| | step {start['step']} | step {end['step']} |", "|---|---|---|",
+        *(f"| {name} | {before:.4f} | {after:.4f} |" for name, before, after in rows), ""])
+
+
+def format_summary(report: dict) -> str:
+    start, end, closed = report["start"], report["end"], report["gap_closed"]
+    gap = "n/a" if closed is None else f"{closed:.0%}"
+    return (f"distilled -> {report['output']}: student held-out loss {start['student_loss']:.4f}"
+            f" -> {end['student_loss']:.4f} (teacher {end['teacher_loss']:.4f}, gap closed "
+            f"{gap}), KL {start['kl']:.4f} -> {end['kl']:.4f}")

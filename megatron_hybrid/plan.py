@@ -1,0 +1,707 @@
+"""Memory and step-time planner: does a model, layout and sequence length fit a GPU, and how
+fast does it train.
+
+Training, per GPU (the most loaded pipeline stage):
+
+- parameters, gradients and optimizer state of the stage's TP shard: fp32 runs keep 4 + 4 + 8
+  bytes per parameter (weights, fp32 gradient buffer, Adam m and v); bf16 / fp8-hybrid runs
+  2 + 4 + 12 (bf16 weights, fp32 gradient buffer, fp32 master weights, m and v). The
+  distributed optimizer shards the optimizer part over DP x CP.
+- activations: the bytes each layer kind keeps for backward per token (formulas for the
+  ``cuda`` kernels, :func:`cuda_layer_activations`; measured by a probe for the ``cpu``
+  backend's kernels, :func:`cpu_layer_activations`), times the micro-batch's tokens on this CP
+  rank, times the micro-batches 1F1B keeps in flight on the stage
+  (``min(pp - stage, micro-batches)``). Full recompute keeps only each layer's input; selective
+  recompute drops the core attention's softmax statistics (flash-style kernels, TE's and
+  torch's SDPA alike, never keep ``s x s`` scores, so selective recompute saves little here).
+- on top, at the peak: the working set of the layer that runs (under full recompute with its
+  recomputed activations), or while the loss is computed the 16-bit logits beside their fp32
+  copy; and the output layer's weight gradient before it joins the fp32 gradient buffer. The
+  loss keeps an fp32 softmax over the vocabulary (counted in the activations).
+
+Inference on one GPU (bf16 weights): weights + KV cache (attention layers only) + SSM state
+(fp32) and conv state (Mamba layers) + the working set of one prefill chunk (chunked prefill,
+as vLLM serves long prompts).
+
+Step time: model FLOPs per GPU (:func:`metrics.flops_per_token`, counted by layer kind) plus
+recompute FLOPs, over the GPU's dense peak at :data:`KERNEL_EFFICIENCY`, stretched by the 1F1B
+pipeline bubble ``(m + pp - 1) / m``. Communication is assumed hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from megatron_hybrid.config import ModelConfig, RunConfig
+
+HELP = "per-GPU memory and step time of a recipe or flavor (training), and inference memory"
+
+GIB = 2**30
+MIB = 2**20
+KERNEL_EFFICIENCY = 0.47
+"""Fraction of dense peak a training step's kernels reach: the ~47% MFU NVIDIA reports for
+Megatron-Core on H100, taken before pipeline bubbles and recompute."""
+RUNTIME_RESERVE_BYTES = GIB // 2
+"""GPU memory that is not tensors: CUDA context, cuBLAS / cuDNN workspaces."""
+DEFAULT_PREFILL_CHUNK = 8192
+"""Tokens per prefill step when serving (vLLM's chunked prefill)."""
+CONV_KERNEL = 4
+"""Mamba conv1d width (Megatron-Core's default; Nemotron-H's)."""
+
+
+class PlanError(ValueError):
+    """The plan's inputs do not describe a model or layout; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    device_name: str
+    """``torch.cuda.get_device_name()`` of the card (keys metrics.GPU_PEAK_TFLOPS)."""
+    memory_mib: int
+    """Total memory as nvidia-smi reports it."""
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_mib * MIB - RUNTIME_RESERVE_BYTES
+
+    def peak_flops(self, precision: str) -> float | None:
+        from megatron_hybrid import metrics
+
+        return metrics.gpu_peak_flops(self.device_name,
+                                      "fp8" if precision == "fp8-hybrid" else "bf16")
+
+
+GPUS = {
+    "a10g": Gpu("NVIDIA A10G", 23028),
+    "l40s": Gpu("NVIDIA L40S", 46068),
+    "a100-80g": Gpu("NVIDIA A100-SXM4-80GB", 81920),
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 81559),
+    "h200": Gpu("NVIDIA H200", 143771),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters per layer kind, split into the tensor-parallel shard and the replicated rest
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Widths:
+    """The widths the formulas use, from a ModelConfig (symbols as in metrics.py)."""
+
+    h: int
+    f: int
+    a: int
+    g: int
+    d: int
+    heads: int
+    head_dim: int
+    state: int
+    groups: int
+    chunk: int
+    vocab: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Widths:
+        return cls(h=cfg.hidden_size, f=cfg.ffn_hidden_size, a=cfg.num_attention_heads,
+                   g=cfg.num_query_groups, d=cfg.kv_channels, heads=cfg.mamba_num_heads,
+                   head_dim=cfg.mamba_head_dim, state=cfg.mamba_state_dim,
+                   groups=cfg.mamba_num_groups, chunk=cfg.mamba_chunk_size, vocab=cfg.vocab_size)
+
+    @property
+    def d_inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_width(self) -> int:
+        """Channels of the Mamba conv: x, B and C."""
+        return self.d_inner + 2 * self.groups * self.state
+
+    @property
+    def in_proj_width(self) -> int:
+        """Mamba in_proj outputs: z, x, B, C, dt."""
+        return 2 * self.d_inner + 2 * self.groups * self.state + self.heads
+
+
+def layer_parameters(cfg: ModelConfig, symbol: str) -> tuple[int, int]:
+    """``(sharded, replicated)`` parameters of one layer: the part split across TP ranks and
+    the part every TP rank holds (its pre-norm; an MoE layer's router)."""
+    w = Widths.of(cfg)
+    if symbol == "M":  # in_proj, conv weight + bias, dt_bias / A_log / D, gated norm, out_proj
+        mixer = (w.h * w.in_proj_width + w.conv_width * (CONV_KERNEL + 1) + 3 * w.heads
+                 + w.d_inner + w.d_inner * w.h)
+        return mixer, w.h
+    if symbol == "*":
+        return w.h * w.d * (w.a + 2 * w.g) + w.a * w.d * w.h, w.h
+    if symbol == "-":
+        return 2 * w.h * w.f, w.h
+    experts = cfg.num_moe_experts or 0
+    return experts * 2 * w.h * (cfg.moe_ffn_hidden_size or w.f), w.h + w.h * experts
+
+
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
+    """Parameters one TP rank of each pipeline stage holds (embedding on the first stage,
+    final norm and untied output layer on the last)."""
+    stages = cfg.layer_pattern.stages(pp)
+    counts = []
+    for index, stage in enumerate(stages):
+        total = 0
+        for symbol in stage:
+            sharded, replicated = layer_parameters(cfg, symbol)
+            total += sharded // tp + replicated
+        if index == 0:
+            total += cfg.vocab_size * cfg.hidden_size // tp
+        if index == len(stages) - 1:
+            total += cfg.vocab_size * cfg.hidden_size // tp + cfg.hidden_size
+        counts.append(total)
+    return counts
+
+
+def total_parameters(cfg: ModelConfig) -> int:
+    return sum(stage_parameters(cfg, tp=1, pp=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: bytes per token each layer kind keeps for backward, and needs while it runs
+# ---------------------------------------------------------------------------------------------
+
+KERNELS = ("cuda", "cpu")
+"""Kernel sets: ``cuda`` (TE linears with fused norms, flash / fused attention, mamba_ssm's
+fused conv + scan: formulas) and ``cpu`` (this project's cpu backend: measured by a probe)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sharding:
+    """How one rank's share of a token's activations is cut."""
+
+    tp: int = 1
+    sequence_parallel: bool = False
+
+    def hidden(self, width: float) -> float:
+        """A hidden-size activation: split across TP ranks only under sequence parallel."""
+        return width / self.tp if self.sequence_parallel else width
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    saved: float
+    """Bytes per token the layer keeps for its backward."""
+    working: float
+    """Bytes per token alive on top of those while the layer runs forward or backward."""
+
+
+def cuda_layer_activations(cfg: ModelConfig, symbol: str, *, precision: str,
+                           sharding: Sharding = Sharding()) -> LayerActivations:
+    """What TE / flash-attention / mamba_ssm layers save per token on one rank (``b`` bytes
+    per 16-bit value, fp32 statistics 4), derived from the tensors each kernel saves:
+
+    - Mamba: norm input and output ``2h``; in_proj output ``z x B C dt``; the scan's ungated
+      output, the gated output and the normed output ``3 d_inner``; norm statistics;
+    - attention: ``2h``; q, k, v ``(a + 2g) d``; output ``a d``; softmax statistics ``a``;
+    - MLP: ``2h``; fc1 output and activation ``2f``;
+    - MoE: ``2h``; each routed copy ``h + 2 f_expert``; router probabilities.
+
+    The working set of a layer is taken as its saved size (gradients of the same tensors).
+    """
+    b = 4 if precision == "fp32" else 2
+    w, tp, h = Widths.of(cfg), sharding.tp, sharding.hidden(cfg.hidden_size)
+    if symbol == "M":
+        values, stats = (w.in_proj_width + 3 * w.d_inner) / tp, 1 + w.groups / tp
+    elif symbol == "*":
+        values, stats = ((w.a + 2 * w.g) * w.d + w.a * w.d) / tp, 1 + w.a / tp
+    elif symbol == "-":
+        values, stats = 2 * w.f / tp, 1
+    else:
+        expert_ffn = cfg.moe_ffn_hidden_size or w.f
+        values = cfg.moe_router_topk * (w.h + 2 * expert_ffn / tp)
+        stats = 1 + (cfg.num_moe_experts or 0)
+    saved = b * (2 * h + values) + 4 * stats
+    return LayerActivations(saved=saved, working=saved)
+
+
+def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length: int,
+                          recompute: str = "none") -> dict[str, LayerActivations]:
+    """Per layer kind of ``cfg``, what the cpu backend's layers keep and need per token,
+    measured: one layer of each kind built at the model's widths runs forward (saved tensors
+    counted by storage through autograd's saved-tensor hooks) and backward (peak allocator
+    bytes) on a ``micro_batch_size x seq_length`` input. Measured rather than derived
+    because the torch kernels change; TP=1, no CP.
+    """
+    import torch
+
+    from megatron_hybrid.model import ModelLayout, build_model
+
+    kinds = "".join(dict.fromkeys(cfg.layer_pattern.layers))
+    probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length))
+    layout = ModelLayout(recompute="selective" if recompute == "selective" else "none")
+    with _cpu_process_group(), _rng_state_kept():
+        model = build_model(probe_cfg, layout, backend="cpu")
+        tokens = micro_batch_size * seq_length
+        shape = (seq_length, micro_batch_size, cfg.hidden_size)
+        return {symbol: _probe_layer(layer, torch.randn(shape), tokens)
+                for symbol, layer in zip(kinds, model.decoder.layers)}
+
+
+def _probe_layer(layer, hidden, tokens: int) -> LayerActivations:
+    import torch
+
+    parameters = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def forward_backward():
+        hidden.requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            out = layer(hidden_states=hidden, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+
+    _, peak = measure_cpu_peak(forward_backward)
+    layer.zero_grad(set_to_none=True)
+    kept = sum(saved.values())
+    return LayerActivations(saved=kept / tokens, working=max(peak - kept, 0) / tokens)
+
+
+def output_activation_bytes(cfg: ModelConfig, *, kernels: str, precision: str,
+                            sharding: Sharding = Sharding()) -> float:
+    """Bytes per token the last stage keeps after the layers: final norm and output layer
+    inputs (three hidden-size copies on the cpu backend, two with TE), the cross entropy's
+    fp32 softmax over the vocabulary shard, int64 labels and the loss mask."""
+    b = 4 if kernels == "cpu" or precision == "fp32" else 2
+    hidden_copies = 3 if kernels == "cpu" else 2
+    return (b * hidden_copies * sharding.hidden(cfg.hidden_size) + 4
+            + 4 * cfg.vocab_size / sharding.tp + 8 + 1)
+
+
+INPUT_ACTIVATION_BYTES = 8
+"""Per token on the first stage: the int64 token ids the embedding lookup keeps."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training memory per GPU
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingLayout:
+    """What the planner needs of a training run's layout."""
+
+    seq_length: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    micro_batch_size: int = 1
+    num_microbatches: int = 1
+    """Micro-batches per step on one data-parallel rank."""
+    precision: str = "bf16"
+    recompute: str = "none"
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, world_size: int) -> TrainingLayout:
+        dp = cfg.parallel.check_world_size(world_size)
+        train = cfg.train
+        return cls(seq_length=cfg.seq_length, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                   cp=cfg.parallel.cp, dp=dp, sequence_parallel=cfg.parallel.sequence_parallel,
+                   distributed_optimizer=cfg.parallel.distributed_optimizer,
+                   micro_batch_size=train.micro_batch_size,
+                   num_microbatches=train.global_batch_size // (train.micro_batch_size * dp),
+                   precision=train.precision, recompute=train.recompute)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def sharding(self) -> Sharding:
+        return Sharding(tp=self.tp, sequence_parallel=self.sequence_parallel)
+
+    @property
+    def tokens_per_microbatch(self) -> int:
+        """Tokens of one micro-batch on one CP rank."""
+        return self.micro_batch_size * self.seq_length // self.cp
+
+
+@dataclass
+class TrainingMemory:
+    """Peak bytes on one GPU of the most loaded pipeline stage."""
+
+    stage: int
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: dict[str, float]
+    """Kept for backward by the in-flight micro-batches, by layer kind (and input / output)."""
+    in_flight: int
+    """Micro-batches whose activations the stage holds at once (1F1B)."""
+    transient: float
+    """On top, at the peak: one layer's working set (recomputed activations included), or the
+    loss's 16-bit logits, and the output layer's weight gradient before it joins the fp32
+    gradient buffer."""
+    total: float = field(init=False)
+
+    def __post_init__(self):
+        self.total = (self.parameters + self.gradients + self.optimizer
+                      + sum(self.activations.values()) + self.transient)
+
+
+KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+
+def training_memory(cfg: ModelConfig, layout: TrainingLayout, *,
+                    kernels: str = "cuda") -> TrainingMemory:
+    """Peak memory per GPU of training ``cfg`` with ``layout``: the most loaded stage.
+    ``kernels="cpu"`` probes the cpu backend's layers (runs them; TP=1, no CP)."""
+    if kernels not in KERNELS:
+        raise PlanError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
+    per_kind = _layer_activations(cfg, layout, kernels)
+    plans = [_stage_memory(cfg, layout, kernels, per_kind, stage) for stage in range(layout.pp)]
+    return max(plans, key=lambda plan: plan.total)
+
+
+def _layer_activations(cfg: ModelConfig, layout: TrainingLayout,
+                       kernels: str) -> dict[str, LayerActivations]:
+    if kernels == "cuda":
+        activations = {symbol: cuda_layer_activations(cfg, symbol, precision=layout.precision,
+                                                      sharding=layout.sharding)
+                       for symbol in set(cfg.layer_pattern.layers)}
+        if layout.recompute == "selective" and "*" in activations:
+            # The core attention's softmax statistics are recomputed (no s x s scores exist).
+            attention = activations["*"]
+            activations["*"] = LayerActivations(
+                saved=attention.saved - 4 * cfg.num_attention_heads / layout.tp,
+                working=attention.working)
+        return activations
+    if (layout.tp, layout.cp) != (1, 1):
+        raise PlanError(f"cpu-kernel plans probe the layers at tp=1, cp=1 (asked: "
+                        f"tp={layout.tp}, cp={layout.cp}): plan kernels='cuda' instead")
+    return cpu_layer_activations(cfg, micro_batch_size=layout.micro_batch_size,
+                                 seq_length=layout.seq_length, recompute=layout.recompute)
+
+
+def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
+                  per_kind: dict[str, LayerActivations], stage: int) -> TrainingMemory:
+    params = stage_parameters(cfg, layout.tp, layout.pp)[stage]
+    states = _state_bytes_per_parameter(layout)
+    layers = cfg.layer_pattern.stages(layout.pp)[stage]
+    tokens = layout.tokens_per_microbatch
+    in_flight = min(layout.pp - stage, layout.num_microbatches)
+    b = 4 if kernels == "cpu" or layout.precision == "fp32" else 2
+    full = layout.recompute == "full"
+    layer_input = b * layout.sharding.hidden(cfg.hidden_size)
+    activations = {KIND_NAMES[symbol]: in_flight * tokens * layers.count(symbol)
+                   * (layer_input if full else per_kind[symbol].saved)
+                   for symbol in dict.fromkeys(layers)}
+    # While a layer runs: its working set (and, recomputed, its activations again).
+    working = tokens * max(per_kind[s].working + (per_kind[s].saved if full else 0)
+                           for s in set(layers))
+    if stage == 0:
+        activations["input"] = in_flight * tokens * INPUT_ACTIVATION_BYTES
+    if stage == layout.pp - 1:
+        output = tokens * output_activation_bytes(cfg, kernels=kernels,
+                                                  precision=layout.precision,
+                                                  sharding=layout.sharding)
+        activations["output"] = in_flight * output
+        # The output's activations are freed before the layers' backward runs; 16-bit logits
+        # stay alive beside their fp32 copy while the loss is computed.
+        logits = tokens * b * cfg.vocab_size / layout.tp if b == 2 else 0.0
+        output_weight_grad = b * cfg.vocab_size * cfg.hidden_size / layout.tp
+        working = max(working - output, logits) + output_weight_grad
+    return TrainingMemory(stage=stage, parameters=params * states["weights"],
+                          gradients=params * states["gradients"],
+                          optimizer=params * states["optimizer"], activations=activations,
+                          in_flight=in_flight, transient=working)
+
+
+def _state_bytes_per_parameter(layout: TrainingLayout) -> dict[str, float]:
+    shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    if layout.precision == "fp32":
+        return {"weights": 4, "gradients": 4, "optimizer": 8 / shards}
+    return {"weights": 2, "gradients": 4, "optimizer": 12 / shards}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepEstimate:
+    seconds: float
+    mfu: float
+    tokens_per_second_per_gpu: float
+
+
+def step_estimate(cfg: ModelConfig, layout: TrainingLayout, peak_flops: float) -> StepEstimate:
+    """Time of one optimizer step and its MFU on GPUs of ``peak_flops`` (dense, per GPU)."""
+    from megatron_hybrid import metrics
+
+    flops = metrics.flops_per_token(cfg, layout.seq_length)
+    tokens_per_gpu = (layout.dp * layout.num_microbatches * layout.micro_batch_size
+                      * layout.seq_length / layout.world_size)
+    model_flops = flops["total"] * tokens_per_gpu
+    layer_forward = (flops["total"] - flops["logits"]) / metrics.TRAINING_FLOPS_FACTOR
+    recompute = {"full": layer_forward, "selective": _core_attention_forward(cfg, layout)}
+    hardware_flops = model_flops + recompute.get(layout.recompute, 0.0) * tokens_per_gpu
+    bubble = (layout.num_microbatches + layout.pp - 1) / layout.num_microbatches
+    seconds = hardware_flops / (peak_flops * KERNEL_EFFICIENCY) * bubble
+    return StepEstimate(seconds=seconds, mfu=model_flops / (seconds * peak_flops),
+                        tokens_per_second_per_gpu=tokens_per_gpu / seconds)
+
+
+def _core_attention_forward(cfg: ModelConfig, layout: TrainingLayout) -> float:
+    """Forward FLOPs per token of every attention layer's QK^T and AV (causal half)."""
+    return (cfg.layer_pattern.counts["*"] * 2 * cfg.num_attention_heads * cfg.kv_channels
+            * layout.seq_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference memory
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class InferenceMemory:
+    """Bytes to serve ``batch`` sequences of ``context`` tokens on one GPU."""
+
+    context: int
+    batch: int
+    weights: float
+    kv_cache: float
+    ssm_state: float
+    conv_state: float
+    prefill: float
+    """Working set of one prefill chunk (the largest layer's, or the last tokens' logits)."""
+    total: float = field(init=False)
+
+    def __post_init__(self):
+        self.total = (self.weights + self.kv_cache + self.ssm_state + self.conv_state
+                      + self.prefill)
+
+
+def inference_memory(cfg: ModelConfig, *, context: int, batch: int = 1,
+                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                     dtype_bytes: int = 2) -> InferenceMemory:
+    """Weights, caches and prefill working set of serving ``cfg`` (bf16 by default; the SSM
+    state is kept in fp32, as Nemotron-H serving does)."""
+    w, counts = Widths.of(cfg), cfg.layer_pattern.counts
+    kv_per_token = counts["*"] * 2 * w.g * w.d * dtype_bytes
+    ssm_state = counts["M"] * w.heads * w.head_dim * w.state * 4
+    conv_state = counts["M"] * w.conv_width * (CONV_KERNEL - 1) * dtype_bytes
+    chunk_tokens = min(prefill_chunk, context) * batch
+    return InferenceMemory(
+        context=context, batch=batch, weights=total_parameters(cfg) * dtype_bytes,
+        kv_cache=kv_per_token * context * batch, ssm_state=ssm_state * batch,
+        conv_state=conv_state * batch,
+        prefill=max(chunk_tokens * _prefill_width(cfg, w) * dtype_bytes,
+                    batch * cfg.vocab_size * 4))
+
+
+def _prefill_width(cfg: ModelConfig, w: Widths) -> int:
+    """Values per token alive inside the widest layer's forward (input and output included)."""
+    widths = {"M": w.in_proj_width + w.conv_width + 2 * w.d_inner,
+              "*": (w.a + 2 * w.g) * w.d + w.a * w.d, "-": 2 * w.f,
+              "E": 2 * (cfg.moe_ffn_hidden_size or w.f) * cfg.moe_router_topk}
+    return 2 * w.h + max(widths[symbol] for symbol in set(cfg.layer_pattern.layers))
+
+
+def all_attention_counterpart(cfg: ModelConfig) -> ModelConfig:
+    """The same-width model with attention in place of every Mamba layer: what the hybrid's KV
+    cache is compared against."""
+    return cfg.replace(pattern=cfg.pattern.replace("M", "*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement on the CPU (what the planner is checked against)
+# ---------------------------------------------------------------------------------------------
+
+def measure_cpu_peak(fn) -> tuple[object, int]:
+    """``(fn(), peak bytes of CPU tensor memory allocated while it ran)``.
+
+    The bytes in use are the CPU allocator's own count, as it reports every allocation and
+    free to torch's profiler (``profile_memory=True``): every tensor storage, temporaries
+    inside ops included; not the Python heap, not freed memory the C library keeps (which
+    RSS would show). Memory allocated before ``fn`` starts is not counted.
+    """
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()  # garbage freed during the run would lower the count it started from
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = fn()
+    allocation = torch._C._profiler._EventType.Allocation
+    events, allocations = list(profiler.profiler.kineto_results.experimental_event_tree()), []
+    while events:
+        event = events.pop()
+        events.extend(event.children)
+        if event.tag == allocation:
+            fields = event.extra_fields
+            allocations.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
+    if not allocations:
+        return result, 0
+    allocations.sort()
+    # The allocator's running total spans the process; count from where this run started.
+    _, first_total, first_size = allocations[0]
+    return result, max(total for _, total, _ in allocations) - (first_total - first_size)
+
+
+@contextlib.contextmanager
+def _cpu_process_group():
+    """The cpu backend and a model-parallel state to build a probe in: this process's, or a
+    1-process group started here and torn down after."""
+    from megatron_hybrid import backends
+
+    if backends.active() not in (None, "cpu"):
+        raise PlanError(f"cpu-kernel plans run the cpu backend; this process runs "
+                        f"{backends.active()!r}: plan in a separate process")
+    backends.install("cpu")
+    from megatron_hybrid import mcore, parallel
+
+    if mcore.parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+    try:
+        yield
+    finally:
+        parallel.destroy_distributed()
+
+
+@contextlib.contextmanager
+def _rng_state_kept():
+    """Seed Megatron-Core's RNG tracker for a probe build; leave the caller's RNGs as they were."""
+    import torch
+
+    from megatron_hybrid import mcore
+
+    tracker = mcore.tensor_parallel.get_cuda_rng_tracker()
+    cpu_state = torch.get_rng_state()
+    tracker_states = tracker.get_states() if tracker.is_initialized() else None
+    mcore.tensor_parallel.model_parallel_cuda_manual_seed(0)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if tracker_states is None:
+            tracker.reset()
+        else:
+            tracker.set_states(tracker_states)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", help="recipe YAML (or give --flavor)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. parallel.tp=4 train.recompute=full")
+    parser.add_argument("--flavor", help="a model flavor instead of a recipe (bf16, tp=pp=cp=1 "
+                        "unless overridden)")
+    parser.add_argument("--seq", type=int, help="sequence length of training and context of "
+                        "inference (default: the recipe's / the model's)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the GPU to plan for")
+    parser.add_argument("--gpus", type=int, help="GPUs of the training job (default: tp*pp*cp, "
+                        "one model replica)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences served at once")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
+    gpu = GPUS[args.gpu]
+    world_size = args.gpus or cfg.parallel.model_parallel_size
+    cfg.validate(world_size)
+    layout = TrainingLayout.from_run(cfg, world_size)
+    report = plan_report(cfg.model, layout, gpu, context=args.seq or cfg.model.seq_length,
+                         batch=args.batch)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    from megatron_hybrid import recipe
+
+    positional = ([args.recipe] if args.recipe else []) + args.overrides
+    if args.flavor is not None:
+        if positional and "=" not in positional[0]:
+            raise PlanError(f"plan: give a recipe ({positional[0]}) or --flavor "
+                            f"{args.flavor}, not both")
+        cfg = recipe.load_recipe(None, [f"model.flavor={args.flavor}", "train.precision=bf16",
+                                        "data.mock=true",
+                                        *positional])
+    elif not positional:
+        raise PlanError("plan: give a recipe or --flavor NAME")
+    else:
+        cfg = recipe.load_recipe(positional[0], positional[1:])
+    if args.seq is not None:
+        cfg.train.seq_length = args.seq
+        cfg.model = cfg.model.replace(seq_length=max(args.seq, cfg.model.seq_length))
+    return cfg
+
+
+def plan_report(cfg: ModelConfig, layout: TrainingLayout, gpu: Gpu, *, context: int,
+                batch: int = 1) -> dict:
+    """The plan as plain data: training memory and step time, inference memory, verdicts."""
+    training = training_memory(cfg, layout)
+    inference = inference_memory(cfg, context=context, batch=batch)
+    peak = gpu.peak_flops(layout.precision)
+    step = step_estimate(cfg, layout, peak) if peak else None
+    counterpart = inference_memory(all_attention_counterpart(cfg), context=context, batch=batch)
+    return {
+        "gpu": gpu.device_name, "usable_bytes": gpu.usable_bytes,
+        "parameters": total_parameters(cfg), "layout": asdict(layout),
+        "training": {**asdict(training), "fits": training.total <= gpu.usable_bytes,
+                     "step": asdict(step) if step else None},
+        "inference": {**asdict(inference), "fits": inference.total <= gpu.usable_bytes,
+                      "kv_cache_vs_all_attention": inference.kv_cache / counterpart.kv_cache
+                      if counterpart.kv_cache else None},
+    }
+
+
+def format_report(report: dict) -> str:
+    training, inference, layout = report["training"], report["inference"], report["layout"]
+    lines = [f"{report['gpu']}: {_gib(report['usable_bytes'])} usable "
+             f"({_gib(RUNTIME_RESERVE_BYTES)} kept for the CUDA runtime); model "
+             f"{report['parameters'] / 1e9:.2f}B parameters",
+             f"training per GPU ({layout['precision']}, seq {layout['seq_length']:,}, "
+             f"tp {layout['tp']} pp {layout['pp']} cp {layout['cp']} dp {layout['dp']}, "
+             f"micro-batch {layout['micro_batch_size']} x {layout['num_microbatches']}, "
+             f"recompute {layout['recompute']}; stage {training['stage']}):"]
+    rows = [("parameters", training["parameters"]), ("gradients", training["gradients"]),
+            ("optimizer", training["optimizer"])]
+    rows += [(f"activations {kind}", value) for kind, value in training["activations"].items()]
+    rows += [("working set at the peak", training["transient"])]
+    lines += [f"  {name:<30}{_gib(value):>12}" for name, value in rows]
+    lines.append(f"  {'total':<30}{_gib(training['total']):>12}  {_verdict(training['fits'])}"
+                 f" ({training['in_flight']} micro-batches in flight)")
+    if training["step"]:
+        step = training["step"]
+        lines.append(f"  step ~{step['seconds']:.3g} s, MFU ~{step['mfu']:.0%}, "
+                     f"{step['tokens_per_second_per_gpu']:,.0f} tokens/s/GPU")
+    ratio = inference["kv_cache_vs_all_attention"]
+    lines += [f"inference (bf16, context {inference['context']:,} x batch {inference['batch']}):"]
+    rows = [("weights", inference["weights"]), ("KV cache", inference["kv_cache"]),
+            ("SSM state (fp32)", inference["ssm_state"]), ("conv state", inference["conv_state"]),
+            (f"prefill ({DEFAULT_PREFILL_CHUNK:,}-token chunks)", inference["prefill"])]
+    lines += [f"  {name:<30}{_gib(value):>12}" for name, value in rows]
+    lines.append(f"  {'total':<30}{_gib(inference['total']):>12}  {_verdict(inference['fits'])}")
+    if ratio is not None:
+        lines.append(f"  KV cache is {ratio:.1%} of a same-width all-attention model's")
+    return "\n".join(lines)
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def _verdict(fits: bool) -> str:
+    return "fits" if fits else "does NOT fit"

@@ -1,0 +1,370 @@
+"""The prune stage: Minitron pruning (ModelOpt ``mcore_minitron``) of a trained checkpoint.
+
+``megatron-hybrid prune RECIPE [key=value ...]`` loads ``checkpoint.load`` (saved at any TP/PP),
+runs the calibration samples through it at TP=1 (PP allowed) so ModelOpt can rank neurons,
+heads and layers by their activations, and keeps the best-ranked ones:
+
+- manual mode (``prune.export_config``): the given sizes, checked before anything is loaded;
+- search mode (``prune.max_params``): the largest candidate sizes under the budget, each
+  scored on held-out loss, the best kept.
+
+Output in the run directory: ``checkpoints/step_000000`` (meta.json holds the pruned model,
+whose pattern lost the dropped layers), ``model.yaml`` (that model as a recipe section),
+``config.yaml``, and the report ``prune_report.{md,json}`` with ``layer_importance.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from megatron_hybrid.config import PRUNABLE, ConfigError, ModelConfig, PruneConfig, RunConfig
+
+HELP = "prune a checkpoint with ModelOpt Minitron (given sizes or a parameter budget)"
+REPORT = "prune_report"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/prune.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, applied last (e.g. prune.max_params=2e6)")
+
+
+def run(args) -> int:
+    from megatron_hybrid import recipe
+
+    cfg = check_request(recipe.load_recipe(args.recipe, args.overrides))
+    from megatron_hybrid import train
+
+    with train.session(cfg) as (backend, dims):
+        report = prune(cfg, backend, dims)
+    if _is_rank_zero():
+        print(format_summary(report))
+    return 0
+
+
+# -- checks before anything is loaded ---------------------------------------------------------
+
+def check_request(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the model saved in ``checkpoint.load`` after refusing, in one line each,
+    anything that would fail after loading: no target, a missing checkpoint, a recipe model
+    that is not the checkpoint's, sizes the model cannot be pruned to, a layout ModelOpt
+    cannot prune at."""
+    cfg.validate()
+    if cfg.prune.mode is None:
+        raise ConfigError("nothing to prune: set prune.export_config={hidden_size: ..., ...} "
+                          "(given sizes) or prune.max_params=N (search under a budget)")
+    parallel = cfg.parallel
+    if parallel.tp != 1 or parallel.cp != 1:
+        raise ConfigError(f"pruning runs at parallel.tp=1 and parallel.cp=1 (ModelOpt "
+                          f"mcore_minitron), got tp={parallel.tp}, cp={parallel.cp}: the "
+                          f"checkpoint may come from any layout; set parallel.tp=1 "
+                          f"parallel.cp=1 (parallel.pp may stay)")
+    for name in ("calibration_samples", "heldout_samples"):
+        if getattr(cfg.prune, name) % cfg.train.micro_batch_size:
+            raise ConfigError(f"prune.{name} ({getattr(cfg.prune, name)}) must be a multiple "
+                              f"of train.micro_batch_size ({cfg.train.micro_batch_size})")
+    require_heldout_data(cfg, "pruning")
+    source = checkpoint_model(cfg, role="checkpoint to prune")
+    cfg.prune.check_against(source)
+    return dataclasses.replace(cfg, model=source)
+
+
+def require_heldout_data(cfg: RunConfig, stage: str) -> None:
+    """Refuse a data blend without a validation share: the stage reports held-out loss."""
+    from megatron_hybrid.data.datasets import parse_split
+
+    if cfg.data.blend and parse_split(cfg.data.split)[1] == 0:
+        raise ConfigError(f"{stage} measures held-out loss: give data.split a validation "
+                          f"share (e.g. data.split='98,2,0'), got {cfg.data.split!r}")
+
+
+def checkpoint_model(cfg: RunConfig, *, role: str) -> ModelConfig:
+    """The model saved with ``checkpoint.load``; its pattern may differ from the recipe's (a
+    depth prune chose the layers) but nothing else may."""
+    from megatron_hybrid import backends
+
+    if not cfg.checkpoint.load:
+        raise ConfigError(f"set checkpoint.load to the {role} (a checkpoints/step_* folder)")
+    backends.install(cfg.parallel.backend)  # reading a checkpoint imports Megatron-Core
+    from megatron_hybrid.checkpoint import read_meta
+
+    saved = ModelConfig(**read_meta(cfg.checkpoint.load)["model"])
+    saved.validate()
+    differing = [f"model.{name}: recipe {value!r}, checkpoint {getattr(saved, name)!r}"
+                 for name, value in cfg.model.to_dict().items()
+                 if name != "pattern" and value != getattr(saved, name)]
+    if saved.num_layers != cfg.model.num_layers:
+        differing.append(f"layers: recipe {cfg.model.num_layers}, checkpoint {saved.num_layers}")
+    if differing:
+        raise ConfigError(f"the recipe's model is not the one in {cfg.checkpoint.load} "
+                          f"({'; '.join(differing)}): make the recipe's model section match")
+    return saved
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+def prune(cfg: RunConfig, backend: str, dims) -> dict:
+    """Prune ``checkpoint.load`` as ``cfg.prune`` asks; save the pruned checkpoint and the
+    report in the run directory; return the report."""
+    from megatron_hybrid import checkpoint, parallel, train
+    from megatron_hybrid.model import build_model
+
+    parallel.seed_everything(cfg.train.seed)
+    data = CalibrationData(cfg)
+    layout = train.model_layout(cfg, dims)
+    model = build_model(cfg.model, layout, backend=backend, perform_initialization=False)
+    checkpoint.load_weights([model], cfg.checkpoint.load)
+    before = {"params": param_count(model), "heldout_loss": data.heldout_loss(model)}
+    layer_numbers = {id(layer): layer.layer_number for layer in model.decoder.layers}
+    search = run_minitron(model, cfg, data, backend)
+    dropped = dropped_layers(model, layer_numbers, cfg.model.num_layers)
+    pruned_cfg = pruned_model_config(cfg.model, model.config, dropped)
+    pruned = build_model(pruned_cfg, layout, backend=backend, perform_initialization=False)
+    pruned.load_state_dict(model.state_dict())  # strict: the new shapes must match
+    del model
+    after = {"params": param_count(pruned), "heldout_loss": data.heldout_loss(pruned)}
+    report = build_report(cfg, pruned_cfg, dropped, search, before, after)
+    save_outputs(cfg, pruned_cfg, pruned, data.tokenizer, report, dims)
+    return report
+
+
+class CalibrationData:
+    """Calibration samples (training split) and held-out samples (validation split)."""
+
+    def __init__(self, cfg: RunConfig):
+        from megatron_hybrid.data.datasets import build_datasets
+        from megatron_hybrid.data.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.train, self.valid = build_datasets(
+            cfg.data, self.tokenizer, seq_length=cfg.seq_length,
+            train_samples=cfg.prune.calibration_samples, valid_samples=cfg.prune.heldout_samples)
+
+    def forward(self, model, dataset, samples: int) -> float:
+        """Mean per-token loss of ``model`` over the first ``samples`` of ``dataset``."""
+        from megatron_hybrid import engine
+        from megatron_hybrid.data.datasets import microbatch_iterator
+
+        micro = self.cfg.train.micro_batch_size
+        batches = microbatch_iterator(dataset, start_sample=0, micro_batch_size=micro,
+                                      num_microbatches=samples // micro, dp_rank=0, dp_size=1)
+        return engine.eval_loss([model], batches, num_microbatches=samples // micro,
+                                micro_batch_size=micro, seq_length=self.cfg.seq_length)
+
+    def calibrate(self, model) -> None:
+        self.forward(model, self.train, self.cfg.prune.calibration_samples)
+
+    def heldout_loss(self, model) -> float:
+        return self.forward(model, self.valid, self.cfg.prune.heldout_samples)
+
+
+def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> dict:
+    """Prune ``model`` in place with ModelOpt. Returns ``layer_scores``: each layer's
+    importance by global 1-based number (1 - cosine of its input and output on the
+    calibration data), and in search mode ``candidates``: the sizes scored, their parameters
+    and held-out loss."""
+    import modelopt.torch.prune as mtp
+    from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
+
+    register_norm()
+    options = cfg.prune
+    mode_config = get_mcore_minitron_config(
+        hidden_size_divisor=options.hidden_size_divisor,
+        ffn_hidden_size_divisor=options.ffn_hidden_size_divisor,
+        mamba_head_dim_divisor=options.mamba_head_dim_divisor,
+        num_layers_divisor=options.num_layers_divisor)
+    constraints, search = minitron_request(options, data)
+    with _gloo_fix(backend), _modelopt_log(Path(cfg.resolved_output_dir)):
+        _, searcher_state = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
+                                      constraints=constraints, dummy_input=None, config=search)
+    scored = searcher_state["top_k_candidates_per_constraint"].get(options.max_params, [])
+    return {"layer_scores": {int(number): float(score)
+                             for number, score in searcher_state["layer_scores"].items()},
+            "candidates": [{"sizes": candidate.ss_config, "params": int(candidate.params),
+                            "heldout_loss": -candidate.score} for candidate in scored]}
+
+
+def minitron_request(options: PruneConfig, data: CalibrationData) -> tuple[dict, dict]:
+    """ModelOpt's constraints and search config for the two modes."""
+    search = {"forward_loop": data.calibrate}
+    if options.mode == "manual":
+        return {"export_config": dict(options.export_config)}, search
+    search.update(score_func=lambda candidate: -data.heldout_loss(candidate),
+                  max_width_pruning=options.max_width_pruning,
+                  max_depth_pruning=options.max_depth_pruning,
+                  hparams_to_skip=list(options.skip_hparams) or None, top_k=options.top_k)
+    return {"params": options.max_params}, search
+
+
+def _gloo_fix(backend: str):
+    if backend != "cpu":
+        return contextlib.nullcontext()
+    from megatron_hybrid.backends.cpu import gloo_accepts_scalar_all_gather
+
+    return gloo_accepts_scalar_all_gather()
+
+
+@contextlib.contextmanager
+def _modelopt_log(run_dir: Path):
+    """ModelOpt prints its whole search (importance tensors included): to ``modelopt.log``
+    in the run directory (rank 0), not the terminal."""
+    if _is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "modelopt.log" if _is_rank_zero() else Path(os.devnull)
+    with path.open("w") as log, contextlib.redirect_stdout(log):
+        yield
+
+
+def register_norm() -> None:
+    """Teach ModelOpt to prune the hidden size of the cpu backend's norm (like its
+    ``_DynamicFusedLayerNorm`` for Megatron-Core's fused norm)."""
+    from modelopt.torch.nas.modules.norm import _DynamicLayerNorm
+    from modelopt.torch.nas.registry import DMRegistry
+
+    from megatron_hybrid.specs import TorchRMSNorm
+
+    if TorchRMSNorm in DMRegistry:
+        return
+
+    class _DynamicTorchRMSNorm(_DynamicLayerNorm):
+        def _setup(self, *, num_features):
+            self._register_hparam("num_features", num_features)
+            self._register_dynamic_attribute("weight", self._cut_to_active_features)
+
+    DMRegistry.register({TorchRMSNorm: "megatron_hybrid.specs.TorchRMSNorm"})(
+        _DynamicTorchRMSNorm)
+
+
+def param_count(model) -> int:
+    """Parameters of the whole model (summed over pipeline stages)."""
+    from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_param_count
+
+    return int(get_mcore_param_count(model))
+
+
+def dropped_layers(model, layer_numbers: dict[int, int], num_layers: int) -> list[int]:
+    """0-based global indices of the layers depth pruning removed, over every stage
+    (``layer_numbers``: this stage's layers by id, with their original 1-based numbers)."""
+    import torch.distributed as dist
+
+    from megatron_hybrid import mcore
+
+    kept = [layer_numbers[id(layer)] for layer in model.decoder.layers]
+    group = mcore.parallel_state.get_pipeline_model_parallel_group()
+    every_stage: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every_stage, kept, group=group)
+    kept_all = {number for stage in every_stage for number in stage}
+    return [index for index in range(num_layers) if index + 1 not in kept_all]
+
+
+def pruned_model_config(source: ModelConfig, pruned, dropped: list[int]) -> ModelConfig:
+    """The pruned model's config: ModelOpt's new sizes and the pattern without the dropped
+    layers (rebuilt from the saved pattern: Megatron's stack keeps a stale copy)."""
+    sizes = {name: getattr(pruned, name) for name in PRUNABLE if name != "num_layers"}
+    return source.replace(pattern=source.layer_pattern.drop_layers(dropped).text, **sizes)
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], search: dict,
+                 before: dict, after: dict) -> dict:
+    source, layer_scores = cfg.model, search["layer_scores"]
+    layers = source.layer_pattern.layers
+    return {
+        "checkpoint": cfg.checkpoint.load,
+        "mode": cfg.prune.mode,
+        "target": cfg.prune.export_config or {"max_params": cfg.prune.max_params},
+        "sizes": {name: [getattr(source, name), getattr(pruned_cfg, name)] for name in PRUNABLE
+                  if getattr(source, name) != getattr(pruned_cfg, name)},
+        "pattern": [source.pattern, pruned_cfg.pattern],
+        "dropped_layers": [{"index": i, "kind": layers[i]} for i in dropped],
+        "layer_importance": [layer_scores[number] for number in sorted(layer_scores)],
+        "params": [before["params"], after["params"]],
+        "heldout_loss": [before["heldout_loss"], after["heldout_loss"]],
+        "calibration_samples": cfg.prune.calibration_samples,
+        "heldout_samples": cfg.prune.heldout_samples,
+        "candidates": search["candidates"],
+    }
+
+
+def save_outputs(cfg: RunConfig, pruned_cfg: ModelConfig, pruned, tokenizer, report: dict,
+                 dims) -> Path:
+    """The pruned checkpoint (every rank), then config, model section and report (rank 0)."""
+    from megatron_hybrid import recipe
+    from megatron_hybrid.checkpoint import Checkpointer, TrainState
+
+    run_dir = Path(cfg.resolved_output_dir)
+    pruned_run = dataclasses.replace(cfg, model=pruned_cfg)
+    checkpointer = Checkpointer(
+        run_dir, save_interval=None, keep_last=cfg.checkpoint.keep_last,
+        meta={"model": pruned_cfg.to_dict(), "tokenizer": tokenizer.unique_identifiers,
+              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp},
+              "pruned_from": cfg.checkpoint.load},
+        config_yaml=recipe.dump_yaml(pruned_run))
+    saved = checkpointer.save(TrainState(), [pruned], None, None)
+    if _is_rank_zero():
+        report["output"] = str(saved)
+        recipe.save_resolved(pruned_run, run_dir / "config.yaml")
+        write_model_section(pruned_cfg, run_dir / "model.yaml")
+        write_report(report, run_dir)
+    return saved
+
+
+def write_model_section(model: ModelConfig, path: Path) -> None:
+    """The pruned model as a recipe fragment (``base:`` it from a later stage's recipe)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"model": model.to_dict()}, sort_keys=False))
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    from megatron_hybrid import metrics
+
+    (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
+    (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
+    dropped = ", ".join(str(layer["index"]) for layer in report["dropped_layers"]) or "none"
+    metrics.plot_curves(
+        {"1 - cos(layer in, layer out)": list(enumerate(report["layer_importance"]))},
+        run_dir / "layer_importance.png", title=f"Layer importance (dropped: {dropped})",
+        xlabel="layer (0-based)", ylabel="importance")
+
+
+def format_markdown(report: dict) -> str:
+    params, losses = report["params"], report["heldout_loss"]
+    lines = [
+        "# Minitron pruning report", "",
+        f"- checkpoint: `{report['checkpoint']}` -> `{report['output']}`",
+        f"- mode: {report['mode']}, target: `{json.dumps(report['target'])}`",
+        f"- pattern: `{report['pattern'][0]}` -> `{report['pattern'][1]}`",
+        f"- parameters: {params[0]:,} -> {params[1]:,} ({params[1] / params[0]:.1%})",
+        f"- held-out loss ({report['heldout_samples']} samples): {losses[0]:.4f} -> "
+        f"{losses[1]:.4f}",
+        "", "| size | before | after |", "|---|---|---|",
+        *(f"| {name} | {old} | {new} |" for name, (old, new) in report["sizes"].items()),
+        "", "| dropped layer | kind | importance |", "|---|---|---|",
+        *(f"| {layer['index']} | {layer['kind']} | "
+          f"{report['layer_importance'][layer['index']]:.4g} |"
+          for layer in report["dropped_layers"]),
+        *(["", "| candidate sizes | parameters | held-out loss |", "|---|---|---|"]
+          if report["candidates"] else []),
+        *(f"| `{json.dumps(c['sizes'])}` | {c['params']:,} | {c['heldout_loss']:.4f} |"
+          for c in report["candidates"]),
+        "", "Per-layer importance (1 - cosine of layer input and output on the calibration "
+        "data): `layer_importance.png`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def format_summary(report: dict) -> str:
+    params, losses = report["params"], report["heldout_loss"]
+    return (f"pruned -> {report['output']}: {params[0]:,} -> {params[1]:,} parameters, "
+            f"held-out loss {losses[0]:.4f} -> {losses[1]:.4f}, pattern {report['pattern'][1]}")
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0

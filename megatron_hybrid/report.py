@@ -1,0 +1,199 @@
+"""The pipeline's report: OUTPUT/report.md with PNGs beside it, from what each stage wrote.
+
+For every finished stage the report reads its run directory (OUTPUT/NAME):
+
+- the final checkpoint's ``meta.json``: the model, whose parameters are counted;
+- ``metrics.jsonl`` (every training loop writes it): the loss curve, and the held-out loss of
+  its last eval record;
+- ``summary.json``, the stage's own summary (written with :func:`write_summary`):
+  ``{"heldout_loss": float, "task_metrics": {name: float}}``, both optional; its held-out loss
+  wins over the one of metrics.jsonl;
+- its PNGs and ``*_report.md`` files, linked (e.g. the prune stage's layer importance plot);
+- a distill stage's ``distill_report.json``: how much of the teacher's quality the pruned and
+  distilled student recovered, next to the parameter ratio.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SUMMARY = "summary.json"
+REPORT = "report.md"
+LOSS_CURVES = "loss_curves.png"
+PARAMETERS = "parameters.png"
+DISTILL_REPORT = "distill_report.json"
+PUBLISHED_PAIR = ("nano-v2-12b", "nano-v2-9b")
+"""The published compression the tiny pipeline mirrors: its parameter ratio is the yardstick."""
+
+
+def write_summary(run_dir: str | Path, *, heldout_loss: float | None = None,
+                  task_metrics: dict[str, float] | None = None) -> Path:
+    """A stage's summary for the pipeline report (call it on rank 0 at the end of the stage)."""
+    path = Path(run_dir) / SUMMARY
+    path.write_text(json.dumps({"heldout_loss": heldout_loss,
+                                "task_metrics": task_metrics or {}}, indent=2) + "\n")
+    return path
+
+
+def write_report(pipeline) -> Path:
+    """Write ``report.md`` and its PNGs into the pipeline's output folder; return its path."""
+    finished = [stage for stage in pipeline.stages if pipeline.is_finished(stage.name)]
+    rows = [stage_row(pipeline, stage) for stage in finished]
+    out = pipeline.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plot(rows, out)
+    lines = [f"# Pipeline {pipeline.name}", "",
+             f"From `{pipeline.path}`: {len(finished)} of {len(pipeline.stages)} stages "
+             f"finished (outputs in `{out}`).", ""]
+    for stage in finished:
+        if stage.kind == "distill" and "distill.teacher" in stage.inputs:
+            lines += compression_section(pipeline, stage, {row["stage"]: row for row in rows})
+    lines += stages_table(rows) + [f"![{caption}]({name})" for caption, name in plots] + [""]
+    lines += stage_outputs(pipeline, finished)
+    path = out / REPORT
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stage_row(pipeline, stage) -> dict:
+    run_dir = pipeline.run_dir(stage.name)
+    checkpoint = pipeline.final_checkpoint(stage.name)
+    records = _records(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+    evals = [record["loss"] for record in records if record["kind"] == "eval"]
+    return {
+        "stage": stage.name, "kind": stage.kind, "checkpoint": checkpoint,
+        "params": count_parameters(json.loads((checkpoint / "meta.json").read_text())["model"]),
+        "heldout_loss": _first_given(summary.get("heldout_loss"), evals[-1] if evals else None),
+        "task_metrics": summary.get("task_metrics", {}),
+        "seconds": pipeline.done(stage.name)["seconds"],
+        "curve": _latest_per_step([r for r in records if r["kind"] == "train"]),
+    }
+
+
+def count_parameters(model: dict) -> int:
+    from megatron_hybrid.config import ModelConfig
+    from megatron_hybrid.params import count_parameters as count
+
+    return count(ModelConfig(**model))["total"]
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _latest_per_step(records: list[dict]) -> list[tuple[int, float]]:
+    """(step, loss); a resumed run logs a step again, and its latest record counts."""
+    latest = {record["step"]: record["loss"] for record in records}
+    return sorted(latest.items())
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+def compression_section(pipeline, stage, rows: dict) -> list[str]:
+    """Teacher vs pruned-and-distilled student: parameters, held-out loss, task metrics."""
+    teacher_name = stage.inputs["distill.teacher"]
+    path = pipeline.run_dir(stage.name) / DISTILL_REPORT
+    if teacher_name not in rows or not path.is_file():
+        return []
+    teacher, student, distilled = rows[teacher_name], rows[stage.name], json.loads(
+        path.read_text())
+    start, end, closed = distilled["start"], distilled["end"], distilled["gap_closed"]
+    ratio, published = student["params"] / teacher["params"], published_ratio()
+    lines = [
+        f"## Compression: {stage.name} (student) vs {teacher_name} (teacher)", "",
+        f"- parameters: {teacher['params']:,} -> {student['params']:,}: {ratio:.1%} of the "
+        f"teacher (published {PUBLISHED_PAIR[0]} -> {PUBLISHED_PAIR[1]}: {published:.1%})",
+        f"- held-out loss on the distillation data: teacher {end['teacher_loss']:.4f}, pruned "
+        f"{start['student_loss']:.4f}, distilled {end['student_loss']:.4f}",
+        f"- **the student recovered {_percent(closed)} of the held-out loss that pruning cost** "
+        f"(gap to the teacher closed by distillation)",
+    ]
+    for name, value in student["task_metrics"].items():
+        if teacher["task_metrics"].get(name):
+            lines.append(f"- {name}: teacher {teacher['task_metrics'][name]:.4g}, student "
+                         f"{value:.4g} ({value / teacher['task_metrics'][name]:.1%} of the "
+                         f"teacher)")
+    return [*lines, ""]
+
+
+def published_ratio() -> float:
+    from megatron_hybrid import flavors
+
+    big, small = (count_parameters(flavors.get_flavor(name).to_dict()) for name in PUBLISHED_PAIR)
+    return small / big
+
+
+def stages_table(rows: list[dict]) -> list[str]:
+    lines = ["## Stages", "",
+             "| stage | kind | parameters | held-out loss | task metrics | time | checkpoint |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        loss = "n/a" if row["heldout_loss"] is None else f"{row['heldout_loss']:.4f}"
+        tasks = ", ".join(f"{name} {value:.4g}" for name, value in row["task_metrics"].items())
+        lines.append(f"| {row['stage']} | {row['kind']} | {row['params']:,} | {loss} | "
+                     f"{tasks or 'n/a'} | {row['seconds']:.0f} s | `{row['checkpoint']}` |")
+    return [*lines, "",
+            "Held-out loss is each stage's own (its data, e.g. assistant tokens for SFT); time "
+            "is the finishing attempt's.", ""]
+
+
+def stage_outputs(pipeline, finished) -> list[str]:
+    """What each stage wrote besides checkpoints: its reports linked, its plots shown (its own
+    loss plot linked: the curves above hold it)."""
+    lines = ["## Stage outputs", ""]
+    for stage in finished:
+        run_dir = pipeline.run_dir(stage.name)
+        files = sorted([*run_dir.glob("*_report.md"), *run_dir.glob("*.png")])
+        links = ", ".join(f"[{path.name}]({stage.name}/{path.name})" for path in files)
+        lines += [f"### {stage.name}", "", links or "no plots or reports", ""]
+        lines += [f"![{stage.name}: {path.stem}]({stage.name}/{path.name})\n" for path in files
+                  if path.suffix == ".png" and path.stem != "loss"]
+    return lines
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+def _plot(rows: list[dict], out: Path) -> list[tuple[str, str]]:
+    """The loss curves of all stages, one after another, and the parameters per stage."""
+    from megatron_hybrid import metrics
+
+    curves, offset = {}, 0
+    for row in rows:
+        if row["curve"]:
+            curves[row["stage"]] = [(offset + step, loss) for step, loss in row["curve"]]
+            offset += row["curve"][-1][0]
+    plots = []
+    if curves:
+        metrics.plot_curves(curves, out / LOSS_CURVES, title="Training loss per stage",
+                            xlabel="step (stages one after another)", log_y=True)
+        plots.append(("training loss per stage", LOSS_CURVES))
+    if rows:
+        _bar_chart({row["stage"]: row["params"] for row in rows}, out / PARAMETERS)
+        plots.append(("parameters per stage", PARAMETERS))
+    return plots
+
+
+def _bar_chart(values: dict[str, int], out_png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from megatron_hybrid.metrics import DPI, FIGSIZE, format_si
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(list(values), list(values.values()))
+    ax.bar_label(bars, labels=[format_si(value) for value in values.values()])
+    ax.set_ylabel("parameters")
+    ax.set_title("Parameters per stage")
+    fig.savefig(out_png, dpi=DPI)
+
+
+def _first_given(*values):
+    return next((value for value in values if value is not None), None)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

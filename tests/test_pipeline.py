@@ -1,0 +1,207 @@
+"""The pipeline runner on a two-stage tiny pipeline (train -> train from the first's checkpoint).
+
+- killed (SIGKILL) in the middle of its second stage and run again, it skips the finished
+  stage, resumes the killed one from its last checkpoint, and writes the report;
+- a stage reads its input by stage name: the second stage loads the first's final checkpoint;
+- --dry-run prints the plan and writes nothing; --only / --from select stages;
+- bad pipeline files are refused in one line before anything runs.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_hybrid import pipeline, report
+from megatron_hybrid.pipeline import PipelineError
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
+SMALL = ["model.flavor=tiny", "model.vocab_size=1024", "train.seq_length=64",
+         "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=3",
+         "train.log_interval=1", "scheduler.warmup_steps=0", "logging.progress_bar=off"]
+SECOND_STEPS = 8
+RUNNER = ("import argparse, sys; from megatron_hybrid import pipeline as p; "
+          "a = argparse.ArgumentParser(); p.add_arguments(a); "
+          "raise SystemExit(p.run(a.parse_args(sys.argv[1:])))")
+
+
+def two_stages(directory: Path) -> Path:
+    """first (3 steps) -> second (8 steps, a checkpoint every 2, from first's checkpoint)."""
+    stages = [
+        {"name": "first", "kind": "train", "recipe": str(RECIPE), "overrides": SMALL},
+        {"name": "second", "kind": "train", "recipe": str(RECIPE),
+         "overrides": [*SMALL, f"train.max_steps={SECOND_STEPS}", "checkpoint.save_interval=2"],
+         "inputs": {"checkpoint.load": "first"}},
+    ]
+    return write_pipeline(directory, {"pipeline": "two", "stages": stages})
+
+
+def write_pipeline(directory: Path, content: dict) -> Path:
+    path = directory / "pipeline.yaml"
+    path.write_text(json.dumps(content))  # JSON is YAML
+    return path
+
+
+def command(path: Path, out: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-c", RUNNER, str(path), "--output", str(out), *flags]
+
+
+def run_in_process(path: Path, out: Path, *flags: str) -> int:
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    return pipeline.run(parser.parse_args([str(path), "--output", str(out), *flags]))
+
+
+def one_line_error(path: Path, out: Path, *flags: str) -> str:
+    with pytest.raises(PipelineError) as info:
+        run_in_process(path, out, *flags)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert not out.exists()  # refused before anything was written
+    return message
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """The two-stage pipeline killed in its second stage, then run again to the end."""
+    directory = tmp_path_factory.mktemp("pipeline")
+    path, out = two_stages(directory), directory / "out"
+    process = subprocess.Popen(command(path, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "second" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.exists() and latest.read_text() >= "step_000002"):
+        assert process.poll() is None and time.time() < deadline, "pipeline ended before the kill"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the runner and its stage process
+    process.wait()
+    killed_at = latest.read_text()
+    first_log = (out / "first" / pipeline.LOG).read_text()
+    again = subprocess.run(command(path, out), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    return {"path": path, "out": out, "killed_at": killed_at, "first_log": first_log,
+            "stdout": again.stdout}
+
+
+def test_killed_stage_resumes_and_finished_stage_is_skipped(resumed):
+    out, killed_at = resumed["out"], resumed["killed_at"]
+    assert killed_at < f"step_{SECOND_STEPS:06d}", "killed too late to test a resume"
+    assert f"first: finished ({out / 'first' / 'DONE'}), skipped" in resumed["stdout"]
+    assert f"second: will resume from {killed_at}" in resumed["stdout"]
+    assert (out / "first" / pipeline.LOG).read_text() == resumed["first_log"]  # not run again
+    second_log = (out / "second" / pipeline.LOG).read_text()
+    assert f"resuming from {out / 'second' / 'checkpoints' / killed_at}" in second_log
+    steps = {json.loads(line)["step"] for line in
+             (out / "second" / "metrics.jsonl").read_text().splitlines()}
+    assert steps >= set(range(1, SECOND_STEPS + 1))
+
+
+def test_stage_reads_its_input_by_stage_name(resumed):
+    out = resumed["out"]
+    first = json.loads((out / "first" / "DONE").read_text())
+    second = json.loads((out / "second" / "DONE").read_text())
+    assert first["checkpoint"] == "checkpoints/step_000003"
+    assert second["checkpoint"] == f"checkpoints/step_{SECOND_STEPS:06d}"
+    second_log = (out / "second" / pipeline.LOG).read_text()
+    assert f"initial weights from {out / 'first' / 'checkpoints' / 'step_000003'}" in second_log
+    assert f"checkpoint.load={out / 'first' / 'checkpoints' / 'step_000003'}" in " ".join(
+        second["command"])
+
+
+def test_report_has_every_stage_with_parameters_losses_and_plots(resumed):
+    out = resumed["out"]
+    text = (out / "report.md").read_text()
+    assert f"report: {out / 'report.md'}" in resumed["stdout"]
+    assert "2 of 2 stages finished" in text
+    rows = [line for line in text.splitlines() if line.startswith("| first |")
+            or line.startswith("| second |")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert int(cells[2].replace(",", "")) > 100_000  # parameters of the tiny flavor
+        assert 0 < float(cells[3]) < 10  # held-out loss from the final eval
+    for png in ("loss_curves.png", "parameters.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in text
+    assert "[loss.png](second/loss.png)" in text
+
+
+def test_a_stage_summary_gives_its_heldout_loss_and_task_metrics(resumed):
+    out = resumed["out"]
+    report.write_summary(out / "second", heldout_loss=1.5, task_metrics={"accuracy": 0.25})
+    text = report.write_report(pipeline.load_pipeline(resumed["path"], str(out))).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| second |"))
+    assert "| 1.5000 | accuracy 0.25 |" in row
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    path, out = two_stages(tmp_path), tmp_path / "out"
+    result = subprocess.run(command(path, out, "--dry-run"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = result.stdout
+    assert "1. first [train]: will run" in plan and "2. second [train]: will run" in plan
+    assert f"checkpoint.load <- first ({out / 'first' / 'checkpoints' / '<final>'})" in plan
+    assert "tp 1 x pp 1 x cp 1 x dp 1 = world size 1" in plan
+    assert f"{SECOND_STEPS} steps x 4 sequences x 64 tokens" in plan
+    assert "MiB per rank; the planner times GPU runs only" in plan  # the planner's memory
+    assert not out.exists()
+
+
+def test_only_and_from_select_stages(resumed, tmp_path):
+    path, out = two_stages(tmp_path), tmp_path / "out"
+    assert run_in_process(path, out, "--only", "first", "--dry-run") == 0
+    message = one_line_error(path, out, "--from", "second", "--dry-run")
+    assert message == ("stage 'second' reads stage 'first', which has not finished and is not "
+                       "selected: run --from first, or the whole pipeline")
+    assert "did you mean 'second'?" in one_line_error(path, out, "--only", "secnd")
+    finished = subprocess.run(command(resumed["path"], resumed["out"], "--from", "second",
+                                      "--dry-run"), capture_output=True, text=True, timeout=300)
+    assert "1. first [train]: finished, skipped" in finished.stdout
+    assert "2. second [train]: finished, skipped" in finished.stdout
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda stages: stages[1].update(kind="trian"),
+     "stage 'second': kind 'trian' is unknown: did you mean 'train'? choose one of train"),
+    (lambda stages: stages[1].update(inputs={"checkpoint.load": "frist"}),
+     "stage 'second': inputs.checkpoint.load: no stage is named 'frist': did you mean 'first'?"),
+    (lambda stages: stages[0].update(inputs={"checkpoint.load": "second"}),
+     "stage 'first': inputs.checkpoint.load: the inputs form a cycle first -> second -> first"),
+    (lambda stages: stages.append({**stages[0], "name": "third"}) or stages[0].update(
+        inputs={"checkpoint.load": "third"}),
+     "stage 'first': inputs.checkpoint.load: stage 'third' comes later: stages run in file "
+     "order, so move 'third' before 'first'"),
+    (lambda stages: stages[1].update(name="first"), "two stages are named 'first'"),
+    (lambda stages: stages[1].update(recipes="x.yaml"),
+     "stage 'second': unknown key 'recipes': did you mean 'recipe'?"),
+    (lambda stages: stages[1].update(recipe="missing.yaml"),
+     "missing.yaml not found (recipe paths are relative to the pipeline file)"),
+    (lambda stages: stages[1].update(nproc=0), "stage 'second': nproc=0 must be a positive"),
+    (lambda stages: stages[1].update(overrides=["train.max_steps=3",
+                                                "checkpoint.load=elsewhere"]),
+     "stage 'second': checkpoint.load is both an input and an override"),
+    (lambda stages: stages[1].update(overrides=["train.max_step=3"]),
+     "train.max_step: unknown key; did you mean train.max_steps?"),
+])
+def test_bad_pipeline_files_are_one_line_errors(tmp_path, change, expected):
+    stages = [
+        {"name": "first", "kind": "train", "recipe": str(RECIPE)},
+        {"name": "second", "kind": "train", "recipe": str(RECIPE),
+         "inputs": {"checkpoint.load": "first"}},
+    ]
+    change(stages)
+    path = write_pipeline(tmp_path, {"pipeline": "bad", "stages": stages})
+    assert expected in one_line_error(path, tmp_path / "out")
+
+
+def test_a_run_recipe_is_not_a_pipeline(tmp_path):
+    message = one_line_error(RECIPE, tmp_path / "out")
+    assert message == (f"{RECIPE}: not a pipeline file: it needs a top-level 'pipeline: NAME' "
+                       f"and 'stages:' (a run recipe goes to megatron-hybrid train)")

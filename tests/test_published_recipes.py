@@ -1,0 +1,149 @@
+"""The published recipes hold the published numbers (../shared/REFERENCE.md, written out here),
+validate on 8-GPU nodes, and chain into the published pipeline; the tiny pipeline mirrors it."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_hybrid import flavors, pipeline
+from megatron_hybrid.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+NODE_GPUS = 8
+
+SHAPES = {
+    # flavor: layers, hidden, FFN, attention heads / KV groups / head dim, Mamba heads x head
+    # dim, state, groups (REFERENCE.md "Model shapes"; vocab 131072 for all)
+    "nemotron-h-8b": (52, 4096, 21504, 32, 8, 128, 128, 64, 128, 8),
+    "nemotron-h-47b": (98, 8192, 30720, 64, 8, 128, 256, 64, 256, 8),
+    "nemotron-h-56b": (118, 8192, 32768, 64, 8, 128, 256, 64, 256, 8),
+    "nano-v2-12b": (62, 5120, 20480, 40, 8, 128, 128, 80, 128, 8),
+    "nano-v2-9b": (56, 4480, 15680, 40, 8, 128, 128, 80, 128, 8),
+}
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim",
+              "mamba_state_dim", "mamba_num_groups")
+PATTERNS = {
+    "nemotron-h-8b": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+    "nemotron-h-47b": "M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+                      "M-M---MM---M-M*-M-M-M-M-M-",
+    "nemotron-h-56b": "M-M-M-M*-M-M-M-M-M*" + "-M-M-M-M-M*" * 8 + "-M-M-M-M-M-",
+    "nano-v2-12b": "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
+    "nano-v2-9b": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
+}
+
+# recipe: (model shape, tp, precision, sequence length); REFERENCE.md: 12B pretraining in FP8
+# at 8192; public recipes use TP=4 (12B) / TP=2 (9B) with sequence parallel; Nemotron-H
+# layouts as NVIDIA's public Megatron-Bridge recipes (TP=2 for 8B, TP=8 and FP8 for 47B/56B).
+# The 9B distillation holds the 12B teacher too, so it keeps the teacher's TP=4; pruning runs
+# at TP=1 (ModelOpt).
+LAYOUTS = {
+    "nemotron_nano_v2/pretrain_12b.yaml": ("nano-v2-12b", 4, "fp8-hybrid", 8192),
+    "nemotron_nano_v2/sft.yaml": ("nano-v2-12b", 4, "bf16", 8192),
+    "nemotron_nano_v2/dpo.yaml": ("nano-v2-12b", 4, "bf16", 8192),
+    "nemotron_nano_v2/prune_12b_to_9b.yaml": ("nano-v2-12b", 1, "bf16", 8192),
+    "nemotron_nano_v2/distill_9b.yaml": ("nano-v2-9b", 4, "bf16", 8192),
+    "nemotron_h/pretrain_8b.yaml": ("nemotron-h-8b", 2, "bf16", 8192),
+    "nemotron_h/pretrain_47b.yaml": ("nemotron-h-47b", 8, "fp8-hybrid", 8192),
+    "nemotron_h/pretrain_56b.yaml": ("nemotron-h-56b", 8, "fp8-hybrid", 8192),
+}
+STAGE_GRAPH = [  # the published 12B -> 9B pipeline, by stage name
+    ("pretrain", "train", {}),
+    ("sft", "sft", {"checkpoint.load": "pretrain"}),
+    ("dpo", "dpo", {"checkpoint.load": "sft"}),
+    ("prune", "prune", {"checkpoint.load": "dpo"}),
+    ("distill", "distill", {"checkpoint.load": "prune", "distill.teacher": "dpo"}),
+    ("long_context", "train", {"checkpoint.load": "distill", "model": "distill"}),
+]
+
+
+def recipe(name: str):
+    return load_recipe(RECIPES / name)
+
+
+def test_every_published_file_is_checked_here():
+    published = {str(p.relative_to(RECIPES)) for folder in ("nemotron_nano_v2", "nemotron_h")
+                 for p in (RECIPES / folder).glob("*.yaml")}
+    checked = {*LAYOUTS, "nemotron_nano_v2/pipeline.yaml",
+               "nemotron_nano_v2/long_context_128k.yaml"}
+    assert published <= checked, f"add these to the tests: {sorted(published - checked)}"
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_model_shape_and_layout_for_8_gpu_nodes(name):
+    shape, tp, precision, seq_length = LAYOUTS[name]
+    cfg = recipe(name)
+    model = cfg.model
+    assert tuple(getattr(model, key) for key in SHAPE_KEYS) == SHAPES[shape]
+    assert model.pattern == PATTERNS[shape] and model.vocab_size == 131072
+    assert (model.norm_eps, model.mamba_chunk_size) == (1e-5, 128)
+    assert cfg.parallel.tp == tp and cfg.parallel.sequence_parallel == (tp > 1)
+    assert (cfg.train.precision, cfg.seq_length) == (precision, seq_length)
+    assert cfg.parallel.backend == "cuda"
+    cfg.validate(world_size=NODE_GPUS)  # one node; more nodes add data parallel
+    cfg.validate_for_backend("cuda")
+
+
+def test_12b_pretraining_holds_the_published_recipe():
+    cfg = recipe("nemotron_nano_v2/pretrain_12b.yaml")
+    assert cfg.train.global_batch_size == 768 and cfg.seq_length == 8192
+    assert cfg.train.precision == "fp8-hybrid"
+    assert cfg.train.max_tokens == 20 * 10**12
+    tokens = cfg.total_steps * cfg.train.tokens_per_step(cfg.model)
+    assert 0 <= tokens - 20 * 10**12 < cfg.train.tokens_per_step(cfg.model)  # max_tokens ends it
+    assert cfg.scheduler.kind == "wsd"
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr) == (4.5e-4, 4.5e-6)
+    assert cfg.parallel.distributed_optimizer
+    assert len(cfg.data.blend) >= 2 and all(isinstance(p, str) for p in cfg.data.blend)
+
+
+@pytest.mark.parametrize("size", ["8b", "47b", "56b"])
+def test_nemotron_h_pretraining_batch_and_sequence(size):
+    cfg = recipe(f"nemotron_h/pretrain_{size}.yaml")
+    assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.seq_length) == (
+        768, 1, 8192)
+
+
+def test_prune_and_distill_hold_the_12b_to_9b_numbers():
+    prune = recipe("nemotron_nano_v2/prune_12b_to_9b.yaml")
+    assert prune.prune.export_config == {"hidden_size": 4480, "ffn_hidden_size": 15680,
+                                         "num_layers": 56}
+    big, small = (flavors.get_flavor(name).layer_pattern.counts
+                  for name in ("nano-v2-12b", "nano-v2-9b"))
+    assert {kind: big[kind] - small[kind] for kind in "*M-"} == {"*": 2, "M": 1, "-": 3}
+    assert (prune.parallel.tp, prune.parallel.cp) == (1, 1)
+    distill = recipe("nemotron_nano_v2/distill_9b.yaml")
+    assert distill.distill.logits_temperature == 1.0
+    assert 80 * 10**9 <= distill.train.max_tokens <= 100 * 10**9
+
+
+def test_long_context_extends_to_128k_with_context_parallel():
+    cfg = recipe("nemotron_nano_v2/long_context_128k.yaml")
+    assert cfg.seq_length == 131072 and cfg.parallel.cp > 1
+    assert tuple(getattr(cfg.model, key) for key in SHAPE_KEYS) == SHAPES["nano-v2-9b"]
+    cfg.validate(world_size=NODE_GPUS)
+
+
+def graph(path: Path) -> list:
+    return [(stage.name, stage.kind, stage.inputs)
+            for stage in pipeline.load_pipeline(path).stages]
+
+
+def test_published_pipeline_chains_the_stages_and_plans_8_gpu_nodes(tmp_path):
+    path = RECIPES / "nemotron_nano_v2" / "pipeline.yaml"
+    assert graph(path) == STAGE_GRAPH
+    loaded = pipeline.load_pipeline(path, output_dir=str(tmp_path / "out"))
+    plans = [pipeline.plan_stage(loaded, stage, selected=True) for stage in loaded.stages]
+    assert [plan.nproc for plan in plans] == [NODE_GPUS, NODE_GPUS, NODE_GPUS, 1, NODE_GPUS,
+                                              NODE_GPUS]
+    assert all(plan.cfg.parallel.backend == "cuda" for plan in plans)
+    text = pipeline.describe_plan(loaded, plans)
+    pretrain = text.split("\n2. ")[0]
+    assert "tp 4 x pp 1 x cp 1 x dp 2 = world size 8, sequence parallel on" in pretrain
+    assert "20T tokens, fp8-hybrid" in pretrain
+    assert "per GPU, fits an NVIDIA H100" in pretrain and "at MFU ~47%" in pretrain
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_pipeline_mirrors_the_published_one():
+    assert graph(RECIPES / "tiny" / "pipeline.yaml") == STAGE_GRAPH

@@ -1,0 +1,11 @@
+"""The ``megatron-hybrid`` command line with the prune and distill subcommands registered
+(as ``cli.COMMAND_MODULES`` lists them once wired; registering twice is harmless)."""
+
+import sys
+
+from megatron_hybrid import cli
+
+if __name__ == "__main__":
+    cli.COMMAND_MODULES.setdefault("prune", "megatron_hybrid.prune")
+    cli.COMMAND_MODULES.setdefault("distill", "megatron_hybrid.distill")
+    sys.exit(cli.main())

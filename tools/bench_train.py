@@ -1,0 +1,30 @@
+"""Training throughput of megatron-hybrid against HF transformers' NemotronH, side by side.
+
+    python tools/bench_train.py                         # the default 22.7M hybrid, 1024 x 2
+    python tools/bench_train.py --seq-length 2048 --steps 4 --json
+
+The same as ``megatron-hybrid bench``; the logic lives in ``megatron_hybrid.bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_hybrid import bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return bench.run(args)
+    except ValueError as err:
+        print(f"bench_train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # the benchmark's worker processes re-import this file
+    sys.exit(main())
