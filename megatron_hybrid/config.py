@@ -138,6 +138,9 @@ class ParallelConfig:
     backend: str = "auto"
     """``cpu`` (gloo, torch kernels), ``cuda`` (NCCL, TE + mamba_ssm) or ``auto`` (cuda if a GPU
     is visible)."""
+    timeout_minutes: float = 10.0
+    """How long a collective waits for the other ranks before the run fails (a dead or hung
+    rank then stops the job instead of hanging it)."""
 
     @property
     def model_parallel_size(self) -> int:
@@ -163,6 +166,8 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp"):
             _check_positive_int(f"parallel.{name}", getattr(self, name))
         _check_choice("parallel.backend", self.backend, BACKENDS)
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (tp is 1): "
                               "set parallel.tp=2 or more, or parallel.sequence_parallel=false")
@@ -196,6 +201,12 @@ class TrainConfig:
     recompute: str = "none"
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full`` (every
     layer)."""
+    max_bad_steps: int = 10
+    """Bad steps tolerated: a NaN/Inf loss or gradient (its update is skipped) or a loss spike.
+    One more stops the run with a checkpoint and ``numerics.json``; 0: stop at the first."""
+    loss_spike_factor: float | None = None
+    """Count a step as bad when its loss exceeds this multiple of the mean of the previous 20
+    (its update is already applied: the count only stops a diverging run); None: off."""
 
     def resolved_seq_length(self, model: ModelConfig) -> int:
         """The sequence length trained on: ``seq_length``, or the model's when None."""
@@ -223,6 +234,10 @@ class TrainConfig:
             _check_positive_int("train.eval_batches", self.eval_batches)
         _check_choice("train.precision", self.precision, PRECISIONS)
         _check_choice("train.recompute", self.recompute, RECOMPUTE_MODES)
+        _check_non_negative_int("train.max_bad_steps", self.max_bad_steps)
+        if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
+            raise ConfigError(f"train.loss_spike_factor={self.loss_spike_factor} must be > 1 "
+                              f"(or null: off)")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(_batch_message(self.global_batch_size, self.micro_batch_size))
 
@@ -452,6 +467,53 @@ class DistillConfig:
                         f"{role} has layers 0..{model.num_layers - 1}")
 
 
+@dataclass(kw_only=True)
+class SFTConfig:
+    train_path: str | None = None
+    """JSONL of conversations (``{"messages": [...], "reasoning": "..."}`` per line); None: the
+    default set built from the embedded corpus."""
+    valid_path: str | None = None
+    """JSONL of held-out conversations; None: the default set's held-out split."""
+    pack: bool = True
+    """Pack several whole conversations into each sequence (false: one per sequence)."""
+    toggle_prompts: int = 8
+    """Held-out prompts (half /think, half /no_think) decoded to measure the reasoning
+    toggle at the start and the end (0: not measured)."""
+    max_new_tokens: int = 96
+    """Decoding of a /think answer stops at ``</think>`` or after this many tokens."""
+
+    def validate(self) -> None:
+        for name in ("train_path", "valid_path"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise ConfigError(f"sft.{name} is empty: give a JSONL file or null for the "
+                                  f"default set")
+        if self.toggle_prompts < 0 or self.toggle_prompts % 2:
+            raise ConfigError(f"sft.toggle_prompts={self.toggle_prompts} must be an even "
+                              f"number >= 0 (half /think, half /no_think)")
+        if self.max_new_tokens < 3:
+            raise ConfigError(f"sft.max_new_tokens={self.max_new_tokens} must be >= 3 "
+                              f"(<think>, a reasoning token, </think>)")
+
+
+@dataclass(kw_only=True)
+class DPOConfig:
+    beta: float = 0.1
+    """Strength of the pull towards the reference (the implicit reward's scale)."""
+    train_path: str | None = None
+    """JSONL of pairs (``{"prompt": [...], "chosen": ..., "rejected": ...}`` per line); None:
+    the default set built from the embedded corpus."""
+    valid_path: str | None = None
+    """JSONL of held-out pairs; None: the default set's held-out split."""
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be > 0")
+        for name in ("train_path", "valid_path"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise ConfigError(f"dpo.{name} is empty: give a JSONL file or null for the "
+                                  f"default set")
+
+
 def default_data_config() -> DataConfig:
     from megatron_hybrid.data.datasets import DataConfig
 
@@ -492,6 +554,10 @@ class RunConfig:
     """The prune stage: target sizes or a budget, calibration and held-out data."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """The distill stage: teacher checkpoint and the KD loss."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """The SFT stage: chat data, packing, the reasoning-toggle probe."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """The DPO stage: preference pairs and beta."""
 
     @property
     def resolved_output_dir(self) -> str:
@@ -517,7 +583,7 @@ class RunConfig:
         together; with ``world_size`` also check the data-parallel size it implies."""
         for section in (self.model, self.parallel, self.train, self.optimizer, self.scheduler,
                         self.data, self.tokenizer, self.checkpoint, self.logging, self.prune,
-                        self.distill):
+                        self.distill, self.sft, self.dpo):
             section.validate()
         self.prune.check_against(self.model)
         self.resolved_output_dir  # noqa: B018  (raises on a bad placeholder)

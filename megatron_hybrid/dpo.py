@@ -32,30 +32,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from megatron_hybrid.config import ConfigError, RunConfig
+from megatron_hybrid.config import ConfigError, DPOConfig, RunConfig
 
 HELP = "direct preference optimisation (DPO) of a chat checkpoint on preference pairs"
 REPORT = "dpo_report"
 REFERENCE = "dpo_reference.pt"
-
-
-@dataclass(kw_only=True)
-class DPOConfig:
-    beta: float = 0.1
-    """Strength of the pull towards the reference (the implicit reward's scale)."""
-    train_path: str | None = None
-    """JSONL of pairs (``{"prompt": [...], "chosen": ..., "rejected": ...}`` per line); None:
-    the default set built from the embedded corpus."""
-    valid_path: str | None = None
-    """JSONL of held-out pairs; None: the default set's held-out split."""
-
-    def validate(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta={self.beta} must be > 0")
-        for name in ("train_path", "valid_path"):
-            if getattr(self, name) is not None and not getattr(self, name):
-                raise ConfigError(f"dpo.{name} is empty: give a JSONL file or null for the "
-                                  f"default set")
 
 
 def add_arguments(parser) -> None:

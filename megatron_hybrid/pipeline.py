@@ -128,6 +128,11 @@ class Pipeline:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
+    add_run_options(parser)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a pipeline run (shared with ``megatron-hybrid demo``)."""
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (stages, inputs, layouts, estimates); run nothing")
     selection = parser.add_mutually_exclusive_group()

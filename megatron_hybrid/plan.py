@@ -231,12 +231,12 @@ def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length
     """
     import torch
 
-    from megatron_hybrid.model import ModelLayout, build_model
-
     kinds = "".join(dict.fromkeys(cfg.layer_pattern.layers))
     probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length))
-    layout = ModelLayout(recompute="selective" if recompute == "selective" else "none")
     with _cpu_process_group(), _rng_state_kept():
+        from megatron_hybrid.model import ModelLayout, build_model  # after the backend
+
+        layout = ModelLayout(recompute="selective" if recompute == "selective" else "none")
         model = build_model(probe_cfg, layout, backend="cpu")
         tokens = micro_batch_size * seq_length
         shape = (seq_length, micro_batch_size, cfg.hidden_size)
@@ -359,7 +359,7 @@ KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 def training_memory(cfg: ModelConfig, layout: TrainingLayout, *,
                     kernels: str = "cuda") -> TrainingMemory:
     """Peak memory per GPU of training ``cfg`` with ``layout``: the most loaded stage.
-    ``kernels="cpu"`` probes the cpu backend's layers (runs them; TP=1, no CP)."""
+    ``kernels="cpu"`` probes the cpu backend's layers (runs them; TP=1)."""
     if kernels not in KERNELS:
         raise PlanError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
     per_kind = _layer_activations(cfg, layout, kernels)
@@ -380,11 +380,14 @@ def _layer_activations(cfg: ModelConfig, layout: TrainingLayout,
                 saved=attention.saved - 4 * cfg.num_attention_heads / layout.tp,
                 working=attention.working)
         return activations
-    if (layout.tp, layout.cp) != (1, 1):
-        raise PlanError(f"cpu-kernel plans probe the layers at tp=1, cp=1 (asked: "
-                        f"tp={layout.tp}, cp={layout.cp}): plan kernels='cuda' instead")
+    if layout.tp != 1:
+        raise PlanError(f"cpu-kernel plans probe the layers at tp=1 (asked: tp={layout.tp}): "
+                        f"plan kernels='cuda' instead")
+    # A CP rank runs its layers on seq/cp tokens; per token they keep what they keep at cp=1
+    # (the K/V exchange's buffers are not counted).
     return cpu_layer_activations(cfg, micro_batch_size=layout.micro_batch_size,
-                                 seq_length=layout.seq_length, recompute=layout.recompute)
+                                 seq_length=layout.seq_length // layout.cp,
+                                 recompute=layout.recompute)
 
 
 def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,

@@ -22,38 +22,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_hybrid.config import ConfigError, RunConfig
+from megatron_hybrid.config import ConfigError, RunConfig, SFTConfig
 
 HELP = "supervised fine-tuning on chat data with the /think /no_think reasoning toggle"
 REPORT = "sft_report"
-
-
-@dataclass(kw_only=True)
-class SFTConfig:
-    train_path: str | None = None
-    """JSONL of conversations (``{"messages": [...], "reasoning": "..."}`` per line); None: the
-    default set built from the embedded corpus."""
-    valid_path: str | None = None
-    """JSONL of held-out conversations; None: the default set's held-out split."""
-    pack: bool = True
-    """Pack several whole conversations into each sequence (false: one per sequence)."""
-    toggle_prompts: int = 8
-    """Held-out prompts (half /think, half /no_think) decoded to measure the reasoning
-    toggle at the start and the end (0: not measured)."""
-    max_new_tokens: int = 96
-    """Decoding of a /think answer stops at ``</think>`` or after this many tokens."""
-
-    def validate(self) -> None:
-        for name in ("train_path", "valid_path"):
-            if getattr(self, name) is not None and not getattr(self, name):
-                raise ConfigError(f"sft.{name} is empty: give a JSONL file or null for the "
-                                  f"default set")
-        if self.toggle_prompts < 0 or self.toggle_prompts % 2:
-            raise ConfigError(f"sft.toggle_prompts={self.toggle_prompts} must be an even "
-                              f"number >= 0 (half /think, half /no_think)")
-        if self.max_new_tokens < 3:
-            raise ConfigError(f"sft.max_new_tokens={self.max_new_tokens} must be >= 3 "
-                              f"(<think>, a reasoning token, </think>)")
 
 
 def add_arguments(parser) -> None:
