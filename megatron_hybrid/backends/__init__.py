@@ -39,9 +39,20 @@ def choose(requested: str, *, cuda_available: bool, missing_packages: list[str])
     return requested
 
 
+PINNED_SET_WARNINGS = (
+    # Deprecations and version notes that the pinned Megatron-Core and ModelOpt raise about the
+    # pinned torch and transformers on every checkpoint load or prune: nothing to act on.
+    "`load_state_dict` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "transformers version .* is not tested with nvidia-modelopt",
+)
+
+
 def install(requested: str = "auto") -> str:
     """Install a backend once per process and return its name."""
     global _active
+    import warnings
+
     import torch
 
     name = choose(requested, cuda_available=torch.cuda.is_available(),
@@ -51,6 +62,8 @@ def install(requested: str = "auto") -> str:
             raise BackendError(f"backend {_active!r} is already installed in this process; "
                                f"start a new process for backend={name}")
         return _active
+    for message in PINNED_SET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     if name == "cpu":
         from megatron_hybrid.backends import cpu
 
