@@ -7,13 +7,17 @@ Layout of a run's ``checkpoints/`` folder::
     latest              the name of the newest complete checkpoint
 
 A save is written under ``step_N.partial`` and renamed once every rank has finished, and only
-then is ``latest`` replaced (atomically), so ``latest`` never names a partial checkpoint.
+then is ``latest`` replaced (atomically), so ``latest`` never names a partial checkpoint; a
+process killed at any point of a save leaves the previous checkpoint loadable (the named
+``reliability.save_point`` calls are where a test kills it). A full disk fails the save in one
+line and removes its partial folder; ``latest`` keeps naming the previous checkpoint.
 ``meta.json`` holds the model config, pattern and tokenizer identity: a checkpoint alone
 rebuilds its model.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_hybrid import mcore
+from megatron_hybrid import mcore, reliability
 
 LATEST = "latest"
 META = "meta.json"
@@ -76,10 +80,49 @@ def save_weights(model_chunks: list, directory: str | Path) -> None:
 
 def load_weights(model_chunks: list, directory: str | Path) -> None:
     """Load weights saved with any TP/PP layout into this layout's model."""
-    state = mcore.dist_checkpointing.load(_sharded_state(model_chunks, None, is_loading=True),
-                                          str(_require_complete(Path(directory))))
+    state = _load(model_chunks, None, _require_complete(Path(directory)))
     (chunk,) = model_chunks
     unwrap(chunk).load_state_dict(state["model"])
+
+
+def _load(model_chunks: list, optimizer, directory: Path) -> dict:
+    try:
+        return mcore.dist_checkpointing.load(
+            _sharded_state(model_chunks, optimizer, is_loading=True), str(directory))
+    except Exception as err:  # the readers raise many types; all mean an unreadable folder
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{directory}: cannot be read ({first}): the checkpoint is "
+                              f"damaged or incomplete; use another step_* folder") from None
+
+
+SHAPE_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+                "mamba_num_groups", "vocab_size", "num_moe_experts", "moe_ffn_hidden_size")
+"""Model fields that set parameter shapes: a checkpoint loads only into equal ones."""
+
+
+def check_matches(directory: str | Path, *, model: dict, tokenizer: dict | None = None) -> None:
+    """Refuse, in one line, a checkpoint of another model (or, given ``tokenizer``, trained
+    with another tokenizer) before its tensors are read."""
+    meta = read_meta(directory)
+    saved = meta["model"]
+    differing = [f"model.{name} {model[name]!r} vs {saved.get(name)!r}" for name in SHAPE_FIELDS
+                 if model[name] != saved.get(name)]
+    if _layers(model["pattern"]) != _layers(saved["pattern"]):
+        differing.append(f"model.pattern {model['pattern']!r} vs {saved['pattern']!r}")
+    if differing:
+        raise CheckpointError(f"{directory} holds another model (this run vs the checkpoint: "
+                              f"{'; '.join(differing)}): set the model section as in its "
+                              f"config.yaml, or give a checkpoint of this model")
+    if tokenizer is not None and meta["tokenizer"] != tokenizer:
+        raise CheckpointError(f"{directory} was trained with tokenizer {meta['tokenizer']}, this "
+                              f"run uses {tokenizer}: set the tokenizer section as in its "
+                              f"config.yaml, or start a new run (another output_dir)")
+
+
+def _layers(pattern: str) -> str:
+    """The layer sequence of a pattern, without its pipeline-stage boundaries."""
+    return pattern.replace("|", "")
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -103,6 +146,26 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     mcore.tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+LOW_SPACE_BYTES = 64 * 2**20
+"""Free space under which a failed save is reported as a full disk: torch's zip writer turns
+ENOSPC into a RuntimeError without an errno."""
+
+
+def _disk_full(err: BaseException, directory: Path) -> bool:
+    """Whether ``err`` comes from a full disk, also when wrapped by a checkpoint writer."""
+    if shutil.disk_usage(directory).free < LOW_SPACE_BYTES:
+        return True
+    seen = [err]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        seen += [e for e in (current.__cause__, current.__context__) if e is not None]
+        seen += [e for e in getattr(current, "failures", {}).values()
+                 if isinstance(e, BaseException)]
+    return False
 
 
 class Checkpointer:
@@ -132,15 +195,29 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         dist.barrier()
-        mcore.dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False),
-                                      str(partial))
-        (partial / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), partial / "rng" / f"rank_{dist.get_rank()}.pt")
+        reliability.save_point("started")
+        try:
+            self._write(partial, model_chunks, optimizer)
+        except Exception as err:
+            if _disk_full(err, self.root):
+                shutil.rmtree(partial, ignore_errors=True)
+                raise CheckpointError(
+                    f"no space left on the device writing {partial}: free space or set "
+                    f"output_dir to a larger disk; {self.root / LATEST} still names the "
+                    f"previous checkpoint") from None
+            raise
         dist.barrier()
         if _rank_zero():
             self._finish(partial, final, state, scheduler)
         dist.barrier()
         return final
+
+    def _write(self, partial: Path, model_chunks: list, optimizer) -> None:
+        mcore.dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False),
+                                      str(partial))
+        reliability.save_point("shards-written")
+        (partial / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), partial / "rng" / f"rank_{dist.get_rank()}.pt")
 
     def _finish(self, partial: Path, final: Path, state: TrainState, scheduler) -> None:
         meta = {**self.meta, "train_state": asdict(state),
@@ -148,23 +225,31 @@ class Checkpointer:
                 "world_size": dist.get_world_size()}
         (partial / META).write_text(json.dumps(meta, indent=2))
         (partial / "config.yaml").write_text(self.config_yaml)
+        reliability.save_point("meta-written")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        reliability.save_point("renamed")
         pointer = self.root / f"{LATEST}.tmp"
         pointer.write_text(final.name)
+        reliability.save_point("pointer-written")
         os.replace(pointer, self.root / LATEST)
-        self._prune()
+        reliability.save_point("latest-replaced")
+        self._prune(final)
 
-    def _prune(self) -> None:
-        complete = sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".partial"))
-        for old in complete[: max(len(complete) - self.keep_last, 0)]:
+    def _prune(self, latest: Path) -> None:
+        """Keep the last ``keep_last`` checkpoints up to ``latest``; remove the rest: older ones,
+        partial ones and complete ones a killed run left beyond ``latest`` (this run has
+        diverged from them)."""
+        steps = sorted(self.root.glob("step_*"))
+        kept = [p for p in steps if p.suffix != ".partial" and p.name <= latest.name]
+        for old in set(steps) - set(kept[-self.keep_last:]):
+            reliability.save_point("pruning")
             shutil.rmtree(old)
 
     def resume(self, directory: Path, model_chunks: list, optimizer, scheduler) -> TrainState:
         """Restore model, optimizer, scheduler, RNG and data position from ``directory``."""
         meta = read_meta(directory)
-        state = mcore.dist_checkpointing.load(
-            _sharded_state(model_chunks, optimizer, is_loading=True), str(directory))
+        state = _load(model_chunks, optimizer, directory)
         (chunk,) = model_chunks
         unwrap(chunk).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

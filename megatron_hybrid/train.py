@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_hybrid import backends, engine, metrics, parallel, recipe
-from megatron_hybrid.checkpoint import Checkpointer, TrainState, load_weights
+from megatron_hybrid import backends, engine, metrics, parallel, recipe, reliability
+from megatron_hybrid.checkpoint import Checkpointer, TrainState, check_matches, load_weights
 from megatron_hybrid.config import RunConfig
 from megatron_hybrid.data.datasets import build_datasets, microbatch_iterator
 from megatron_hybrid.data.tokenizer import load_tokenizer
@@ -68,23 +68,33 @@ class Trainer:
     def train(self, tracker: metrics.MetricsTracker) -> TrainState:
         cfg, state, total = self.cfg, self.state, self.cfg.total_steps
         data = self.batches(self.train_data, state.consumed_samples)
-        while state.step < total:
-            started = time.perf_counter()
-            result = engine.train_step(
-                self.model_chunks, self.optimizer, data, num_microbatches=self.num_microbatches,
-                micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.seq_length,
-                forward_step=self.forward_step)
-            self.scheduler.step(increment=1)
-            state.step += 1
-            state.consumed_samples += cfg.train.global_batch_size
-            state.tokens += result.num_tokens
-            tracker.step(state.step, loss=result.loss, grad_norm=result.grad_norm,
-                         lr=self.optimizer.param_groups[0]["lr"], tokens=result.num_tokens,
-                         seconds=time.perf_counter() - started)
-            if _due(state.step, cfg.train.eval_interval) or state.step == total:
-                tracker.log_eval(state.step, self.evaluate())
-            if self.checkpointer.should_save(state.step, final=state.step == total):
-                self.checkpointer.save(state, self.model_chunks, self.optimizer, self.scheduler)
+        saved = None
+        with reliability.Watchdog(max_bad_steps=cfg.train.max_bad_steps, run_dir=self.run_dir,
+                                  loss_spike_factor=cfg.train.loss_spike_factor) as watchdog:
+            while state.step < total and not watchdog.stopping:
+                started = time.perf_counter()
+                result = engine.train_step(
+                    self.model_chunks, self.optimizer, data,
+                    num_microbatches=self.num_microbatches,
+                    micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.seq_length,
+                    forward_step=reliability.with_nan_loss(self.forward_step, state.step + 1))
+                if self.optimizer.update_applied:  # as Megatron-LM: a skipped step keeps its LR
+                    self.scheduler.step(increment=1)
+                state.step += 1
+                state.consumed_samples += cfg.train.global_batch_size
+                state.tokens += result.num_tokens
+                tracker.step(state.step, loss=result.loss, grad_norm=result.grad_norm,
+                             lr=self.optimizer.param_groups[0]["lr"], tokens=result.num_tokens,
+                             seconds=time.perf_counter() - started)
+                watchdog.after_step(state.step, loss=result.loss, grad_norm=result.grad_norm,
+                                    applied=self.optimizer.update_applied)
+                if _due(state.step, cfg.train.eval_interval) or state.step == total:
+                    tracker.log_eval(state.step, self.evaluate())
+                if self.checkpointer.should_save(state.step,
+                                                 final=state.step == total or watchdog.stopping):
+                    saved = self.checkpointer.save(state, self.model_chunks, self.optimizer,
+                                                   self.scheduler)
+            watchdog.finish(state.step, saved)
         return state
 
 
@@ -103,7 +113,8 @@ def session(cfg: RunConfig) -> Iterator[tuple[str, parallel.ParallelDims]]:
     cfg.validate_for_backend(backend)
     dims = parallel.ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
                                  world_size=world_size)
-    parallel.init_distributed(dims, backend=backend)
+    parallel.init_distributed(dims, backend=backend,
+                              timeout_minutes=cfg.parallel.timeout_minutes)
     try:
         yield backend, dims
     finally:
@@ -136,13 +147,17 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
               "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp}},
         config_yaml=recipe.dump_yaml(cfg))
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
-    if latest is None and cfg.checkpoint.load:
+    if latest is not None:
+        check_matches(latest, model=checkpointer.meta["model"], tokenizer=tokenizer.identity)
+    elif cfg.checkpoint.load:
         _print0(f"initial weights from {cfg.checkpoint.load}")
+        check_matches(cfg.checkpoint.load, model=checkpointer.meta["model"])
         load_weights([model], cfg.checkpoint.load)
     if wrap_model is not None:
         model = wrap_model(model)
     chunks = [engine.wrap_ddp(model, use_distributed_optimizer=cfg.parallel.distributed_optimizer)]
-    optimizer = engine.build_optimizer(chunks, _optimizer_settings(cfg))
+    optimizer = reliability.SkipNonFinite(
+        engine.build_optimizer(chunks, _optimizer_settings(cfg)), chunks)
     scheduler = engine.build_scheduler(
         optimizer, kind=cfg.scheduler.kind, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
         warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.total_steps,
