@@ -498,6 +498,8 @@ def _launch(plan: StagePlan) -> None:
     log_path = plan.run_dir / LOG
     last = "no output"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the log as they are printed
+    # The ranks share this machine's cores (torchrun would set 1 and print a banner about it).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # a kill loses no line
         log.write(f"$ {shlex.join(plan.command)}\n")
         process = subprocess.Popen(plan.command, stdout=subprocess.PIPE,

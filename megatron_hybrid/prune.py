@@ -324,8 +324,10 @@ def write_model_section(model: ModelConfig, path: Path) -> None:
 
 def write_report(report: dict, run_dir: Path) -> None:
     from megatron_hybrid import metrics
+    from megatron_hybrid.report import write_summary
 
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
+    write_summary(run_dir, heldout_loss=report["heldout_loss"][1])
     (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
     dropped = ", ".join(str(layer["index"]) for layer in report["dropped_layers"]) or "none"
     metrics.plot_curves(

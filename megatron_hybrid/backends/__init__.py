@@ -43,7 +43,7 @@ PINNED_SET_WARNINGS = (
     # Deprecations and version notes that the pinned Megatron-Core and ModelOpt raise about the
     # pinned torch and transformers on every checkpoint load or prune: nothing to act on.
     "`load_state_dict` is deprecated",
-    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    r"`torch.distributed.\w+` is deprecated",
     "transformers version .* is not tested with nvidia-modelopt",
 )
 
