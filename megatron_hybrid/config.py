@@ -471,28 +471,30 @@ class DistillConfig:
 class SFTConfig:
     train_path: str | None = None
     """JSONL of conversations (``{"messages": [...], "reasoning": "..."}`` per line); None: the
-    default set built from the embedded corpus."""
+    arithmetic task's training split (``megatron_hybrid/task.py``)."""
     valid_path: str | None = None
-    """JSONL of held-out conversations; None: the default set's held-out split."""
+    """JSONL of held-out conversations; None: the task's held-out split."""
     pack: bool = True
     """Pack several whole conversations into each sequence (false: one per sequence)."""
-    toggle_prompts: int = 8
-    """Held-out prompts (half /think, half /no_think) decoded to measure the reasoning
-    toggle at the start and the end (0: not measured)."""
-    max_new_tokens: int = 96
-    """Decoding of a /think answer stops at ``</think>`` or after this many tokens."""
+    task_samples: int = 32
+    """Held-out task problems answered greedily, each with /think and with /no_think, for
+    the task accuracy at the start and the end (0: not measured, e.g. for other data)."""
+    max_new_tokens: int = 40
+    """Decoding of an answer stops at ``<|im_end|>`` or after this many tokens."""
 
     def validate(self) -> None:
+        from megatron_hybrid import task
+
         for name in ("train_path", "valid_path"):
             if getattr(self, name) is not None and not getattr(self, name):
                 raise ConfigError(f"sft.{name} is empty: give a JSONL file or null for the "
                                   f"default set")
-        if self.toggle_prompts < 0 or self.toggle_prompts % 2:
-            raise ConfigError(f"sft.toggle_prompts={self.toggle_prompts} must be an even "
-                              f"number >= 0 (half /think, half /no_think)")
-        if self.max_new_tokens < 3:
-            raise ConfigError(f"sft.max_new_tokens={self.max_new_tokens} must be >= 3 "
-                              f"(<think>, a reasoning token, </think>)")
+        if not 0 <= self.task_samples <= task.HELDOUT:
+            raise ConfigError(f"sft.task_samples={self.task_samples} must be between 0 and "
+                              f"{task.HELDOUT} (the held-out problems)")
+        if self.max_new_tokens < 4:
+            raise ConfigError(f"sft.max_new_tokens={self.max_new_tokens} must be >= 4 "
+                              f"(<think>, </think>, an answer, <|im_end|>)")
 
 
 @dataclass(kw_only=True)
@@ -501,9 +503,9 @@ class DPOConfig:
     """Strength of the pull towards the reference (the implicit reward's scale)."""
     train_path: str | None = None
     """JSONL of pairs (``{"prompt": [...], "chosen": ..., "rejected": ...}`` per line); None:
-    the default set built from the embedded corpus."""
+    the arithmetic task's training split (right vs slipped answers)."""
     valid_path: str | None = None
-    """JSONL of held-out pairs; None: the default set's held-out split."""
+    """JSONL of held-out pairs; None: the task's held-out split."""
 
     def validate(self) -> None:
         if self.beta <= 0:

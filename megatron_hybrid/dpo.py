@@ -226,15 +226,18 @@ def _datasets(cfg: RunConfig, num_samples: int, train_seqs, heldout_seqs,
 
 
 def pairs_of(dpo: DPOConfig, seed: int, needed: int) -> tuple[list, list]:
-    """(training, held-out) pairs: the JSONL files or the default set's splits; of the
-    training pairs a seeded sample of the ``needed`` a run visits (all when it visits more),
-    so the reference pass scores no pair the run never sees."""
+    """(training, held-out) pairs: the JSONL files or the task's splits (``task.py``: right vs
+    slipped answers); of the training pairs a seeded sample of the ``needed`` a run visits (all
+    when it visits more), so the reference pass scores no pair the run never sees."""
     import numpy
 
+    from megatron_hybrid import task
     from megatron_hybrid.data import chat
 
-    train = chat.read_pairs(dpo.train_path) if dpo.train_path else chat.default_pairs("train")
-    heldout = chat.read_pairs(dpo.valid_path) if dpo.valid_path else chat.default_pairs("valid")
+    train = (chat.read_pairs(dpo.train_path) if dpo.train_path
+             else task.preference_pairs("train"))
+    heldout = (chat.read_pairs(dpo.valid_path) if dpo.valid_path
+               else task.preference_pairs("valid"))
     chosen = numpy.random.default_rng(seed).permutation(len(train))[:needed]
     return [train[i] for i in sorted(chosen)], heldout
 

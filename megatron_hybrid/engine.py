@@ -120,6 +120,29 @@ def lm_forward_step(data_iterator: Iterator[dict], model):
     return per_token_loss, partial(lm_loss_func, batch["loss_mask"])
 
 
+def packed_seq_params(position_ids: torch.Tensor):
+    """THD ``PackedSeqParams`` of a micro-batch flattened into one row: a document starts
+    wherever its position id is 0 (so at every row's start too). Megatron-Core's Mamba mixer
+    turns them into ``seq_idx`` and the core attention isolates the documents."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    cu_seqlens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return mcore.PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens,
+                                 cu_seqlens_kv=cu_seqlens, max_seqlen_q=longest,
+                                 max_seqlen_kv=longest)
+
+
+def packed_forward_step(data_iterator: Iterator[dict], model):
+    """Language-model forward step over packed documents (position ids restart at 0 with
+    each): the micro-batch runs as one THD row of ``micro_batch_size * seq_length`` tokens
+    (Megatron-Core's packed format has batch 1), each document as if alone."""
+    row = {key: value.reshape(1, -1) for key, value in get_batch(data_iterator).items()}
+    per_token_loss = model(row["tokens"], None, None, labels=row["labels"],
+                           packed_seq_params=packed_seq_params(row["position_ids"]))
+    return per_token_loss, partial(lm_loss_func, row["loss_mask"])
+
+
 def train_step(model_chunks: list, optimizer, data_iterator: Iterator[dict], *,
                num_microbatches: int, micro_batch_size: int, seq_length: int,
                forward_step=lm_forward_step) -> StepResult:

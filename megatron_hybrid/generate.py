@@ -1,8 +1,10 @@
 """Greedy decoding with a Megatron-Core model of one rank (tp = pp = cp = 1).
 
-No KV cache or SSM state is kept between steps: every step re-runs the forward over the whole
-sequence so far. That is quadratic in the length, and enough for measuring short answers (the
-reasoning toggle of SFT) on tiny models.
+No KV cache or SSM state is kept between steps: every step re-runs the forward over the
+sequences so far. Several prompts decode together as one packed row (THD
+``packed_seq_params``: each sequence is its own document, so none sees another), which makes a
+step one forward whatever the number of prompts. Quadratic in the length, and enough for
+measuring short answers (the SFT task metric) on tiny models.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Collection
 
 import torch
 
+from megatron_hybrid import engine
 from megatron_hybrid.checkpoint import unwrap
 
 
@@ -27,26 +30,37 @@ def check_single_rank(model) -> None:
                          f"with parallel.tp=1, parallel.pp=1, parallel.cp=1")
 
 
-@torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, *, stop: Collection[int] = ()
              ) -> list[int]:
     """The greedy continuation of ``prompt`` (token ids): at most ``max_new_tokens`` ids,
     ending at the first id in ``stop`` (included) when one comes."""
+    return generate_batch(model, [prompt], max_new_tokens, stop=stop)[0]
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *,
+                   stop: Collection[int] = ()) -> list[list[int]]:
+    """The greedy continuation of each prompt, as :func:`generate` gives it alone; a sequence
+    that has stopped leaves the packed row."""
     check_single_rank(model)
     module = unwrap(model)
     was_training = module.training
     module.eval()
-    tokens = torch.tensor([prompt], dtype=torch.long,
-                          device=next(module.parameters()).device)
-    new: list[int] = []
+    device = next(module.parameters()).device
+    new: list[list[int]] = [[] for _ in prompts]
+    running = [index for index, prompt in enumerate(prompts) if max_new_tokens > 0]
     try:
-        for _ in range(max_new_tokens):
-            logits = module(tokens, None, None)  # [1, s, vocab]
-            next_id = int(logits[0, -1].argmax())
-            new.append(next_id)
-            if next_id in stop:
-                break
-            tokens = torch.cat([tokens, tokens.new_tensor([[next_id]])], dim=1)
+        while running:
+            rows = [list(prompts[index]) + new[index] for index in running]
+            tokens = torch.tensor([[token for row in rows for token in row]], device=device)
+            positions = torch.cat([torch.arange(len(row), device=device) for row in rows])
+            logits = module(tokens, None, None,
+                            packed_seq_params=engine.packed_seq_params(positions))
+            last = torch.tensor([len(row) for row in rows], device=device).cumsum(0) - 1
+            for index, next_id in zip(running, logits[0, last].argmax(-1).tolist()):
+                new[index].append(next_id)
+            running = [index for index in running
+                       if new[index][-1] not in stop and len(new[index]) < max_new_tokens]
     finally:
         module.train(was_training)
     return new

@@ -2,16 +2,16 @@
 
 ``megatron-hybrid sft RECIPE [key=value ...]`` starts from ``checkpoint.load`` (e.g. the
 pretraining checkpoint) and trains through the loop, checkpoints and metrics of pretraining
-(``train.py``) on packed conversations (``data/chat.py``) with the loss on assistant tokens
-only. Without ``sft.train_path`` it trains on the offline default set built from the embedded
-corpus, and measures on that set's held-out split.
+(``train.py``) on conversations (``data/chat.py``) with the loss on assistant tokens only.
+Packed conversations are isolated from each other (``engine.packed_forward_step``: document
+boundaries reach the Mamba kernels as ``seq_idx`` and attention as ``cu_seqlens``). Without
+``sft.train_path`` it trains on the arithmetic task of ``task.py`` and measures on its
+held-out problems.
 
 The run directory also gets ``sft_report.{md,json}``, at the start and the end of the run:
-the held-out assistant-token loss, overall and split by /think and /no_think, and the
-"toggle obeyed" rate: held-out prompts are decoded greedily until their think block is known,
-and an answer obeys when a /think prompt opens it with a non-empty ``<think>`` block and a
-/no_think prompt with an empty one (decoding needs tp = pp = cp = 1; other layouts report
-n/a).
+the held-out assistant-token loss, overall and split by /think and /no_think, and the task
+metric: the exact-match accuracy of greedy answers to ``sft.task_samples`` held-out problems,
+with reasoning on and off (decoding needs tp = pp = cp = 1; other layouts report n/a).
 """
 
 from __future__ import annotations
@@ -50,17 +50,32 @@ def run(args) -> int:
 
 # -- the stage --------------------------------------------------------------------------------
 
+def check_request(cfg: RunConfig, sft: SFTConfig) -> None:
+    """Refuse, in one line each, what SFT cannot train."""
+    sft.validate()
+    if not sft.pack:
+        return
+    if cfg.parallel.cp != 1:
+        raise ConfigError(f"sft.pack=true runs at parallel.cp=1 (packed documents are not split "
+                          f"over CP ranks): set parallel.cp=1 or sft.pack=false")
+    if cfg.parallel.pp != 1 and cfg.train.micro_batch_size != 1:
+        raise ConfigError(f"sft.pack=true with parallel.pp={cfg.parallel.pp} needs "
+                          f"train.micro_batch_size=1 (a packed micro-batch runs as one row): "
+                          f"set train.micro_batch_size=1")
+
+
 def finetune(cfg: RunConfig, sft: SFTConfig, backend: str, dims) -> dict:
     """Fine-tune ``cfg``'s model on ``sft``'s conversations; return (and write) the report."""
-    from megatron_hybrid import train
+    from megatron_hybrid import engine, train
     from megatron_hybrid.data.tokenizer import load_tokenizer
 
-    sft.validate()
+    check_request(cfg, sft)
     tokenizer = load_tokenizer(cfg.tokenizer)
     conversations, heldout = conversations_of(sft)
     probe = HeldOut(cfg, sft, heldout, tokenizer)
+    step = engine.packed_forward_step if sft.pack else engine.lm_forward_step
     trainer = dataclasses.replace(
-        train.build_trainer(cfg, backend, dims),
+        train.build_trainer(cfg, backend, dims, forward_step=step),
         train_data=chat_dataset(cfg, conversations, tokenizer, sft.pack,
                                 cfg.total_steps * cfg.train.global_batch_size),
         valid_data=probe.datasets["all"])
@@ -79,13 +94,14 @@ def finetune(cfg: RunConfig, sft: SFTConfig, backend: str, dims) -> dict:
 
 
 def conversations_of(sft: SFTConfig) -> tuple[list, list]:
-    """(training, held-out) conversations: the JSONL files, or the default set's splits."""
+    """(training, held-out) conversations: the JSONL files, or the task's splits."""
+    from megatron_hybrid import task
     from megatron_hybrid.data import chat
 
     train = (chat.read_conversations(sft.train_path) if sft.train_path
-             else chat.default_conversations("train"))
+             else task.conversations("train"))
     heldout = (chat.read_conversations(sft.valid_path) if sft.valid_path
-               else chat.default_conversations("valid"))
+               else task.conversations("valid"))
     return train, heldout
 
 
@@ -107,17 +123,15 @@ def heldout_dataset(cfg: RunConfig, conversations: list, tokenizer, packed: bool
 
 class HeldOut:
     """The held-out measurements of the report: assistant-token loss (all, /think, /no_think)
-    and the toggle-obeyed rate of greedy answers."""
+    and the task's accuracy with reasoning on and off."""
 
     def __init__(self, cfg: RunConfig, sft: SFTConfig, conversations: list, tokenizer):
-        self.cfg, self.tokenizer, self.max_new_tokens = cfg, tokenizer, sft.max_new_tokens
+        self.cfg, self.sft, self.tokenizer = cfg, sft, tokenizer
         by_mode = {mode: [c for c in conversations if c.thinking == (mode == "think")]
                    for mode in ("think", "no_think")}
         self.datasets = {"all": heldout_dataset(cfg, conversations, tokenizer, sft.pack)}
         self.datasets.update({mode: heldout_dataset(cfg, group, tokenizer, sft.pack)
                               for mode, group in by_mode.items() if group})
-        half = sft.toggle_prompts // 2
-        self.prompts = [c for group in by_mode.values() for c in group[:half]]
 
     def measure(self, trainer) -> dict:
         from megatron_hybrid import engine
@@ -128,104 +142,73 @@ class HeldOut:
             num_microbatches=trainer.num_microbatches * train.eval_batches,
             micro_batch_size=train.micro_batch_size, seq_length=self.cfg.seq_length,
             forward_step=trainer.forward_step) for mode, dataset in self.datasets.items()}
-        return {"step": trainer.state.step, "heldout_loss": losses, **self.toggle(trainer)}
+        return {"step": trainer.state.step, "heldout_loss": losses, **self.task(trainer)}
 
-    def toggle(self, trainer) -> dict:
-        """Toggle-obeyed rates (None when the layout cannot decode) and the answers."""
-        if trainer.dims.model_parallel != 1 or not self.prompts:
-            return {"toggle_obeyed": None, "answers": []}
-        answers = [self.answer(trainer.model_chunks[0], c) for c in self.prompts]
-        rates = {mode: _mean([a["obeyed"] for a in answers if a["think"] == (mode == "think")])
-                 for mode in ("think", "no_think")}
-        return {"toggle_obeyed": {"all": _mean([a["obeyed"] for a in answers]), **rates},
-                "answers": answers}
+    def task(self, trainer) -> dict:
+        """The task accuracies (None when not measured or the layout cannot decode) and the
+        greedy answers behind them."""
+        from megatron_hybrid import task
 
-    def answer(self, model, conversation) -> dict:
-        from megatron_hybrid.data import chat
-
-        ids = chat.special_ids(self.tokenizer)
-        text = self.tokenizer.decode(think_block(
-            model, chat.prompt_ids(conversation.prompt, self.tokenizer), self.max_new_tokens,
-            think=conversation.thinking, open_id=ids[chat.THINK_OPEN],
-            close_id=ids[chat.THINK_CLOSE]))
-        return {"question": conversation.prompt[-1]["content"], "think": conversation.thinking,
-                "generated": text, "obeyed": obeys_toggle(text, conversation.thinking)}
-
-
-def think_block(model, prompt: list[int], max_new_tokens: int, *, think: bool, open_id: int,
-                close_id: int) -> list[int]:
-    """The greedy answer's tokens up to where its think block is known: two tokens decide,
-    unless a /think answer opened a non-empty block, which runs to its ``</think>``."""
-    from megatron_hybrid.generate import generate
-
-    head = generate(model, prompt, 2)
-    if not think or head[0] != open_id or close_id in head:
-        return head
-    return head + generate(model, prompt + head, max_new_tokens - 2, stop={close_id})
-
-
-def obeys_toggle(generated: str, think: bool) -> bool:
-    """Whether an answer opens with the think block its prompt asked for: non-empty for
-    /think, empty for /no_think."""
-    from megatron_hybrid.data import DataError, chat
-
-    try:
-        reasoning, _ = chat.split_response(generated)
-    except DataError:
-        return False
-    return bool(reasoning.strip()) == think
-
-
-def _mean(values: list) -> float | None:
-    return sum(values) / len(values) if values else None
+        if trainer.dims.model_parallel != 1 or not self.sft.task_samples:
+            return {"accuracy": None, "answers": []}
+        answers = task.answers(trainer.model_chunks[0], self.tokenizer,
+                               task.problems("valid")[:self.sft.task_samples],
+                               max_new_tokens=self.sft.max_new_tokens)
+        return {"accuracy": task.accuracy(answers), "answers": answers}
 
 
 # -- report -----------------------------------------------------------------------------------
 
+MODES = ("/think", "/no_think")
+
+
 def write_report(report: dict, run_dir: Path) -> None:
-    """``sft_report.{json,md}``, and the pipeline report's summary of the stage."""
+    """``sft_report.{json,md}``, and the pipeline report's summary of the stage: the held-out
+    task accuracies with reasoning on and off, at the start and the end."""
     from megatron_hybrid.report import write_summary
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
     (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
-    end = report["end"]
-    metrics = {f"held-out loss /{mode}": end["heldout_loss"].get(mode)
-               for mode in ("think", "no_think")}
-    metrics.update({f"toggle obeyed /{mode}": (end["toggle_obeyed"] or {}).get(mode)
-                    for mode in ("think", "no_think")})
-    write_summary(run_dir, heldout_loss=end["heldout_loss"]["all"],
-                  task_metrics={name: value for name, value in metrics.items()
-                                if value is not None})
+    metrics = {}
+    for when, suffix in (("start", " at start"), ("end", "")):
+        metrics.update({f"{name}{suffix}": value
+                        for name, value in (report[when]["accuracy"] or {}).items()})
+    write_summary(run_dir, heldout_loss=report["end"]["heldout_loss"]["all"],
+                  task_metrics=metrics)
 
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
+def _accuracy(measured: dict, mode: str) -> float | None:
+    return (measured["accuracy"] or {}).get(f"accuracy {mode}")
+
+
 def format_markdown(report: dict) -> str:
     start, end = report["start"], report["end"]
     rows = [(f"held-out assistant loss ({mode})", f"{start['heldout_loss'][mode]:.4f}",
              f"{end['heldout_loss'][mode]:.4f}") for mode in end["heldout_loss"]]
-    for mode in ("all", "think", "no_think"):
-        rates = [_percent((m["toggle_obeyed"] or {}).get(mode)) for m in (start, end)]
-        rows.append((f"toggle obeyed ({mode})", *rates))
-    openings = [f"- {'/think' if a['think'] else '/no_think'} {a['question']!r} -> "
-                f"`{a['generated']!r}`" for a in end["answers"]]
+    rows += [(f"task accuracy ({mode})", _percent(_accuracy(start, mode)),
+              _percent(_accuracy(end, mode))) for mode in MODES]
+    examples = [f"- {'/think' if a['think'] else '/no_think'} `{a['question']}` -> "
+                f"`{a['generated']!r}` ({'right' if a['correct'] else 'wrong'})"
+                for a in end["answers"][:4] + end["answers"][-4:]]
     return "\n".join([
         "# SFT report", "",
         f"- from `{report['checkpoint']}` to `{report['output']}`",
         f"- data: `{json.dumps(report['data'])}`", "",
         f"| | step {start['step']} | step {end['step']} |", "|---|---|---|",
         *(f"| {name} | {before} | {after} |" for name, before, after in rows), "",
-        "Greedy openings at the end (decoded until the think block is known):", "",
-        *openings, ""])
+        "Greedy answers to held-out problems at the end (first and last four):", "",
+        *examples, ""])
 
 
 def format_summary(report: dict) -> str:
     start, end = report["start"], report["end"]
-    toggle = (end["toggle_obeyed"] or {}).get("all")
+    accuracies = ", ".join(f"{mode} {_percent(_accuracy(start, mode))} -> "
+                           f"{_percent(_accuracy(end, mode))}" for mode in MODES)
     return (f"fine-tuned -> {report['output']}: held-out assistant loss "
             f"{start['heldout_loss']['all']:.4f} -> {end['heldout_loss']['all']:.4f}, "
-            f"toggle obeyed {_percent((start['toggle_obeyed'] or {}).get('all'))} -> "
-            f"{_percent(toggle)}")
+            f"task accuracy {accuracies}")

@@ -43,7 +43,8 @@ class TorchRMSNorm(torch.nn.Module):
 
 class SDPAttention(mcore.DotProductAttention):
     """Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``,
-    context parallel included (:func:`context_parallel.attention`).
+    context parallel included (:func:`context_parallel.attention`), and packed documents
+    (THD ``packed_seq_params``) kept apart: no attention across their boundaries.
 
     Subclasses Megatron-Core's DotProductAttention so ModelOpt recognises it (head pruning),
     but avoids its CUDA global memory buffer and fused-softmax kernels.
@@ -62,20 +63,40 @@ class SDPAttention(mcore.DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences need the THD attention of the cpu backend")
-        seq_len, batch = query.shape[:2]
         dropout_p = self.attention_dropout.p if self.training else 0.0
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params, dropout_p)
+        seq_len, batch = query.shape[:2]
         if self.cp_group.size() > 1:
             out = context_parallel.attention(query, key, value, group=self.cp_group,
                                              scale=self.softmax_scale, dropout_p=dropout_p)
         else:
             # [s, b, heads, dim] -> [b, heads, s, dim]; key/value keep their query-group heads.
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                                 dropout_p=dropout_p,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
+            out = self._causal(q, k, v, dropout_p)
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
+
+    def _causal(self, q, k, v, dropout_p: float):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                              dropout_p=dropout_p,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    def _packed(self, query, key, value, packed_seq_params, dropout_p: float):
+        """THD attention (``[tokens, heads, dim]``, as SelfAttention squeezes it): causal
+        within each document of ``cu_seqlens_q``, none across, so packed documents are as
+        if alone. Tokens after the last boundary form one more document, as in the Mamba
+        mixer's ``seq_idx``."""
+        if self.cp_group.size() > 1:
+            raise NotImplementedError("packed sequences (packed_seq_params) are not supported "
+                                      "with context parallel on the cpu backend: set "
+                                      "parallel.cp=1 or do not pack")
+        total = query.shape[0]
+        bounds = sorted({0, total, *(min(int(b), total)
+                                     for b in packed_seq_params.cu_seqlens_q.tolist())})
+        q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))
+        out = torch.cat([self._causal(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p)
+                         for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+        return out.squeeze(0).permute(1, 0, 2).reshape(total, 1, -1)
 
 
 class HybridStack(mcore.MambaStack):

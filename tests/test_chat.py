@@ -1,5 +1,5 @@
 """Chat data: the template with the reasoning toggle, the assistant-only loss mask, packing,
-JSONL input, and the offline default sets built from the embedded corpus."""
+and JSONL input (the offline default sets are tests/test_task.py's)."""
 
 import json
 import re
@@ -21,7 +21,7 @@ def tokenizer():
 def conversation(think: bool, question: str = "What does `json.dumps` do?",
                  answer: str = "Serialize obj to a JSON formatted str.") -> chat.Conversation:
     return chat.Conversation(
-        (chat.system_message(think), {"role": "user", "content": question},
+        (chat.system_message(think, SYSTEM), {"role": "user", "content": question},
          {"role": "assistant", "content": answer}),
         "It lives in the json module." if think else "")
 
@@ -39,7 +39,7 @@ def test_template_text_with_the_reasoning_toggle():
 
 
 def test_multi_turn_keeps_only_the_last_turns_reasoning():
-    turns = (chat.system_message(True), {"role": "user", "content": "Hi"},
+    turns = (chat.system_message(True, SYSTEM), {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
              {"role": "assistant", "content": "Goodbye."})
     text = chat.render(chat.Conversation(turns, "They leave."))
@@ -49,7 +49,7 @@ def test_multi_turn_keeps_only_the_last_turns_reasoning():
 
 
 def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer):
-    turns = (chat.system_message(True), {"role": "user", "content": "Hi"},
+    turns = (chat.system_message(True, SYSTEM), {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
              {"role": "assistant", "content": "Goodbye."})
     sequences = chat.pack_conversations([chat.Conversation(turns, "They leave.")], tokenizer,
@@ -94,35 +94,6 @@ def test_a_conversation_longer_than_the_sequence_is_refused(tokenizer):
                                         r"length \(80\): raise train.seq_length"):
         chat.pack_conversations([conversation(False, answer="Ok."), conversation(True)],
                                 tokenizer, seq_length=80)
-
-
-def test_default_set_is_deterministic_with_a_think_mix():
-    train = chat.default_conversations("train")
-    assert train == chat.default_conversations("train") and len(train) > 4000
-    heldout = chat.default_conversations("valid")
-    assert len(heldout) > 100
-    for conversations in (train, heldout):
-        think = [c for c in conversations if c.thinking]
-        assert 0.45 <= len(think) / len(conversations) <= 0.6
-        assert all(c.reasoning for c in think)
-        assert not any(c.reasoning for c in conversations if not c.thinking)
-    questions = {c.messages[1]["content"] for c in train}
-    assert not questions & {c.messages[1]["content"] for c in heldout}  # held-out modules
-    dumps = next(c for c in train if c.messages[1]["content"] ==
-                 "What does the function `json.dumps` do?")
-    assert dumps.messages[2]["content"].startswith("Serialize ``obj`` to a JSON formatted ``str``")
-
-
-def test_default_pairs_prefer_the_right_summary():
-    pairs = chat.default_pairs("valid")
-    conversations = chat.default_conversations("valid")
-    assert len(pairs) == len(conversations)
-    for pair, conv in zip(pairs, conversations):
-        chat.check_pair(pair)
-        assert pair.prompt == conv.prompt
-        assert pair.chosen == chat.response(conv.messages[-1]["content"], conv.reasoning)
-        assert chat.split_response(pair.rejected)[1] != conv.messages[-1]["content"]
-    assert len({pair.rejected for pair in pairs}) > 0.9 * len(pairs)  # varied rejections
 
 
 def test_jsonl_round_trip_and_one_line_errors(tmp_path):

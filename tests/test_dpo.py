@@ -8,9 +8,9 @@ from functools import partial
 
 import pytest
 import torch
-from test_sft import RECIPE, SMALL_MODEL, model_engine, needs_loop_hooks  # noqa: F401  (fixture)
+from test_sft import RECIPE, SMALL_MODEL, model_engine  # noqa: F401  (fixture)
 
-from megatron_hybrid import dpo
+from megatron_hybrid import dpo, task
 from megatron_hybrid.config import ConfigError
 from megatron_hybrid.data import chat
 from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
@@ -47,12 +47,11 @@ def test_loss_function_sums_the_response_tokens_of_each_pair():
 
 
 def toggle_pairs(split: str, count: int) -> list:
-    """Short /no_think questions of the default set whose chosen answer obeys the toggle
+    """/no_think problems of the task whose chosen answer obeys the toggle
     (``<think></think>answer``) and whose rejected answer reasons instead (``<think>answer
     </think>``): the same tokens in another order, so no preference of length, and one that
-    carries over to unseen questions."""
-    conversations = [c for c in chat.default_conversations(split)
-                     if not c.thinking and len(c.messages[-1]["content"]) < 60][:count]
+    carries over to unseen problems."""
+    conversations = [c for c in task.conversations(split) if not c.thinking][:count]
     return [chat.PreferencePair(c.prompt, chat.response(c.messages[-1]["content"]),
                                 chat.response("", c.messages[-1]["content"]))
             for c in conversations]
@@ -141,7 +140,6 @@ def test_what_dpo_cannot_train_is_refused_in_one_line(overrides, message):
         dpo.DPOConfig(beta=0.0).validate()
 
 
-@needs_loop_hooks
 @pytest.mark.xfail(raises=KeyError, strict=True,
                    reason="the loop's micro-batches keep only BATCH_KEYS: ref_logp needs "
                           "datasets._collate to stack every key of the samples")

@@ -1,5 +1,6 @@
-"""SFT: greedy decoding, the toggle check, SFT steps on the chat data lowering the held-out
-assistant-token loss, and the SFT stage end to end (report included)."""
+"""SFT: packed conversations trained exactly as if alone (document boundaries reach the Mamba
+kernels and attention), greedy decoding alone and batched, SFT steps lowering the held-out
+assistant-token loss, and the SFT stage end to end (report and task accuracies included)."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_hybrid import backends, sft
+from megatron_hybrid import backends, sft, task
 from megatron_hybrid.config import ConfigError, ModelConfig
 
 backends.install("cpu")  # before Megatron-Core is imported
@@ -20,18 +21,6 @@ MODEL = ModelConfig(pattern="M*-M-", hidden_size=32, ffn_hidden_size=64, num_att
 SMALL_MODEL = [f"model.{key}={value}" for key, value in MODEL.to_dict().items()
                if value is not None]
 """MODEL as recipe overrides."""
-
-
-
-def _loop_hooks_missing() -> bool:
-    from megatron_hybrid import train
-
-    return not all(hasattr(train, name) for name in ("session", "fit"))
-
-
-needs_loop_hooks = pytest.mark.skipif(
-    _loop_hooks_missing(), reason="a stage runs through train.session, train.fit and "
-    "train.build_trainer(forward_step=...), which train.py does not offer yet")
 
 
 @pytest.fixture
@@ -64,6 +53,17 @@ def test_generate_continues_with_the_argmax_of_the_full_forward(model_engine):
     assert unwrap(model).training  # the model's mode is restored
 
 
+def test_batched_decoding_gives_each_prompt_its_own_continuation(model_engine):
+    from megatron_hybrid.generate import generate, generate_batch
+
+    model = model_engine[0][0]
+    prompts = [list(range(5, 45)), list(range(300, 311)), list(range(700, 760, 3))]
+    alone = [generate(model, prompt, 5) for prompt in prompts]
+    assert generate_batch(model, prompts, 5) == alone  # packed together, none sees another
+    stop = {alone[1][1]}
+    assert generate_batch(model, prompts, 5, stop=stop)[1] == alone[1][:2]
+
+
 def test_generate_refuses_a_model_split_over_ranks():
     from megatron_hybrid.generate import check_single_rank
 
@@ -77,53 +77,6 @@ def test_generate_refuses_a_model_split_over_ranks():
         check_single_rank(Split())
 
 
-class Scripted(torch.nn.Module):
-    """A stand-in model whose greedy continuation of any prompt is ``script``."""
-
-    config = type("Config", (), {"tensor_model_parallel_size": 1,
-                                 "pipeline_model_parallel_size": 1, "context_parallel_size": 1})
-
-    def __init__(self, script: list[int], prompt_length: int):
-        super().__init__()
-        self.script, self.prompt_length, self.calls = script, prompt_length, 0
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where generate finds the device
-
-    def forward(self, tokens, position_ids, attention_mask):
-        self.calls += 1
-        logits = torch.zeros(1, tokens.shape[1], 16)
-        logits[0, -1, self.script[tokens.shape[1] - self.prompt_length]] = 1.0
-        return logits
-
-
-OPEN, CLOSE = 2, 3  # <think>, </think> in the default tokenizer
-
-
-@pytest.mark.parametrize("script, think, expected", [
-    ([OPEN, CLOSE, 7, 8], False, [OPEN, CLOSE]),  # empty block: obeys /no_think
-    ([OPEN, 7, CLOSE, 8], False, [OPEN, 7]),  # reasoning under /no_think: known at once
-    ([OPEN, CLOSE, 7, 8], True, [OPEN, CLOSE]),  # empty block under /think
-    ([OPEN, 7, 8, CLOSE, 9], True, [OPEN, 7, 8, CLOSE]),  # reasoning, to its end
-    ([OPEN, 7, 8, 9, 10, 11, 12], True, [OPEN, 7, 8, 9, 10]),  # never closed: max_new_tokens
-    ([7, OPEN, CLOSE], True, [7, OPEN]),  # no think block at all
-])
-def test_decoding_stops_once_the_think_block_is_known(script, think, expected):
-    model = Scripted(script, prompt_length=3)
-    ids = sft.think_block(model, [5, 6, 7], 5, think=think, open_id=OPEN, close_id=CLOSE)
-    assert ids == expected and model.calls == len(expected)
-
-
-@pytest.mark.parametrize("generated, think, obeyed", [
-    ("<think>It is in json.</think>Serialize.", True, True),
-    ("<think></think>Serialize.", True, False),
-    ("<think></think>Serialize.", False, True),
-    ("<think> x</think>Serialize.", False, False),
-    ("<think>never closed", True, False),
-    ("Serialize.", False, False),
-])
-def test_toggle_check(generated, think, obeyed):
-    assert sft.obeys_toggle(generated, think) is obeyed
-
-
 def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
     from megatron_hybrid import engine
     from megatron_hybrid.data import chat
@@ -132,9 +85,9 @@ def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
 
     chunks, optimizer = model_engine
     tokenizer = load_tokenizer(TokenizerConfig())
-    train = chat.pack_conversations(chat.default_conversations("train")[::10], tokenizer,
+    train = chat.pack_conversations(task.conversations("train")[::4], tokenizer,
                                     seq_length=256)
-    heldout = chat.pack_conversations(chat.default_conversations("valid"), tokenizer,
+    heldout = chat.pack_conversations(task.conversations("valid"), tokenizer,
                                       seq_length=256)
 
     def batches(sequences, samples):
@@ -154,8 +107,7 @@ def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
     assert losses[-1] < losses[0] - 0.5 and after < before - 0.5, (before, after, losses)
 
 
-@needs_loop_hooks
-def test_sft_stage_reports_heldout_loss_and_toggle(tmp_path):
+def test_sft_stage_reports_heldout_loss_and_task_accuracy(tmp_path):
     from megatron_hybrid import recipe, train
 
     out = tmp_path / "sft"
@@ -164,7 +116,7 @@ def test_sft_stage_reports_heldout_loss_and_toggle(tmp_path):
         "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_batches=1",
         "train.log_interval=1", "scheduler.warmup_steps=1", "logging.progress_bar=off",
         "logging.tensorboard=false", "logging.plot=false"])
-    options = sft.SFTConfig(toggle_prompts=2, max_new_tokens=4)
+    options = sft.SFTConfig(task_samples=3, max_new_tokens=6)
     with train.session(cfg) as (backend, dims):
         report = sft.finetune(cfg, options, backend, dims)
     assert json.loads((out / "sft_report.json").read_text()) == report
@@ -172,22 +124,89 @@ def test_sft_stage_reports_heldout_loss_and_toggle(tmp_path):
     assert (start["step"], end["step"]) == (0, 3)
     assert set(end["heldout_loss"]) == {"all", "think", "no_think"}
     assert end["heldout_loss"]["all"] < start["heldout_loss"]["all"]
-    assert [a["think"] for a in end["answers"]] == [True, False]
-    assert all(0 <= rate <= 1 for rate in end["toggle_obeyed"].values())
-    assert (out / "checkpoints" / "step_000003").is_dir()
-    assert "| toggle obeyed (think) |" in (out / "sft_report.md").read_text()
+    assert [a["think"] for a in end["answers"]] == [True] * 3 + [False] * 3
+    assert set(end["accuracy"]) == {"accuracy /think", "accuracy /no_think"}
+    assert all(rate in (0, 1 / 3, 2 / 3, 1) for rate in end["accuracy"].values())
+    assert "| task accuracy (/think) |" in (out / "sft_report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())  # for the pipeline's report
     assert summary["heldout_loss"] == end["heldout_loss"]["all"]
-    assert set(summary["task_metrics"]) == {"held-out loss /think", "held-out loss /no_think",
-                                            "toggle obeyed /think", "toggle obeyed /no_think"}
+    assert summary["task_metrics"] == {**end["accuracy"], **{
+        f"{name} at start": value for name, value in start["accuracy"].items()}}
+    # A fresh evaluation of the saved checkpoint decodes the same answers.
+    saved = out / "checkpoints" / "step_000003"
+    assert task.evaluate_checkpoint(saved, samples=3, max_new_tokens=6) == end["accuracy"]
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"toggle_prompts": 3}, "sft.toggle_prompts=3 must be an even number >= 0"),
+    ({"task_samples": 257}, "sft.task_samples=257 must be between 0 and 256"),
     ({"train_path": ""}, "sft.train_path is empty: give a JSONL file or null"),
-    ({"max_new_tokens": 2}, "sft.max_new_tokens=2 must be >= 3"),
+    ({"max_new_tokens": 3}, "sft.max_new_tokens=3 must be >= 4"),
 ])
 def test_bad_sft_options_are_refused_in_one_line(options, message):
     with pytest.raises(ConfigError, match=message) as error:
         sft.SFTConfig(**options).validate()
     assert "\n" not in str(error.value)
+
+
+def document_losses(forward_step, model, sequences, rows: list[int]) -> list[float]:
+    """Per conversation of ``rows`` (one micro-batch), in order: its summed assistant-token
+    loss from ``forward_step``'s per-token losses."""
+    batch = torch.utils.data.default_collate([sequences.sample(row) for row in rows])
+    with torch.no_grad():
+        per_token, _ = forward_step(iter([batch]), model)
+    losses = (per_token.reshape(-1) * batch["loss_mask"].reshape(-1)).tolist()
+    starts = (batch["position_ids"].reshape(-1) == 0).nonzero().flatten().tolist()
+    ends = starts[1:] + [len(losses)]
+    return [sum(losses[start:end]) for start, end in zip(starts, ends)]
+
+
+def test_packed_conversations_train_exactly_as_if_alone(model_engine):
+    """Same conversations, same weights: packed (two rows of one micro-batch, flattened into
+    one THD row) vs one per sequence; and a control without the boundaries."""
+    from megatron_hybrid import engine
+    from megatron_hybrid.data import chat
+    from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
+
+    chunks, optimizer = model_engine
+    model = chunks[0]
+    tokenizer = load_tokenizer(TokenizerConfig())
+    conversations = task.conversations("valid")[:8]
+    packed = chat.pack_conversations(conversations, tokenizer, seq_length=256)
+    alone = chat.pack_conversations(conversations, tokenizer, seq_length=256, packed=False)
+    assert len(packed) == 2 and len(alone) == 8  # several conversations per packed row
+    # A few packed training steps first: a fresh model barely looks back, which would make
+    # the control below weak.
+    batch = torch.utils.data.default_collate([packed.sample(0), packed.sample(1)])
+    for _ in range(3):
+        engine.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
+                          micro_batch_size=2, seq_length=256,
+                          forward_step=engine.packed_forward_step)
+    expected = [document_losses(engine.lm_forward_step, model, alone, [row])[0]
+                for row in range(8)]
+    isolated = document_losses(engine.packed_forward_step, model, packed, [0, 1])
+    assert isolated == pytest.approx(expected, rel=0, abs=1e-5)  # measured: 1e-6
+    # Control: the same packed rows without boundaries (plain causal attention and scan).
+    leaky = document_losses(engine.lm_forward_step, model, packed, [0, 1])
+    first_of_row = {0, int((packed.sample(0)["position_ids"] == 0).sum())}
+    for index, (loss, want) in enumerate(zip(leaky, expected)):
+        if index in first_of_row:
+            assert loss == pytest.approx(want, rel=0, abs=1e-5)  # nothing before it
+        else:
+            # It saw the conversations before it: measured 8e-4 to 2e-2 off.
+            assert abs(loss - want) > 2e-4, (index, loss, want)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.cp=2"], "sft.pack=true runs at parallel.cp=1 (packed documents are not split "
+                        "over CP ranks): set parallel.cp=1 or sft.pack=false"),
+    (["parallel.pp=2"], "sft.pack=true with parallel.pp=2 needs train.micro_batch_size=1 (a "
+                        "packed micro-batch runs as one row): set train.micro_batch_size=1"),
+])
+def test_what_packing_cannot_run_is_refused_in_one_line(overrides, message):
+    from megatron_hybrid import recipe
+
+    cfg = recipe.load_recipe(RECIPE, overrides)
+    with pytest.raises(ConfigError) as error:
+        sft.check_request(cfg, sft.SFTConfig())
+    assert str(error.value) == message
+    sft.check_request(cfg, sft.SFTConfig(pack=False))  # one conversation per sequence runs

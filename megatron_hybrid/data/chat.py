@@ -13,23 +13,22 @@ The loss covers the assistant's tokens only: from ``<think>`` to its ``<|im_end|
 
 Packing: whole conversations, each followed by the end-of-document token, fill each sequence
 in order; a conversation never straddles two sequences, and ``position_ids`` restart at 0 with
-each conversation (they mark the boundaries). Attention and the Mamba state are plain causal
-over the sequence, so a conversation sees the ones packed before it, behind an end-of-document
-token, as in pretraining. Megatron-Core isolates packed documents only through
-``PackedSeqParams`` (micro-batch 1, THD attention), which the cpu backend's attention does not
-take; ``pack=False`` gives one conversation per sequence (padded) where isolation matters.
+each conversation: they mark the document boundaries. SFT trains packed sequences through
+``engine.packed_forward_step``, which turns those boundaries into Megatron-Core's
+``PackedSeqParams`` (THD, ``cu_seqlens``): the Mamba mixers get them as ``seq_idx`` (no
+convolution tap or state across a boundary) and the core attention attends within each
+document only, so a packed conversation is trained exactly as if it were alone.
+``pack=False`` gives one conversation per sequence (padded).
 
 JSONL inputs: conversations ``{"messages": [{"role": ..., "content": ...}, ...],
 "reasoning": "..."}``; preference pairs ``{"prompt": [messages], "chosen": "...",
 "rejected": "..."}`` whose responses are complete assistant turns, think block included (the
-chosen one's as the toggle asks). The offline default sets ask about the embedded corpus's
-standard-library functions and classes ("What does `json.dumps` do?"), answered by the first
-sentence of the docstring; the corpus's held-out modules give the held-out split.
+chosen one's as the toggle asks). The offline default sets are the arithmetic task of
+``megatron_hybrid/task.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from megatron_hybrid.data import DataError, corpus
+from megatron_hybrid.data import DataError
 from megatron_hybrid.data.tokenizer import Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -48,8 +47,6 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPECIAL_TOKENS = (IM_START, IM_END, THINK_OPEN, THINK_CLOSE)
 THINK, NO_THINK = "/think", "/no_think"
 ROLES = ("system", "user", "assistant")
-SYSTEM_PROMPT = "You are a concise assistant for the Python standard library."
-SPLITS = ("train", "valid")
 
 
 # -- conversations and the template -----------------------------------------------------------
@@ -94,9 +91,9 @@ def thinking(messages) -> bool:
                     f"(the reasoning toggle); got {str(messages[:1])[:80]}")
 
 
-def system_message(think: bool) -> dict:
-    """The default sets' system prompt with the reasoning toggle."""
-    return {"role": "system", "content": f"{SYSTEM_PROMPT} {THINK if think else NO_THINK}"}
+def system_message(think: bool, prompt: str) -> dict:
+    """A system message: ``prompt`` then the reasoning toggle."""
+    return {"role": "system", "content": f"{prompt} {THINK if think else NO_THINK}"}
 
 
 def response(answer: str, reasoning: str = "") -> str:
@@ -258,127 +255,6 @@ def _read_jsonl(path, parse, form: str) -> list:
 
 def _reason(err: Exception) -> str:
     return f"missing key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
-
-
-# -- the offline default sets -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Fact:
-    """One documented standard-library object of the embedded corpus."""
-
-    module: str
-    """The module that defines it (``json.decoder``)."""
-    name: str
-    """Dotted name, module included (``json.decoder.JSONDecoder.decode``)."""
-    kind: str
-    """``function``, ``method`` or ``class``."""
-    summary: str
-    """The docstring's first sentence."""
-    context: str
-    """What encloses it, with that one's summary when it has a short one."""
-
-    @property
-    def think(self) -> bool:
-        """Deterministic, near 50/50 reasoning toggle, stable as the corpus changes."""
-        return hashlib.sha256(self.name.encode()).digest()[0] % 2 == 0
-
-    def question(self) -> str:
-        if self.kind == "class":
-            return f"What is the class `{self.name}` for?"
-        return f"What does the {self.kind} `{self.name}` do?"
-
-    def reasoning(self) -> str:
-        """A short trace from where the object lives to the answer."""
-        return f"`{self.name}` is a {self.kind} of {self.context}"
-
-
-_HEADING = re.compile(r"^(module|class|def) ([\w.]+)\n", re.M)
-_SENTENCE = re.compile(r"(.+?[.!?])(?:\s|$)")
-MIN_SUMMARY_CHARS, MAX_SUMMARY_CHARS = 20, 160
-
-
-def corpus_facts(split: str, cache_dir: str | os.PathLike | None = None) -> list[Fact]:
-    """The public functions, methods and classes of the embedded corpus's ``split`` whose
-    docstring opens with a sentence of 20 to 160 characters, in corpus order."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
-    info = corpus.build_default_corpus(corpus.default_corpus_dir(cache_dir))
-    path = info.train_path if split == "train" else info.valid_path
-    return [fact for text in corpus.read_texts(path) for fact in _document_facts(text)]
-
-
-def _document_facts(text: str) -> list[Fact]:
-    """Facts of one corpus document (``module X`` then ``def``/``class`` sections); functions
-    nested in functions are left out (not part of an API)."""
-    headings = list(_HEADING.finditer(text))
-    ends = [heading.start() for heading in headings[1:]] + [len(text)]
-    module, module_summary = headings[0].group(2), _summary(text[headings[0].end():ends[0]])
-    sections = {heading.group(2): (heading.group(1), _summary(text[heading.end():end]))
-                for heading, end in zip(headings[1:], ends[1:])}
-    facts = []
-    for qualname, (keyword, summary) in sections.items():
-        parent = qualname.rpartition(".")[0]
-        parent_keyword, parent_summary = sections.get(parent, ("module", module_summary))
-        if parent_keyword == "def" or not (_public(qualname) and _short(summary)):
-            continue
-        where = (f"the class `{module}.{parent}`" if parent_keyword == "class"
-                 else f"the module `{module}`")
-        kind = "class" if keyword == "class" else "method" if parent else "function"
-        context = f"{where}: {parent_summary}" if _short(parent_summary) else f"{where}."
-        facts.append(Fact(module=module, name=f"{module}.{qualname}", kind=kind,
-                          summary=summary, context=context))
-    return facts
-
-
-def _summary(docstring: str) -> str:
-    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
-    match = _SENTENCE.match(paragraph)
-    return match.group(1) if match else paragraph
-
-
-def _public(qualname: str) -> bool:
-    return not any(part.startswith("_") for part in qualname.split("."))
-
-
-def _short(summary: str) -> bool:
-    return MIN_SUMMARY_CHARS <= len(summary) <= MAX_SUMMARY_CHARS
-
-
-def default_conversations(split: str, cache_dir: str | os.PathLike | None = None
-                          ) -> list[Conversation]:
-    """One question per corpus fact; /think (with a reasoning trace) for about half."""
-    return [Conversation((system_message(fact.think),
-                          {"role": "user", "content": fact.question()},
-                          {"role": "assistant", "content": fact.summary}),
-                         fact.reasoning() if fact.think else "")
-            for fact in corpus_facts(split, cache_dir)]
-
-
-def default_pairs(split: str, cache_dir: str | os.PathLike | None = None
-                  ) -> list[PreferencePair]:
-    """Per corpus fact: chosen = its summary, rejected = the summary of a fact from another
-    module (about half-way round the corpus); the think block as the fact's toggle says."""
-    facts = corpus_facts(split, cache_dir)
-    pairs = []
-    for index, fact in enumerate(facts):
-        other = _from_another_module(facts, index)
-        reasoning = fact.reasoning() if fact.think else ""
-        pairs.append(PreferencePair(
-            prompt=(system_message(fact.think), {"role": "user", "content": fact.question()}),
-            chosen=response(fact.summary, reasoning),
-            rejected=response(other.summary, reasoning)))
-    return pairs
-
-
-def _from_another_module(facts: list[Fact], index: int) -> Fact:
-    """The first fact from ``len/2`` places on (cyclically) of another module and summary:
-    facts are grouped by module, so rejected answers are as varied as the chosen ones."""
-    fact = facts[index]
-    for step in range(len(facts) // 2, len(facts) // 2 + len(facts)):
-        other = facts[(index + step) % len(facts)]
-        if other.module != fact.module and other.summary != fact.summary:
-            return other
-    raise DataError("the default preference set needs facts from at least two modules")
 
 
 # -- sequences --------------------------------------------------------------------------------

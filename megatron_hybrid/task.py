@@ -1,0 +1,206 @@
+"""The offline default task of SFT and DPO: multi-step arithmetic with worked reasoning.
+
+A problem is ``a ± b ± c`` with operands 1 to 9 and every partial result >= 0 (e.g.
+``7 + 8 - 6``): two steps, small enough that a tiny model learns some of it in minutes on a
+CPU. Under /think the assistant works it out step by step in its think block
+(``7 + 8 = 15`` then ``15 - 6 = 9``); under /no_think the block is empty. The answer is the
+number alone.
+
+All problems are enumerated in a fixed order; a permutation seeded by ``seed`` holds out
+``HELDOUT`` of them, which no training conversation or preference pair uses. The task metric
+is the exact-match accuracy of greedy answers to held-out problems, with reasoning on
+(/think) and off (/no_think): :func:`evaluate` for a model in memory,
+:func:`evaluate_checkpoint` for a saved one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from megatron_hybrid.data import DataError, chat
+
+SYSTEM_PROMPT = "Solve the arithmetic problem."
+OPERANDS = range(1, 10)
+OPERATORS = ("+", "-")
+HELDOUT = 256
+"""Held-out problems (of about 1,900)."""
+SEED = 0
+"""The default split."""
+MAX_NEW_TOKENS = 40
+"""Decoding budget of an answer: a worked /think answer takes about 25 tokens."""
+SPLITS = ("train", "valid")
+MODES = ("think", "no_think")
+
+
+@dataclass(frozen=True)
+class Problem:
+    operands: tuple[int, ...]
+    operators: tuple[str, ...]
+    """One fewer than the operands, each + or -."""
+
+    def question(self) -> str:
+        terms = [str(self.operands[0])]
+        for operator, operand in zip(self.operators, self.operands[1:]):
+            terms += [operator, str(operand)]
+        return " ".join(terms)
+
+    def partials(self) -> list[int]:
+        """The running result after each step."""
+        results, value = [], self.operands[0]
+        for operator, operand in zip(self.operators, self.operands[1:]):
+            value = value + operand if operator == "+" else value - operand
+            results.append(value)
+        return results
+
+    @property
+    def answer(self) -> int:
+        return self.partials()[-1]
+
+    def reasoning(self, partials: list[int] | None = None) -> str:
+        """The worked steps, one a line (with ``partials``, those results instead)."""
+        partials = partials or self.partials()
+        lefts = [self.operands[0], *partials[:-1]]
+        return "\n".join(f"{left} {operator} {operand} = {result}" for left, operator, operand,
+                         result in zip(lefts, self.operators, self.operands[1:], partials))
+
+    def prompt(self, think: bool) -> tuple[dict, ...]:
+        return (chat.system_message(think, SYSTEM_PROMPT),
+                {"role": "user", "content": self.question()})
+
+    def conversation(self, think: bool) -> chat.Conversation:
+        return chat.Conversation((*self.prompt(think),
+                                  {"role": "assistant", "content": str(self.answer)}),
+                                 self.reasoning() if think else "")
+
+    def pair(self, think: bool) -> chat.PreferencePair:
+        """Chosen: the right answer; rejected: the same steps but for a slip in the last one
+        (off by 1 to 3, never negative), carried into the answer."""
+        wrong = _slip(self)
+        partials = [*self.partials()[:-1], wrong]
+        return chat.PreferencePair(
+            prompt=self.prompt(think),
+            chosen=chat.response(str(self.answer), self.reasoning() if think else ""),
+            rejected=chat.response(str(wrong), self.reasoning(partials) if think else ""))
+
+
+def _slip(problem: Problem) -> int:
+    """A deterministic wrong answer near the right one."""
+    offset = 1 + sum(problem.operands) % 3
+    return problem.answer + offset if problem.answer < offset else problem.answer - offset
+
+
+def all_problems() -> list[Problem]:
+    """Every two-step problem whose partial results are >= 0, in a fixed order."""
+    problems = (Problem((a, b, c), operators) for a, b, c in itertools.product(OPERANDS, repeat=3)
+                for operators in itertools.product(OPERATORS, repeat=2))
+    return [problem for problem in problems if min(problem.partials()) >= 0]
+
+
+def problems(split: str, seed: int = SEED) -> list[Problem]:
+    """The problems of ``split`` (train or valid: the ``HELDOUT`` held out by ``seed``), in
+    the seeded order."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    every = all_problems()
+    order = numpy.random.default_rng(seed).permutation(len(every))
+    chosen = order[:HELDOUT] if split == "valid" else order[HELDOUT:]
+    return [every[index] for index in chosen]
+
+
+def conversations(split: str, seed: int = SEED) -> list[chat.Conversation]:
+    """Each problem of ``split`` twice: with worked reasoning (/think) and without."""
+    return [problem.conversation(think) for problem in problems(split, seed)
+            for think in (True, False)]
+
+
+def preference_pairs(split: str, seed: int = SEED) -> list[chat.PreferencePair]:
+    """Each problem of ``split`` as a /think and a /no_think pair (right vs slipped answer)."""
+    return [problem.pair(think) for problem in problems(split, seed) for think in (True, False)]
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def extract_answer(generated: str) -> int | None:
+    """The number a generated assistant turn answers, or None: the turn must open with a
+    closed think block, and its text after it (up to ``<|im_end|>``) must be a number alone."""
+    try:
+        _, answer = chat.split_response(generated.split(chat.IM_END)[0])
+    except DataError:
+        return None
+    answer = answer.strip()
+    return int(answer) if _NUMBER.fullmatch(answer) else None
+
+
+def answers(model, tokenizer, heldout: list[Problem], *,
+            max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+    """Greedy answers of ``model`` to each problem with /think and with /no_think (decoded
+    together, stopping at ``<|im_end|>``): question, mode, generated text, correct."""
+    from megatron_hybrid.generate import generate_batch
+
+    asked = [(problem, think) for think in (True, False) for problem in heldout]
+    prompts = [chat.prompt_ids(problem.prompt(think), tokenizer) for problem, think in asked]
+    stop = {chat.special_ids(tokenizer)[chat.IM_END]}
+    outputs = generate_batch(model, prompts, max_new_tokens, stop=stop)
+    records = []
+    for (problem, think), ids in zip(asked, outputs):
+        text = tokenizer.decode(ids)
+        records.append({"question": problem.question(), "think": think, "generated": text,
+                        "correct": extract_answer(text) == problem.answer})
+    return records
+
+
+def accuracy(records: list[dict]) -> dict[str, float]:
+    """``{"accuracy /think": x, "accuracy /no_think": y}`` of :func:`answers`' records."""
+    return {f"accuracy /{mode}": _mean([r["correct"] for r in records
+                                        if r["think"] == (mode == "think")]) for mode in MODES}
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def evaluate(model, tokenizer, *, samples: int, seed: int = SEED,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, float]:
+    """Held-out accuracy of greedy answers to the first ``samples`` held-out problems of the
+    ``seed`` split, with reasoning on and off (the model must be whole on this rank)."""
+    if not 1 <= samples <= HELDOUT:
+        raise ValueError(f"samples={samples}: choose 1 to {HELDOUT} held-out problems")
+    heldout = problems("valid", seed)[:samples]
+    return accuracy(answers(model, tokenizer, heldout, max_new_tokens=max_new_tokens))
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, *, samples: int = 64, seed: int = SEED,
+                        max_new_tokens: int = MAX_NEW_TOKENS, backend: str = "auto"
+                        ) -> dict[str, float]:
+    """:func:`evaluate` for a saved checkpoint, in this process alone (TP = PP = 1): the model
+    from its ``meta.json``, the tokenizer from the ``config.yaml`` saved with it."""
+    from megatron_hybrid import backends, recipe
+
+    directory = Path(checkpoint_dir)
+    backend = backends.install(backend)  # before Megatron-Core is imported
+    from megatron_hybrid import parallel
+    from megatron_hybrid.checkpoint import CheckpointError, load_weights, read_meta
+    from megatron_hybrid.config import ModelConfig
+    from megatron_hybrid.data.tokenizer import load_tokenizer
+    from megatron_hybrid.model import ModelLayout, build_model
+
+    meta = read_meta(directory)
+    tokenizer = load_tokenizer(recipe.load_recipe(directory / "config.yaml").tokenizer)
+    if tokenizer.identity != meta["tokenizer"]:
+        raise CheckpointError(f"{directory}: its config.yaml's tokenizer {tokenizer.identity} is "
+                              f"not the one it was trained with ({meta['tokenizer']}): restore "
+                              f"the tokenizer section of its config.yaml")
+    parallel.init_distributed(parallel.ParallelDims(), backend=backend)
+    try:
+        model = build_model(ModelConfig(**meta["model"]), ModelLayout(), backend=backend)
+        load_weights([model], directory)
+        return evaluate(model, tokenizer, samples=samples, seed=seed,
+                        max_new_tokens=max_new_tokens)
+    finally:
+        parallel.destroy_distributed()

@@ -1,0 +1,100 @@
+"""The arithmetic task: deterministic problems and splits, worked reasoning, the preference
+pairs, exact-match answer extraction, and the accuracy of a real tiny model's greedy answers."""
+
+import re
+
+import pytest
+from test_sft import model_engine  # noqa: F401  (fixture)
+
+from megatron_hybrid import task
+from megatron_hybrid.data import chat
+from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
+
+
+def test_problems_are_deterministic_and_the_split_holds_problems_out():
+    every = task.all_problems()
+    assert every == task.all_problems() and len(set(every)) == len(every) == 1899
+    train, heldout = task.problems("train"), task.problems("valid")
+    assert (train, heldout) == (task.problems("train"), task.problems("valid"))
+    assert len(heldout) == task.HELDOUT and len(train) + len(heldout) == len(every)
+    assert not set(train) & set(heldout)
+    assert task.problems("valid", seed=1) != heldout  # the seed chooses the split
+    with pytest.raises(ValueError, match="split='test': choose one of train, valid"):
+        task.problems("test")
+
+
+def test_every_problem_is_two_steps_of_small_numbers_with_a_nonnegative_answer():
+    for problem in task.all_problems():
+        assert all(1 <= operand <= 9 for operand in problem.operands)
+        assert problem.answer == eval(problem.question()) >= 0  # plain Python arithmetic
+        assert min(problem.partials()) >= 0
+
+
+def test_reasoning_is_worked_under_think_and_empty_under_no_think():
+    problem = task.Problem((7, 8, 6), ("+", "-"))
+    think, no_think = problem.conversation(True), problem.conversation(False)
+    assert chat.render(think) == (
+        "<|im_start|>system\nSolve the arithmetic problem. /think<|im_end|>\n"
+        "<|im_start|>user\n7 + 8 - 6<|im_end|>\n"
+        "<|im_start|>assistant\n<think>7 + 8 = 15\n15 - 6 = 9</think>9<|im_end|>")
+    assert chat.render(no_think).endswith("<|im_start|>assistant\n<think></think>9<|im_end|>")
+    conversations = task.conversations("valid")
+    assert len(conversations) == 2 * task.HELDOUT
+    for conversation in conversations:
+        chat.check_conversation(conversation)
+        steps = conversation.reasoning.splitlines()
+        assert len(steps) == (2 if conversation.thinking else 0)
+        for step in steps:  # every worked step is right
+            left, result = step.split(" = ")
+            assert eval(left) == int(result)
+
+
+def test_pairs_prefer_the_right_answer_over_a_slip_in_the_last_step():
+    problem = task.Problem((5, 6, 1), ("+", "+"))
+    pair = problem.pair(True)
+    assert pair.chosen == "<think>5 + 6 = 11\n11 + 1 = 12</think>12"
+    assert pair.rejected == "<think>5 + 6 = 11\n11 + 1 = 11</think>11"
+    pairs = task.preference_pairs("valid")
+    assert len(pairs) == 2 * task.HELDOUT
+    for pair, problem in zip(pairs[::2], task.problems("valid")):
+        chat.check_pair(pair)
+        assert task.extract_answer(pair.chosen) == problem.answer
+        wrong = task.extract_answer(pair.rejected)
+        assert wrong != problem.answer and wrong >= 0 and abs(wrong - problem.answer) <= 3
+
+
+@pytest.mark.parametrize("generated, answer", [
+    ("<think>7 + 8 = 15\n15 - 6 = 9</think>9<|im_end|>", 9),
+    ("<think></think>12<|im_end|>", 12),
+    ("<think></think> 12 \n<|im_end|>", 12),  # surrounding space is not the answer
+    ("<think></think>12", 12),  # out of tokens right after the answer
+    ("<think></think>12<|im_end|>13", 12),  # what follows the turn is not the answer
+    ("<think></think>12 apples<|im_end|>", None),  # not a number alone
+    ("<think></think>-3<|im_end|>", None),  # answers are never negative
+    ("<think></think><|im_end|>", None),
+    ("12<|im_end|>", None),  # no think block
+    ("<think>7 + 8 = 15<|im_end|>", None),  # think block never closed
+])
+def test_answer_extraction_is_exact(generated, answer):
+    assert task.extract_answer(generated) == answer
+
+
+def test_evaluate_measures_a_real_model_with_reasoning_on_and_off(model_engine):  # noqa: F811
+    model = model_engine[0][0]
+    tokenizer = load_tokenizer(TokenizerConfig())
+    heldout = task.problems("valid")[:3]
+    records = task.answers(model, tokenizer, heldout, max_new_tokens=5)
+    assert [(r["question"], r["think"]) for r in records] == [
+        (p.question(), think) for think in (True, False) for p in heldout]
+    from megatron_hybrid.generate import generate
+
+    for record, (problem, think) in zip(records, [(p, t) for t in (True, False) for p in heldout]):
+        alone = generate(model, chat.prompt_ids(problem.prompt(think), tokenizer), 5)
+        assert record["generated"] == tokenizer.decode(alone)
+        assert record["correct"] is False  # an untrained model
+    scores = task.evaluate(model, tokenizer, samples=3, max_new_tokens=5)
+    assert scores == {"accuracy /think": 0.0, "accuracy /no_think": 0.0}
+    assert task.accuracy([{**records[0], "correct": True}, *records[1:]]) == {
+        "accuracy /think": 1 / 3, "accuracy /no_think": 0.0}
+    with pytest.raises(ValueError, match=re.escape("samples=0: choose 1 to 256 held-out")):
+        task.evaluate(model, tokenizer, samples=0)
