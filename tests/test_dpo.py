@@ -140,9 +140,6 @@ def test_what_dpo_cannot_train_is_refused_in_one_line(overrides, message):
         dpo.DPOConfig(beta=0.0).validate()
 
 
-@pytest.mark.xfail(raises=KeyError, strict=True,
-                   reason="the loop's micro-batches keep only BATCH_KEYS: ref_logp needs "
-                          "datasets._collate to stack every key of the samples")
 def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
     from megatron_hybrid import recipe, train
 

@@ -254,7 +254,8 @@ def microbatch_iterator(dataset, *, start_sample: int, micro_batch_size: int,
                         num_microbatches: int, dp_rank: int, dp_size: int,
                         num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches (dicts of ``[micro_batch_size, seq_length]`` tensors keyed by
-    BATCH_KEYS), ``num_microbatches`` per step, starting at global sample ``start_sample``."""
+    BATCH_KEYS, plus any key the dataset's samples add), ``num_microbatches`` per step,
+    starting at global sample ``start_sample``."""
     sampler = RankMicrobatches(num_samples=len(dataset), start_sample=start_sample,
                                micro_batch_size=micro_batch_size,
                                num_microbatches=num_microbatches, dp_rank=dp_rank,
@@ -265,4 +266,6 @@ def microbatch_iterator(dataset, *, start_sample: int, micro_batch_size: int,
 
 
 def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([sample[key] for sample in samples]) for key in BATCH_KEYS}
+    """Every key of the samples stacked: BATCH_KEYS, and what a stage's dataset adds (DPO's
+    per-sequence ``ref_logp``)."""
+    return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
