@@ -80,13 +80,16 @@ def build_on_meta(cfg: ModelConfig):
 
 @contextlib.contextmanager
 def single_process_model_parallel():
+    """A model-parallel state to build a whole model in: this process's (TP=PP=1), or a
+    1-process group on the cpu backend started here and torn down after."""
     from megatron_hybrid import backends
 
     if backends.active() is None:
         backends.install("cpu")
     elif backends.active() != "cpu":
-        raise RuntimeError(f"count_parameters builds on the cpu backend; this process runs "
-                           f"backend={backends.active()!r}: count in a separate process")
+        raise RuntimeError(f"whole-model builds (parameter counts, planner probes) run on the "
+                           f"cpu backend; this process runs backend={backends.active()!r}: "
+                           f"run them in a separate process")
     from megatron_hybrid import mcore, parallel
 
     state = mcore.parallel_state

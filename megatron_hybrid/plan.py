@@ -233,7 +233,9 @@ def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length
 
     kinds = "".join(dict.fromkeys(cfg.layer_pattern.layers))
     probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length))
-    with _cpu_process_group(), _rng_state_kept():
+    from megatron_hybrid.params import single_process_model_parallel
+
+    with single_process_model_parallel(), _rng_state_kept():
         from megatron_hybrid.model import ModelLayout, build_model  # after the backend
 
         layout = ModelLayout(recompute="selective" if recompute == "selective" else "none")
@@ -554,28 +556,6 @@ def measure_cpu_peak(fn) -> tuple[object, int]:
     # The allocator's running total spans the process; count from where this run started.
     _, first_total, first_size = allocations[0]
     return result, max(total for _, total, _ in allocations) - (first_total - first_size)
-
-
-@contextlib.contextmanager
-def _cpu_process_group():
-    """The cpu backend and a model-parallel state to build a probe in: this process's, or a
-    1-process group started here and torn down after."""
-    from megatron_hybrid import backends
-
-    if backends.active() not in (None, "cpu"):
-        raise PlanError(f"cpu-kernel plans run the cpu backend; this process runs "
-                        f"{backends.active()!r}: plan in a separate process")
-    backends.install("cpu")
-    from megatron_hybrid import mcore, parallel
-
-    if mcore.parallel_state.model_parallel_is_initialized():
-        yield
-        return
-    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
-    try:
-        yield
-    finally:
-        parallel.destroy_distributed()
 
 
 @contextlib.contextmanager
