@@ -23,6 +23,9 @@ REPORT = "report.md"
 LOSS_CURVES = "loss_curves.png"
 PARAMETERS = "parameters.png"
 DISTILL_REPORT = "distill_report.json"
+OBJECTIVES = {"train": "LM loss", "sft": "assistant-token loss", "dpo": "DPO loss",
+              "distill": "KD loss"}
+"""What each stage kind's training loss is, for the legend of the loss curves."""
 PUBLISHED_PAIR = ("nano-v2-12b", "nano-v2-9b")
 """The published compression the tiny pipeline mirrors: its parameter ratio is the yardstick."""
 
@@ -164,13 +167,14 @@ def _plot(rows: list[dict], out: Path) -> list[tuple[str, str]]:
     curves, offset = {}, 0
     for row in rows:
         if row["curve"]:
-            curves[row["stage"]] = [(offset + step, loss) for step, loss in row["curve"]]
+            label = f"{row['stage']} ({OBJECTIVES.get(row['kind'], 'loss')})"
+            curves[label] = [(offset + step, loss) for step, loss in row["curve"]]
             offset += row["curve"][-1][0]
     plots = []
     if curves:
-        metrics.plot_curves(curves, out / LOSS_CURVES, title="Training loss per stage",
+        metrics.plot_curves(curves, out / LOSS_CURVES, title="Training objective per stage",
                             xlabel="step (stages one after another)", log_y=True)
-        plots.append(("training loss per stage", LOSS_CURVES))
+        plots.append(("training objective per stage", LOSS_CURVES))
     if rows:
         _bar_chart({row["stage"]: row["params"] for row in rows}, out / PARAMETERS)
         plots.append(("parameters per stage", PARAMETERS))
