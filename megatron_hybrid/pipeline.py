@@ -4,6 +4,7 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
 
     pipeline: tiny-nano-v2           # the pipeline's name; this key marks a pipeline file
     output_dir: runs/{pipeline}      # optional (the default); --output replaces it
+    task_samples: 48                 # optional: task accuracy of every stage's model (0: off)
     stages:
       - name: pretrain
         kind: train                  # one of STAGE_KINDS
@@ -22,7 +23,10 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
 Stage NAME writes to OUTPUT/NAME (its recipe's output_dir is replaced) and logs to
 ``stage.log`` there. It runs as ``python -m megatron_hybrid.pipeline KIND RECIPE key=value...``
 (under torchrun when it has several ranks), so a failure stays in its process and is reported
-in one line with the log's path. When a stage exits well the runner writes ``DONE`` (JSON: the
+in one line with the log's path. With ``task_samples``, the stage's final checkpoint then
+answers that many held-out task problems (``task.py``; ``python -m megatron_hybrid.pipeline
+evaluate CHECKPOINT N OUT.json``, one process) and the accuracies go to ``task_metrics.json``.
+When a stage exits well the runner writes ``DONE`` (JSON: the
 final checkpoint, the seconds of the finishing attempt, the command): a finished stage is
 skipped on the next run. An unfinished stage starts again and its run resumes from its own
 ``checkpoints/latest``. Every run ends by writing OUTPUT/report.md (``report.py``).
@@ -46,6 +50,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from megatron_hybrid import report
+
 if TYPE_CHECKING:
     from megatron_hybrid.config import RunConfig
 
@@ -61,10 +67,13 @@ STAGE_KINDS = {
     "distill": "megatron_hybrid.distill:run",
 }
 PIPELINE_KEY = "pipeline"
-TOP_KEYS = (PIPELINE_KEY, "output_dir", "stages")
+TOP_KEYS = (PIPELINE_KEY, "output_dir", "task_samples", "stages")
 STAGE_KEYS = ("name", "kind", "recipe", "overrides", "inputs", "nproc")
 DONE = "DONE"
 LOG = "stage.log"
+EVALUATE = "evaluate"
+"""The stage process's command that scores a checkpoint on the task (``task.py``)."""
+
 LATEST = Path("checkpoints") / "latest"
 """Where a run's Checkpointer names its newest complete checkpoint (relative to the run)."""
 MODEL_INPUT = "model"
@@ -106,6 +115,8 @@ class Pipeline:
     path: Path
     output_dir: Path
     stages: list[Stage]
+    task_samples: int = 0
+    """Held-out task problems each finished stage's model answers (0: no task metric)."""
 
     def run_dir(self, name: str) -> Path:
         return self.output_dir / name
@@ -153,8 +164,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for plan in plans:
         run_planned(pipeline, plan)
-    from megatron_hybrid import report
-
     print(f"report: {report.write_report(pipeline)}")
     return 0
 
@@ -176,7 +185,12 @@ def load_pipeline(path: str | os.PathLike, output_dir: str | None = None) -> Pip
     _check_names(path, stages)
     _check_order(path, stages)
     output = output_dir or str(raw.get("output_dir", "runs/{pipeline}")).format(pipeline=name)
-    return Pipeline(name=name, path=path, output_dir=Path(output), stages=stages)
+    task_samples = raw.get("task_samples", 0)
+    if not (isinstance(task_samples, int) and task_samples >= 0):
+        raise PipelineError(f"{path}: task_samples: give a whole number >= 0 (0: no task "
+                            f"metric), got {task_samples!r}")
+    return Pipeline(name=name, path=path, output_dir=Path(output), stages=stages,
+                    task_samples=task_samples)
 
 
 def _read(path: Path) -> dict:
@@ -486,14 +500,18 @@ def run_planned(pipeline: Pipeline, plan: StagePlan) -> None:
     print(f"{name}: {_status_text(plan)} -> {plan.run_dir} (log: {plan.run_dir / LOG})",
           flush=True)
     started = time.monotonic()
-    _launch(plan)
+    _launch(plan, plan.command)
+    if pipeline.task_samples:
+        _launch(plan, [sys.executable, "-m", "megatron_hybrid.pipeline", EVALUATE,
+                       str(plan.run_dir / _final_checkpoint(plan)), str(pipeline.task_samples),
+                       str(plan.run_dir / report.TASK_METRICS)])
     seconds = time.monotonic() - started
     _mark_done(plan, seconds)
     print(f"{name}: done in {seconds:.0f} s", flush=True)
 
 
-def _launch(plan: StagePlan) -> None:
-    """Run the stage's command, its output going to the log and, indented, to stdout."""
+def _launch(plan: StagePlan, command: list[str]) -> None:
+    """Run a command of the stage, its output going to the log and, indented, to stdout."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     log_path = plan.run_dir / LOG
     last = "no output"
@@ -501,8 +519,8 @@ def _launch(plan: StagePlan) -> None:
     # The ranks share this machine's cores (torchrun would set 1 and print a banner about it).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # a kill loses no line
-        log.write(f"$ {shlex.join(plan.command)}\n")
-        process = subprocess.Popen(plan.command, stdout=subprocess.PIPE,
+        log.write(f"$ {shlex.join(command)}\n")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, env=env)
         for line in process.stdout:
             log.write(line)
@@ -515,13 +533,18 @@ def _launch(plan: StagePlan) -> None:
                           f"are skipped, this one resumes)")
 
 
-def _mark_done(plan: StagePlan, seconds: float) -> None:
+def _final_checkpoint(plan: StagePlan) -> Path:
+    """The checkpoint a stage's run ended with (relative to its run directory)."""
     pointer = plan.run_dir / LATEST
     if not pointer.is_file():
         raise StageFailed(f"stage {plan.stage.name!r} exited well but left no checkpoint "
                           f"({pointer}): check its log {plan.run_dir / LOG}")
+    return LATEST.parent / pointer.read_text().strip()
+
+
+def _mark_done(plan: StagePlan, seconds: float) -> None:
     done = {"stage": plan.stage.name, "kind": plan.stage.kind,
-            "checkpoint": str(LATEST.parent / pointer.read_text().strip()),
+            "checkpoint": str(_final_checkpoint(plan)),
             "seconds": round(seconds, 1), "command": plan.command}
     partial = plan.run_dir / f"{DONE}.partial"
     partial.write_text(json.dumps(done, indent=2) + "\n")
@@ -531,17 +554,31 @@ def _mark_done(plan: StagePlan, seconds: float) -> None:
 # -- inside a stage's process -----------------------------------------------------------------
 
 def run_stage(argv: list[str]) -> int:
-    """``KIND RECIPE [key=value ...]``: run one stage in this process (one rank)."""
+    """``KIND RECIPE [key=value ...]``: run one stage in this process (one rank); or
+    ``evaluate CHECKPOINT N OUT.json``: score a stage's checkpoint on the task."""
     from megatron_hybrid import cli
 
-    kind, recipe_path, *overrides = argv
-    module_name, function_name = STAGE_KINDS[kind].split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
+    kind, *arguments = argv
     try:
+        if kind == EVALUATE:
+            return _evaluate(*arguments)
+        recipe_path, *overrides = arguments
+        module_name, function_name = STAGE_KINDS[kind].split(":")
+        function = getattr(importlib.import_module(module_name), function_name)
         return function(argparse.Namespace(recipe=recipe_path, overrides=overrides))
     except cli.USER_ERRORS as err:
         print(f"megatron-hybrid {kind}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _evaluate(checkpoint: str, samples: str, output: str) -> int:
+    """Score ``checkpoint`` on the held-out task; write the accuracies to ``output``."""
+    from megatron_hybrid import task
+
+    accuracies = task.evaluate_checkpoint(checkpoint, samples=int(samples))
+    Path(output).write_text(json.dumps(accuracies, indent=2) + "\n")
+    print("task: " + ", ".join(f"{name} {value:.0%}" for name, value in accuracies.items()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 
 SUMMARY = "summary.json"
+TASK_METRICS = "task_metrics.json"
+"""The task accuracies of a stage's final model (the pipeline runner writes them)."""
 REPORT = "report.md"
 LOSS_CURVES = "loss_curves.png"
 PARAMETERS = "parameters.png"
@@ -63,16 +65,21 @@ def stage_row(pipeline, stage) -> dict:
     run_dir = pipeline.run_dir(stage.name)
     checkpoint = pipeline.final_checkpoint(stage.name)
     records = _records(run_dir / "metrics.jsonl")
-    summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+    summary = _json_or_empty(run_dir / SUMMARY)
     evals = [record["loss"] for record in records if record["kind"] == "eval"]
     return {
         "stage": stage.name, "kind": stage.kind, "checkpoint": checkpoint,
         "params": count_parameters(json.loads((checkpoint / "meta.json").read_text())["model"]),
         "heldout_loss": _first_given(summary.get("heldout_loss"), evals[-1] if evals else None),
-        "task_metrics": summary.get("task_metrics", {}),
+        "task_metrics": {**summary.get("task_metrics", {}),
+                         **_json_or_empty(run_dir / TASK_METRICS)},
         "seconds": pipeline.done(stage.name)["seconds"],
         "curve": _latest_per_step([r for r in records if r["kind"] == "train"]),
     }
+
+
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def count_parameters(model: dict) -> int:

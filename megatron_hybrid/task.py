@@ -198,6 +198,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, *, samples: int = 64, seed: 
                               f"the tokenizer section of its config.yaml")
     parallel.init_distributed(parallel.ParallelDims(), backend=backend)
     try:
+        parallel.seed_everything(seed)  # Megatron-Core's layers fork its RNG tracker on build
         model = build_model(ModelConfig(**meta["model"]), ModelLayout(), backend=backend)
         load_weights([model], directory)
         return evaluate(model, tokenizer, samples=samples, seed=seed,
