@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -26,8 +27,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_hybrid import mcore, reliability
+
+CHECKPOINT_IO_ERRORS = (Exception, CheckpointException)
+"""What a failed dist_checkpointing read or write raises (torch's CheckpointException is a
+BaseException, so ``except Exception`` alone would miss it)."""
+
+# dist_checkpointing logs a failed shard write just before raising it; the raise is reported
+# (in one line for a full disk), so the log line would only repeat it.
+logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
+    logging.CRITICAL)
 
 LATEST = "latest"
 META = "meta.json"
@@ -89,7 +100,7 @@ def _load(model_chunks: list, optimizer, directory: Path) -> dict:
     try:
         return mcore.dist_checkpointing.load(
             _sharded_state(model_chunks, optimizer, is_loading=True), str(directory))
-    except Exception as err:  # the readers raise many types; all mean an unreadable folder
+    except CHECKPOINT_IO_ERRORS as err:  # many types; all mean an unreadable folder
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(f"{directory}: cannot be read ({first}): the checkpoint is "
                               f"damaged or incomplete; use another step_* folder") from None
@@ -198,7 +209,7 @@ class Checkpointer:
         reliability.save_point("started")
         try:
             self._write(partial, model_chunks, optimizer)
-        except Exception as err:
+        except CHECKPOINT_IO_ERRORS as err:
             if _disk_full(err, self.root):
                 shutil.rmtree(partial, ignore_errors=True)
                 raise CheckpointError(

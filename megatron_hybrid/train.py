@@ -138,20 +138,22 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
     """The trainer of ``cfg``; ``wrap_model`` (e.g. attaching a distillation teacher) gets the
     model after its initial weights are loaded and before DDP wraps it."""
     run_dir = Path(cfg.resolved_output_dir)
-    parallel.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    model = build_model(cfg.model, model_layout(cfg, dims), backend=backend)
     checkpointer = Checkpointer(
         run_dir, save_interval=cfg.checkpoint.save_interval, keep_last=cfg.checkpoint.keep_last,
         meta={"model": cfg.model.to_dict(), "tokenizer": tokenizer.unique_identifiers,
               "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp}},
         config_yaml=recipe.dump_yaml(cfg))
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        check_matches(latest, model=checkpointer.meta["model"], tokenizer=tokenizer.identity)
-    elif cfg.checkpoint.load:
+    latest = _starting_checkpoint(cfg, checkpointer)
+    # Data before the model: a bad data file is refused before anything heavy is built.
+    train_data, valid_data = build_datasets(
+        cfg.data, tokenizer, seq_length=cfg.seq_length,
+        train_samples=cfg.total_steps * cfg.train.global_batch_size,
+        valid_samples=cfg.train.eval_batches * cfg.train.global_batch_size)
+    parallel.seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, model_layout(cfg, dims), backend=backend)
+    if latest is None and cfg.checkpoint.load:
         _print0(f"initial weights from {cfg.checkpoint.load}")
-        check_matches(cfg.checkpoint.load, model=checkpointer.meta["model"])
         load_weights([model], cfg.checkpoint.load)
     if wrap_model is not None:
         model = wrap_model(model)
@@ -167,16 +169,23 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
     if latest is not None:
         _print0(f"resuming from {latest}")
         state = checkpointer.resume(latest, chunks, optimizer, scheduler)
-    train_samples = cfg.total_steps * cfg.train.global_batch_size
-    valid_samples = cfg.train.eval_batches * cfg.train.global_batch_size
-    train_data, valid_data = build_datasets(
-        cfg.data, tokenizer, seq_length=cfg.seq_length, train_samples=train_samples,
-        valid_samples=valid_samples)
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         recipe.save_resolved(cfg, run_dir / "config.yaml")
     return Trainer(cfg, run_dir, dims, chunks, optimizer, scheduler, checkpointer, train_data,
                    valid_data, state, forward_step)
+
+
+def _starting_checkpoint(cfg: RunConfig, checkpointer: Checkpointer) -> Path | None:
+    """The run's own latest checkpoint to resume (None: a fresh start), after refusing one of
+    another model or tokenizer, or a ``checkpoint.load`` of another model, in one line."""
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        check_matches(latest, model=checkpointer.meta["model"],
+                      tokenizer=checkpointer.meta["tokenizer"])
+    elif cfg.checkpoint.load:
+        check_matches(cfg.checkpoint.load, model=checkpointer.meta["model"])
+    return latest
 
 
 def model_layout(cfg: RunConfig, dims: parallel.ParallelDims) -> ModelLayout:
