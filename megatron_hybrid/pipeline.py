@@ -4,7 +4,7 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
 
     pipeline: tiny-nano-v2           # the pipeline's name; this key marks a pipeline file
     output_dir: runs/{pipeline}      # optional (the default); --output replaces it
-    task_samples: 48                 # optional: task accuracy of every stage's model (0: off)
+    task_samples: 24                 # optional: task accuracy of every stage's model (0: off)
     stages:
       - name: pretrain
         kind: train                  # one of STAGE_KINDS

@@ -39,7 +39,7 @@ def two_stages(directory: Path) -> Path:
          "overrides": [*SMALL, f"train.max_steps={SECOND_STEPS}", "checkpoint.save_interval=2"],
          "inputs": {"checkpoint.load": "first"}},
     ]
-    return write_pipeline(directory, {"pipeline": "two", "stages": stages})
+    return write_pipeline(directory, {"pipeline": "two", "task_samples": 2, "stages": stages})
 
 
 def write_pipeline(directory: Path, content: dict) -> Path:
@@ -132,12 +132,24 @@ def test_report_has_every_stage_with_parameters_losses_and_plots(resumed):
     assert "[loss.png](second/loss.png)" in text
 
 
+def test_every_stage_model_answers_task_problems(resumed):
+    out = resumed["out"]
+    for stage in ("first", "second"):
+        accuracies = json.loads((out / stage / report.TASK_METRICS).read_text())
+        assert set(accuracies) == {"accuracy /think", "accuracy /no_think"}
+        assert all(value in (0.0, 0.5, 1.0) for value in accuracies.values())  # 2 problems
+        assert f"evaluate {out / stage / 'checkpoints'}" in (out / stage / pipeline.LOG).read_text()
+    text = (out / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| first |"))
+    assert "accuracy /think" in row and "accuracy /no_think" in row
+
+
 def test_a_stage_summary_gives_its_heldout_loss_and_task_metrics(resumed):
     out = resumed["out"]
     report.write_summary(out / "second", heldout_loss=1.5, task_metrics={"accuracy": 0.25})
     text = report.write_report(pipeline.load_pipeline(resumed["path"], str(out))).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| second |"))
-    assert "| 1.5000 | accuracy 0.25 |" in row
+    assert "| 1.5000 | accuracy 0.25, accuracy /think " in row
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
