@@ -479,7 +479,7 @@ class SFTConfig:
     task_samples: int = 32
     """Held-out task problems answered greedily, each with /think and with /no_think, for
     the task accuracy at the start and the end (0: not measured, e.g. for other data)."""
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     """Decoding of an answer stops at ``<|im_end|>`` or after this many tokens."""
 
     def validate(self) -> None:

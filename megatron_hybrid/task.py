@@ -31,7 +31,7 @@ HELDOUT = 256
 """Held-out problems (of about 1,900)."""
 SEED = 0
 """The default split."""
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 32
 """Decoding budget of an answer: a worked /think answer takes about 25 tokens."""
 SPLITS = ("train", "valid")
 MODES = ("think", "no_think")
