@@ -44,11 +44,7 @@ def run(args) -> int:
     cfg, teacher = check_request(recipe.load_recipe(args.recipe, args.overrides))
     from megatron_hybrid import train
 
-    with train.session(cfg) as (backend, dims):
-        report = distill(cfg, teacher, backend, dims)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(format_summary(report))
-    return 0
+    return train.run_stage(cfg, partial(distill, cfg, teacher), format_summary)
 
 
 # -- checks before anything is loaded ---------------------------------------------------------

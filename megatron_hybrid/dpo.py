@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -52,11 +51,7 @@ def run(args) -> int:
     backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
     from megatron_hybrid import train
 
-    with train.session(cfg) as (backend, dims):
-        report = optimize(cfg, cfg.dpo, backend, dims)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(format_summary(report))
-    return 0
+    return train.run_stage(cfg, partial(optimize, cfg, cfg.dpo), format_summary)
 
 
 def check_request(cfg: RunConfig, dpo: DPOConfig) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 from megatron_hybrid.config import PRUNABLE, ConfigError, ModelConfig, PruneConfig, RunConfig
@@ -39,11 +40,7 @@ def run(args) -> int:
     cfg = check_request(recipe.load_recipe(args.recipe, args.overrides))
     from megatron_hybrid import train
 
-    with train.session(cfg) as (backend, dims):
-        report = prune(cfg, backend, dims)
-    if _is_rank_zero():
-        print(format_summary(report))
-    return 0
+    return train.run_stage(cfg, partial(prune, cfg), format_summary)
 
 
 # -- checks before anything is loaded ---------------------------------------------------------

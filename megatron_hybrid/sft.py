@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from megatron_hybrid.config import ConfigError, RunConfig, SFTConfig
@@ -41,11 +41,7 @@ def run(args) -> int:
     backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
     from megatron_hybrid import train
 
-    with train.session(cfg) as (backend, dims):
-        report = finetune(cfg, cfg.sft, backend, dims)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(format_summary(report))
-    return 0
+    return train.run_stage(cfg, partial(finetune, cfg, cfg.sft), format_summary)
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -56,8 +52,8 @@ def check_request(cfg: RunConfig, sft: SFTConfig) -> None:
     if not sft.pack:
         return
     if cfg.parallel.cp != 1:
-        raise ConfigError(f"sft.pack=true runs at parallel.cp=1 (packed documents are not split "
-                          f"over CP ranks): set parallel.cp=1 or sft.pack=false")
+        raise ConfigError("sft.pack=true runs at parallel.cp=1 (packed documents are not split "
+                          "over CP ranks): set parallel.cp=1 or sft.pack=false")
     if cfg.parallel.pp != 1 and cfg.train.micro_batch_size != 1:
         raise ConfigError(f"sft.pack=true with parallel.pp={cfg.parallel.pp} needs "
                           f"train.micro_batch_size=1 (a packed micro-batch runs as one row): "

@@ -121,6 +121,17 @@ def session(cfg: RunConfig) -> Iterator[tuple[str, parallel.ParallelDims]]:
         parallel.destroy_distributed()
 
 
+def run_stage(cfg: RunConfig, stage: Callable[[str, parallel.ParallelDims], dict],
+              summary: Callable[[dict], str]) -> int:
+    """Run a stage (prune, distill, SFT, DPO: ``stage(backend, dims) -> report``) in a session
+    of ``cfg``; rank 0 prints ``summary(report)``."""
+    with session(cfg) as (backend, dims):
+        report = stage(backend, dims)
+    if int(os.environ.get("RANK", 0)) == 0:  # the process groups are gone by now
+        print(summary(report))
+    return 0
+
+
 def fit(trainer: Trainer) -> TrainState:
     """Train to the end of the run with metrics, then plot the loss curve."""
     cfg = trainer.cfg
