@@ -35,8 +35,6 @@ class StepResult:
     """Mean per-token loss over the global batch."""
     grad_norm: float
     """Global gradient norm before clipping."""
-    num_tokens: int
-    """Loss tokens in the global batch."""
 
 
 def wrap_ddp(model: torch.nn.Module, *, use_distributed_optimizer: bool):
@@ -162,8 +160,7 @@ def train_step(model_chunks: list, optimizer, data_iterator: Iterator[dict], *,
     )
     _, grad_norm, _ = optimizer.step()
     loss_sum, num_tokens = _global_loss(reports)
-    return StepResult(loss=loss_sum / max(num_tokens, 1), grad_norm=float(grad_norm or 0.0),
-                      num_tokens=int(num_tokens))
+    return StepResult(loss=loss_sum / max(num_tokens, 1), grad_norm=float(grad_norm or 0.0))
 
 
 @torch.no_grad()

@@ -80,11 +80,13 @@ class Trainer:
                     forward_step=reliability.with_nan_loss(self.forward_step, state.step + 1))
                 if self.optimizer.update_applied:  # as Megatron-LM: a skipped step keeps its LR
                     self.scheduler.step(increment=1)
+                # Tokens processed, not the loss's (SFT's are a fraction): throughput and MFU.
+                tokens = cfg.train.global_batch_size * cfg.seq_length
                 state.step += 1
                 state.consumed_samples += cfg.train.global_batch_size
-                state.tokens += result.num_tokens
+                state.tokens += tokens
                 tracker.step(state.step, loss=result.loss, grad_norm=result.grad_norm,
-                             lr=self.optimizer.param_groups[0]["lr"], tokens=result.num_tokens,
+                             lr=self.optimizer.param_groups[0]["lr"], tokens=tokens,
                              seconds=time.perf_counter() - started)
                 watchdog.after_step(state.step, loss=result.loss, grad_norm=result.grad_norm,
                                     applied=self.optimizer.update_applied)
