@@ -3,7 +3,7 @@
 - a teacher that cannot share the student's layout (vocabulary, sequence length, TP) and
   PP > 1 are refused before anything is loaded;
 - distilling the pruned tiny student (test_prune's run) from its unpruned parent lowers the
-  held-out KL and closes part of the held-out-loss gap in a few steps;
+  held-out KL and closes most of the held-out-loss gap in 32 steps;
 - its checkpoints hold the student alone (a plain model), and a finished run resumes.
 """
 
@@ -18,7 +18,7 @@ from megatron_hybrid import distill, flavors
 from megatron_hybrid.config import ConfigError
 
 RECIPE = str(prune_runs.RECIPES / "distill.yaml")
-STEPS = 8
+STEPS = 32
 DISTILL = [*prune_runs.SMALL, "train.global_batch_size=4", "train.eval_batches=2",
            "train.eval_interval=1000", "train.log_interval=1", "scheduler.warmup_steps=1",
            "checkpoint.save_interval=4"]
@@ -89,10 +89,10 @@ def test_distillation_lowers_kl_and_narrows_the_gap(distilled):
     assert start["step"] == 0 and end["step"] == STEPS
     assert start["student_loss"] > start["teacher_loss"]  # pruning cost something
     assert end["teacher_loss"] == pytest.approx(start["teacher_loss"], rel=1e-6)  # frozen
-    # Measured: KL 0.0186 -> 0.0097 and 13% of a 0.011-nat gap closed in 8 steps. The briefly
-    # pretrained teacher hardly uses its last layers, so pruning costs little to win back.
-    assert end["kl"] < 0.65 * start["kl"]
-    assert report["gap_closed"] > 0.08
+    # Measured: KL 0.0186 -> 0.0049 and 79% of the 0.011-nat gap closed in 32 steps (the
+    # briefly pretrained teacher hardly uses its last layers, so pruning costs little).
+    assert end["kl"] < 0.4 * start["kl"]
+    assert report["gap_closed"] > 0.6  # most of the gap
     assert "gap closed" in result.stdout and (out / "distill_report.md").is_file()
     assert (out / "loss.png").is_file()
 
