@@ -42,14 +42,14 @@ def init_distributed(dims: ParallelDims, *, backend: str, timeout_minutes: int =
     from megatron_hybrid import mcore
 
     if not dist.is_initialized():
-        # Under torchrun: its env:// rendezvous. Alone: an in-memory store, no port to race for.
-        alone = "WORLD_SIZE" not in os.environ
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _store(timeout)
         dist.init_process_group(
             backend="nccl" if backend == "cuda" else "gloo",
-            store=dist.HashStore() if alone else None,
-            rank=0 if alone else -1,
-            world_size=1 if alone else -1,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            store=store,
+            rank=int(os.environ.get("RANK", 0)) if store else -1,
+            world_size=int(os.environ.get("WORLD_SIZE", 1)) if store else -1,
+            timeout=timeout,
         )
     if backend == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -60,6 +60,23 @@ def init_distributed(dims: ParallelDims, *, backend: str, timeout_minutes: int =
         context_parallel_size=dims.cp,
         distributed_timeout_minutes=timeout_minutes,
     )
+
+
+def _store(timeout: datetime.timedelta):
+    """The process group's store; None: torch's env:// rendezvous (under torchrun, first try).
+
+    Alone: an in-memory store, no port to race for. After a torchrun restart
+    (``--max-restarts``) the agent's store still holds the failed attempt's process-group keys,
+    and gloo would connect to its dead ranks' ports: each attempt gets its own key prefix.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return dist.HashStore()
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"attempt_{attempt}", agent_store)
 
 
 def seed_everything(seed: int) -> None:

@@ -214,7 +214,7 @@ CHECKPOINT_DAMAGE = {"partial-checkpoint": _drop_metadata,
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A real one-step checkpoint of the tiny recipe."""
-    from tests.test_train import train as train_run
+    from test_train import train as train_run
 
     out = tmp_path_factory.mktemp("source")
     train_run(out, "train.max_steps=1", "scheduler.warmup_steps=0")

@@ -26,7 +26,7 @@ import pytest
 import torch.distributed as dist
 
 from megatron_hybrid import reliability
-from tests.test_train import RECIPE, SMALL, cli, step_losses, train
+from test_train import RECIPE, SMALL, cli, step_losses, train
 
 WORKER = Path(__file__).resolve().parent / "workers" / "save_crash.py"
 SAVE_POINTS = ["started", "shards-written", "meta-written", "renamed", "pointer-written",
