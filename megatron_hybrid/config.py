@@ -437,6 +437,9 @@ class DistillConfig:
     """Weight of the mean cosine loss of intermediate_pairs."""
     lm_loss_weight: float = 0.0
     """Weight of the student's own next-token loss added to the KD loss (0: pure KD)."""
+    task_data: bool = False
+    """Distill on the offline task's conversations (assistant tokens, one per sequence; the
+    reasoning data the tiny pipeline's teacher was fine-tuned on) instead of ``data``."""
 
     def validate(self) -> None:
         if self.teacher is not None and not self.teacher:
