@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from workers import prune_runs
 
 from megatron_hybrid import distill, flavors
@@ -115,3 +116,18 @@ def test_saved_student_is_plain_and_the_run_resumes(distilled):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("kind") == "train"]
     assert steps[-2:] == [STEPS + 1, STEPS + 2]
+
+
+def test_task_data_gives_one_conversation_per_sequence_with_assistant_tokens_in_the_loss():
+    from megatron_hybrid import recipe
+
+    cfg = recipe.load_recipe(RECIPE, ["train.seq_length=128", "distill.task_data=true",
+                                      "train.max_steps=2", "train.eval_batches=1"])
+    data = distill.task_datasets(cfg)
+    assert len(data["train_data"]) == 2 * cfg.train.global_batch_size
+    assert len(data["valid_data"]) == cfg.train.global_batch_size
+    sample = data["train_data"][0]
+    assert sample["tokens"].shape == (128,)
+    positions, mask = sample["position_ids"], sample["loss_mask"]
+    assert (positions == torch.arange(128)).all()  # one conversation: positions never restart
+    assert 0 < mask.sum() < mask.numel() // 2  # the assistant's answer, not the prompt or padding
