@@ -119,8 +119,7 @@ def compression_section(pipeline, stage, rows: dict) -> list[str]:
         f"teacher (published {PUBLISHED_PAIR[0]} -> {PUBLISHED_PAIR[1]}: {published:.1%})",
         f"- held-out loss on the distillation data: teacher {end['teacher_loss']:.4f}, pruned "
         f"{start['student_loss']:.4f}, distilled {end['student_loss']:.4f}",
-        f"- **the student recovered {_percent(closed)} of the held-out loss that pruning cost** "
-        f"(gap to the teacher closed by distillation)",
+        _recovery_line(closed, start, end),
     ]
     for name, value in student["task_metrics"].items():
         if teacher["task_metrics"].get(name):
@@ -128,6 +127,14 @@ def compression_section(pipeline, stage, rows: dict) -> list[str]:
                          f"{value:.4g} ({value / teacher['task_metrics'][name]:.1%} of the "
                          f"teacher)")
     return [*lines, ""]
+
+
+def _recovery_line(closed: float | None, start: dict, end: dict) -> str:
+    if closed is None:  # the pruned student was already at the teacher's held-out loss
+        return (f"- **pruning cost no held-out loss here** (pruned {start['student_loss']:.4f} "
+                f"<= teacher {end['teacher_loss']:.4f}): compare the task metrics below")
+    return (f"- **the student recovered {_percent(closed)} of the held-out loss that pruning "
+            f"cost** (gap to the teacher closed by distillation)")
 
 
 def published_ratio() -> float:
