@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the memory probes' profiler, quiet
+import torch  # noqa: E402
 
-from megatron_hybrid import backends
+from megatron_hybrid import backends  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "long_context.md"
