@@ -13,7 +13,7 @@ SHAPE_FIELDS = (
     "mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "seq_length",
 )
 
-# /work/shared/REFERENCE.md, "Model shapes": layers, then SHAPE_FIELDS in order.
+# The published reference shapes ("Model shapes"): layers, then SHAPE_FIELDS in order.
 PUBLISHED = {
     "nemotron-h-4b": (52, 3072, 12288, 32, 8, 128, 112, 64, 128, 8, 8192),
     "nemotron-h-8b": (52, 4096, 21504, 32, 8, 128, 128, 64, 128, 8, 8192),
