@@ -352,6 +352,12 @@ class PruneConfig:
     max_params: float | None = None
     """Search mode: a parameter budget; the fitting candidates with the most parameters are
     scored on held-out loss and the best is kept (give this or export_config, not both)."""
+    serve_gpu: str | None = None
+    """Search mode by memory, instead of max_params: the GPU (a planner name, e.g. a10g) that
+    must serve serve_context tokens with the pruned model in bf16; the parameter budget is
+    what the planner leaves for weights after the caches and prefill."""
+    serve_context: int = 131072
+    """Tokens of context the pruned model must serve on serve_gpu."""
     calibration_samples: int = 64
     """Training-split samples whose activations rank neurons, heads and layers."""
     heldout_samples: int = 32
@@ -378,7 +384,7 @@ class PruneConfig:
         """``manual`` (export_config), ``search`` (max_params) or None (no pruning asked)."""
         if self.export_config is not None:
             return "manual"
-        return "search" if self.max_params is not None else None
+        return "search" if self.max_params is not None or self.serve_gpu is not None else None
 
     def validate(self) -> None:
         for name in ("calibration_samples", "heldout_samples", "top_k", "hidden_size_divisor",
@@ -387,9 +393,17 @@ class PruneConfig:
         for name in ("max_width_pruning", "max_depth_pruning"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"prune.{name}={getattr(self, name)} must be in [0, 1)")
-        if self.export_config is not None and self.max_params is not None:
-            raise ConfigError("prune: give prune.export_config (manual sizes) or "
-                              "prune.max_params (search under a budget), not both")
+        _check_positive_int("prune.serve_context", self.serve_context)
+        given = [name for name in ("export_config", "max_params", "serve_gpu")
+                 if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"prune: give one of prune.export_config (manual sizes), "
+                              f"prune.max_params or prune.serve_gpu (search under a budget), "
+                              f"not {' and '.join(given)}")
+        if self.serve_gpu is not None:
+            from megatron_hybrid.plan import GPUS
+
+            _check_choice("prune.serve_gpu", self.serve_gpu, tuple(GPUS))
         if self.max_params is not None and self.max_params <= 0:
             raise ConfigError(f"prune.max_params={self.max_params} must be > 0")
         for name in [*(self.export_config or {}), *self.skip_hparams]:

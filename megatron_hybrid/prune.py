@@ -5,8 +5,9 @@ runs the calibration samples through it at TP=1 (PP allowed) so ModelOpt can ran
 heads and layers by their activations, and keeps the best-ranked ones:
 
 - manual mode (``prune.export_config``): the given sizes, checked before anything is loaded;
-- search mode (``prune.max_params``): the largest candidate sizes under the budget, each
-  scored on held-out loss, the best kept.
+- search mode (``prune.max_params``, or ``prune.serve_gpu``: the parameters that GPU can hold
+  while serving ``prune.serve_context`` tokens, by the planner): the largest candidate sizes
+  under the budget, each scored on held-out loss, the best kept.
 
 Output in the run directory: ``checkpoints/step_000000`` (meta.json holds the pruned model,
 whose pattern lost the dropped layers), ``model.yaml`` (that model as a recipe section),
@@ -67,6 +68,7 @@ def check_request(cfg: RunConfig) -> RunConfig:
     require_heldout_data(cfg, "pruning")
     source = checkpoint_model(cfg, role="checkpoint to prune")
     cfg.prune.check_against(source)
+    parameter_budget(cfg.prune, source)  # refuses a budget that leaves nothing
     return dataclasses.replace(cfg, model=source)
 
 
@@ -175,18 +177,39 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
         ffn_hidden_size_divisor=options.ffn_hidden_size_divisor,
         mamba_head_dim_divisor=options.mamba_head_dim_divisor,
         num_layers_divisor=options.num_layers_divisor)
-    constraints, search = minitron_request(options, data)
+    budget = parameter_budget(options, cfg.model)
+    constraints, search = minitron_request(options, data, budget)
     with _gloo_fix(backend), _modelopt_log(Path(cfg.resolved_output_dir)):
         _, searcher_state = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
                                       constraints=constraints, dummy_input=None, config=search)
-    scored = searcher_state["top_k_candidates_per_constraint"].get(options.max_params, [])
+    scored = searcher_state["top_k_candidates_per_constraint"].get(budget, [])
     return {"layer_scores": {int(number): float(score)
                              for number, score in searcher_state["layer_scores"].items()},
             "candidates": [{"sizes": candidate.ss_config, "params": int(candidate.params),
                             "heldout_loss": -candidate.score} for candidate in scored]}
 
 
-def minitron_request(options: PruneConfig, data: CalibrationData) -> tuple[dict, dict]:
+def parameter_budget(options: PruneConfig, model: ModelConfig) -> float | None:
+    """Search mode's parameter budget: ``max_params``, or the bf16 weights ``serve_gpu`` can
+    hold next to the caches and prefill of serving ``serve_context`` tokens, as the planner
+    counts them for the unpruned ``model`` (an upper bound of the pruned model's)."""
+    if options.serve_gpu is None:
+        return options.max_params
+    from megatron_hybrid import plan
+
+    gpu, memory = plan.GPUS[options.serve_gpu], plan.inference_memory(
+        model, context=options.serve_context)
+    budget = (gpu.usable_bytes - (memory.total - memory.weights)) / 2
+    if budget <= 0:
+        raise ConfigError(f"prune.serve_gpu={options.serve_gpu}: serving "
+                          f"{options.serve_context:,} tokens leaves no memory for weights "
+                          f"(caches and prefill alone need {memory.total - memory.weights:,.0f}"
+                          f" bytes): lower prune.serve_context or choose a larger GPU")
+    return float(int(budget))
+
+
+def minitron_request(options: PruneConfig, data: CalibrationData,
+                     budget: float | None) -> tuple[dict, dict]:
     """ModelOpt's constraints and search config for the two modes."""
     search = {"forward_loop": data.calibrate}
     if options.mode == "manual":
@@ -195,7 +218,7 @@ def minitron_request(options: PruneConfig, data: CalibrationData) -> tuple[dict,
                   max_width_pruning=options.max_width_pruning,
                   max_depth_pruning=options.max_depth_pruning,
                   hparams_to_skip=list(options.skip_hparams) or None, top_k=options.top_k)
-    return {"params": options.max_params}, search
+    return {"params": budget}, search
 
 
 def _gloo_fix(backend: str):
@@ -275,7 +298,10 @@ def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], se
     return {
         "checkpoint": cfg.checkpoint.load,
         "mode": cfg.prune.mode,
-        "target": cfg.prune.export_config or {"max_params": cfg.prune.max_params},
+        "target": cfg.prune.export_config or {
+            "max_params": parameter_budget(cfg.prune, cfg.model),
+            **({"serve_gpu": cfg.prune.serve_gpu, "serve_context": cfg.prune.serve_context}
+               if cfg.prune.serve_gpu else {})},
         "sizes": {name: [getattr(source, name), getattr(pruned_cfg, name)] for name in PRUNABLE
                   if getattr(source, name) != getattr(pruned_cfg, name)},
         "pattern": [source.pattern, pruned_cfg.pattern],

@@ -181,3 +181,17 @@ def test_search_keeps_the_best_candidate_under_the_budget(searched):
     assert after == best["params"]  # the rebuilt model is the candidate that scored best
     assert searched["heldout_loss"][1] == pytest.approx(best["heldout_loss"], rel=1e-5)
     assert searched["pattern"][1].count("|") == 1
+
+
+def test_a_memory_budget_is_what_an_a10g_holds_next_to_128k_tokens_of_caches():
+    from megatron_hybrid import plan
+    from megatron_hybrid.config import PruneConfig
+
+    options = PruneConfig(serve_gpu="a10g")  # serve_context: 131072
+    options.validate()
+    twelve, nine = (flavors.get_flavor(name) for name in ("nano-v2-12b", "nano-v2-9b"))
+    budget = prune.parameter_budget(options, twelve)
+    # The published compression's goal: the 9B fits one A10G at 128k, the 12B does not.
+    assert plan.total_parameters(nine) < budget < plan.total_parameters(twelve)
+    with pytest.raises(ConfigError, match="leaves no memory for weights"):
+        prune.parameter_budget(PruneConfig(serve_gpu="a10g", serve_context=2**24), twelve)
