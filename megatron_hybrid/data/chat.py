@@ -387,6 +387,9 @@ class PreferenceDataset:
     rejected sequence of one pair, so a micro-batch of an even size holds whole pairs. Each
     sample also carries ``ref_logp``: the reference model's log-probability of its response."""
 
+    extra_keys = ("ref_logp",)
+    """Keys beyond the pretraining batch's that micro-batches keep."""
+
     def __init__(self, sequences: Sequences, ref_logps: torch.Tensor, *, num_samples: int,
                  seed: int):
         if len(ref_logps) != len(sequences):

@@ -13,6 +13,7 @@ import contextlib
 import os
 import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -254,18 +255,19 @@ def microbatch_iterator(dataset, *, start_sample: int, micro_batch_size: int,
                         num_microbatches: int, dp_rank: int, dp_size: int,
                         num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches (dicts of ``[micro_batch_size, seq_length]`` tensors keyed by
-    BATCH_KEYS, plus any key the dataset's samples add), ``num_microbatches`` per step,
+    BATCH_KEYS, plus the dataset's ``extra_keys`` if it has them), ``num_microbatches`` per step,
     starting at global sample ``start_sample``."""
     sampler = RankMicrobatches(num_samples=len(dataset), start_sample=start_sample,
                                micro_batch_size=micro_batch_size,
                                num_microbatches=num_microbatches, dp_rank=dp_rank,
                                dp_size=dp_size)
+    keys = (*BATCH_KEYS, *getattr(dataset, "extra_keys", ()))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         collate_fn=_collate)
+                                         collate_fn=partial(_collate, keys))
     return iter(loader)
 
 
-def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Every key of the samples stacked: BATCH_KEYS, and what a stage's dataset adds (DPO's
-    per-sequence ``ref_logp``)."""
-    return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
+def _collate(keys: tuple[str, ...], samples: list[dict]) -> dict[str, torch.Tensor]:
+    """``keys`` of the samples stacked: BATCH_KEYS, and what a stage's dataset declares in
+    ``extra_keys`` (DPO's per-sequence ``ref_logp``); Megatron's samples carry more."""
+    return {key: torch.stack([sample[key] for sample in samples]) for key in keys}
