@@ -54,7 +54,8 @@ def check_request(cfg: RunConfig) -> RunConfig:
     cfg.validate()
     if cfg.prune.mode is None:
         raise ConfigError("nothing to prune: set prune.export_config={hidden_size: ..., ...} "
-                          "(given sizes) or prune.max_params=N (search under a budget)")
+                          "(given sizes), prune.max_params=N or prune.serve_gpu=a10g (search "
+                          "under a parameter or memory budget)")
     parallel = cfg.parallel
     if parallel.tp != 1 or parallel.cp != 1:
         raise ConfigError(f"pruning runs at parallel.tp=1 and parallel.cp=1 (ModelOpt "
