@@ -77,3 +77,24 @@ def test_cpu_backend_redirects_megatron_cuda_assumptions():
     assert devices == "cpu cpu meta cpu torch.cuda.FloatTensor cpu"
     assert kernels == "True type"  # a real class, not unittest.mock's MagicMock
     assert rng == "True True"  # the tracker advances its own state and restores the default
+
+
+def test_cpu_backend_keeps_large_tensors_in_the_heap():
+    """glibc would give a 64 MiB tensor its own mmap and unmap it when freed, so every step
+    of a long sequence faulted its activations in anew; the cpu backend keeps them in the
+    heap (mallinfo2: hblkhd counts mmapped bytes, arena the heap's) and never trims it."""
+    out = run_python(
+        "import ctypes, torch\n"
+        "from megatron_hybrid import backends\n"
+        "backends.install('cpu')\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(name, ctypes.c_size_t) for name in 'arena ordblks smblks hblks "
+        "hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.mallinfo2.restype = Info\n"
+        "tensor = torch.ones(64 << 20, dtype=torch.uint8)\n"
+        "held = libc.mallinfo2()\n"
+        "del tensor\n"
+        "print(held.hblkhd >> 20, held.arena >> 20, libc.mallinfo2().arena >> 20)")
+    mmapped, heap_held, heap_after_free = map(int, out.split())
+    assert mmapped < 64 and heap_held >= 64 and heap_after_free == heap_held

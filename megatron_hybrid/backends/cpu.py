@@ -30,6 +30,10 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
 - Denormal floats are flushed to zero on every intra-op thread
   (:func:`_flush_denormals_on_every_thread`): the SSD scan's decays underflow towards them,
   and x86 arithmetic on denormals, matmuls included, runs up to ~100x slower.
+- Freed memory stays in the heap (:func:`_keep_freed_memory_in_heap`, glibc only): by default
+  glibc serves each large tensor by a fresh ``mmap`` and unmaps it when freed, so every
+  activation of a long sequence is page-faulted in anew (one Mamba layer at 16k tokens spent
+  over half its time in the kernel doing so, and its time per token grew 4x from 1k).
 - ModelOpt 0.43 ``prune/plugins/mcore_minitron.py`` (``drop_mcore_language_model_layers``)
   all-gathers a 0-d tensor, which gloo rejects ("invalid tensor size ... expected (), got (1)");
   :func:`gloo_accepts_scalar_all_gather` gives such inputs one dimension, only around pruning.
@@ -175,6 +179,26 @@ def _flush_denormals_on_every_thread() -> None:
         body, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's malloc.h
+_NEVER_TRIM = -1  # mallopt(3): -1 disables trimming
+
+
+def _keep_freed_memory_in_heap() -> None:
+    """Serve every allocation from the heap and keep what is freed there (glibc's mallopt).
+
+    Training allocates and frees the same large activations step after step; through ``mmap``
+    each one costs a page fault per 4 KiB on every use. The heap instead reuses them, at the
+    price of the process keeping its peak memory. Other C libraries are left as they are.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+
+
 def _check_megatron_version() -> None:
     found = importlib.metadata.version("megatron-core")
     if found != MEGATRON_CORE_VERSION:
@@ -211,6 +235,7 @@ def install() -> None:
         warnings.filterwarnings("ignore", message=message)
     kernels.register()
     _flush_denormals_on_every_thread()
+    _keep_freed_memory_in_heap()
     _patch_torch_cuda()
     _redirect = _CudaDeviceRedirect()
     _redirect.__enter__()  # stays on the mode stack for the life of the process

@@ -6,8 +6,10 @@ and ``ops.triton.selective_state_update.selective_state_update``) as Megatron-Co
 ``MambaMixer`` calls them, and are differentiable through autograd.
 
 The scan is the chunked SSD algorithm of Mamba-2's ``ssd_minimal_discrete``: an attention-like
-quadratic form inside each chunk, plus the recurrence over chunk states written as a
-(chunks x chunks) decay matrix, so no Python loop runs over tokens or chunks.
+quadratic form inside each chunk, plus the recurrence over chunk states as a scan, one
+multiply-add of the (heads x head dim x state) states per chunk. Time is linear in the length:
+the minimal version's (chunks x chunks) decay matrix would grow quadratically with it (128
+chunks at 16k tokens). No Python loop runs over tokens.
 
 Packed documents (``seq_idx``) follow the Triton kernels: ids are compared for equality, so each
 document's tokens must be contiguous (Megatron-Core numbers them 0, 1, 2, ...), and
@@ -33,19 +35,6 @@ def _discretize_dt(dt, dt_bias, dt_softplus, dtype):
 
 def _gate(y, z):
     return y if z is None else y * F.silu(z.to(y.dtype))
-
-
-def _segsum(a, keep=None):
-    """out[..., i, j] = a[..., j+1] + ... + a[..., i] where j <= i (and keep), else -inf.
-
-    Summing the masked terms rather than differencing a cumsum keeps long spans exact
-    (Mamba-2's stable segsum); exp(-inf) = 0 cuts both decay and gradient.
-    """
-    size = a.shape[-1]
-    ones = torch.ones(size, size, dtype=torch.bool, device=a.device)
-    sums = a[..., None].expand(*a.shape, size).masked_fill(~ones.tril(-1), 0).cumsum(-2)
-    allowed = ones.tril() if keep is None else ones.tril() & keep
-    return sums.masked_fill(~allowed, float("-inf"))
 
 
 LOG_DECAY_LIMIT = 80.0
@@ -74,19 +63,12 @@ def _intra_chunk_decay(cumsum, same_doc):
     return _masked_exp_(cumsum[..., :, None] - cumsum[..., None, :], keep)
 
 
-def _segsum_backward(grad_log):
-    """Gradient of :func:`_segsum`'s input from the gradient of its (..., s, s) output:
-    a_k is summed into out[i, j] for j < k <= i."""
-    below = grad_log.flip(-2).cumsum(-2).flip(-2)  # [k, j] = sum over i >= k of grad[i, j]
-    return below.tril(-1).sum(-1)
-
-
 def _document_masks(seq_idx, nchunks, chunk_size):
     """Where decay may flow, for packed documents (all None without seq_idx).
 
     same_doc (b, 1, c, i, j): tokens i and j of a chunk; prev_doc (b, 1, c, i): token i and the
-    end of the previous chunk (document 0 before the first); same_end (b, 1, c+1, c+1): the ends
-    of two chunks (index 0: before the first).
+    end of the previous chunk (document 0 before the first); continues (b, 1, c): the end of
+    each chunk and the end of the one before it.
     """
     if seq_idx is None:
         return None, None, None
@@ -96,17 +78,12 @@ def _document_masks(seq_idx, nchunks, chunk_size):
     ends = F.pad(seq[..., -1], (1, 0))
     same_doc = seq[..., :, None] == seq[..., None, :]
     prev_doc = seq == ends[..., :-1, None]
-    same_end = ends[..., :, None] == ends[..., None, :]
-    return same_doc, prev_doc, same_end
-
-
-def _group_major(t, ngroups):
-    """(b, h, c, ...) -> a contiguous (b, g, c, r, ...) copy (r: the heads of a group)."""
-    return t.unflatten(1, (ngroups, -1)).transpose(2, 3).contiguous()
+    continues = ends[..., 1:] == ends[..., :-1]
+    return same_doc, prev_doc, continues
 
 
 def _head_major(t):
-    """Inverse of :func:`_group_major`: (b, g, c, r, ...) -> a contiguous (b, h, c, ...)."""
+    """(b, g, c, r, ...) -> a contiguous (b, h, c, ...) copy (r: the heads of a group)."""
     return t.transpose(2, 3).flatten(1, 2).contiguous()
 
 
@@ -121,7 +98,7 @@ class _ChunkedScan(torch.autograd.Function):
     Inputs: xdt = dt x (b, h, c, i, p), the cumsum of dt A within each chunk (b, h, c, i),
     B and C (b, g, c, i, n), initial states (b, h, p, n) and the document masks. Outputs: the
     within-chunk part of y (b, h, c, i, p), the carried-in part (b, g, c, i, r, p) and the
-    states before each chunk followed by the final one (b, h, c+1, p, n).
+    states before each chunk followed by the final one, group-major (b, g, c+1, r, (p n)).
 
     Every product is a batched matmul over contiguous blocks: per head for the (chunk x chunk)
     part, per group against all its r heads at once for the state parts. Against autograd's
@@ -130,7 +107,7 @@ class _ChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xdt, cumsum, B, C, initial, same_doc, prev_doc, same_end):
+    def forward(ctx, xdt, cumsum, B, C, initial, same_doc, prev_doc, continues):
         headdim, ngroups, dstate = xdt.shape[-1], B.shape[1], B.shape[-1]
         # Within chunks: y_i = sum_{j <= i} C_i.B_j decay(j -> i) xdt_j
         decay = _intra_chunk_decay(cumsum, same_doc)  # (b, h, c, i, j)
@@ -144,34 +121,34 @@ class _ChunkedScan(torch.autograd.Function):
         chunk_states = (xdt_to_end.mT @ B).unflatten(3, (-1, headdim))  # (b, g, c, r, p, n)
 
         # Across chunks: the states before each chunk (the initial one first), then the final.
-        stacked = torch.cat([initial[:, :, None], _head_major(chunk_states)], dim=2).flatten(-2)
-        chunk_decay = torch.exp(_segsum(F.pad(cumsum[..., -1], (1, 0)), same_end))
-        states = chunk_decay @ stacked  # (b, h, c+1, p n)
+        chunk_decay = _masked_exp_(cumsum[..., -1].clone(), continues)  # (b, h, c)
+        chunk_decay = chunk_decay.unflatten(1, (ngroups, -1)).transpose(2, 3).contiguous()
+        states = _scan_chunks(chunk_decay, initial.unflatten(1, (ngroups, -1)).flatten(-2),
+                              chunk_states.flatten(-2))  # (b, g, c+1, r, (p n))
 
         # Carry-in: each chunk's start state read out by C, decayed to token i.
-        starts = _group_major(states[:, :, :-1], ngroups).unflatten(-1, (headdim, dstate))
-        starts = starts.flatten(3, 4)  # (b, g, c, (r p), n)
+        starts = states[:, :, :-1].unflatten(-1, (headdim, dstate)).flatten(3, 4)
         read_out = (C @ starts.mT).unflatten(-1, (-1, headdim))  # (b, g, c, i, r, p)
         from_start = _masked_exp_(cumsum.clone(), prev_doc)  # (b, h, c, i)
         y_carry = read_out * _per_group(from_start, ngroups)[..., None]
 
-        ctx.save_for_backward(xdt, B, C, decay, weights, xdt_to_end, stacked, chunk_decay,
+        ctx.save_for_backward(xdt, B, C, decay, weights, xdt_to_end, states, chunk_decay,
                               starts, read_out, from_start)
-        return y_diag, y_carry, states.unflatten(-1, (headdim, dstate))
+        return y_diag, y_carry, states
 
     @staticmethod
     def backward(ctx, grad_diag, grad_carry, grad_states):
         saved = ctx.saved_tensors
-        xdt, B, C, decay, weights, xdt_to_end, stacked, chunk_decay, starts, read_out, \
+        xdt, B, C, decay, weights, xdt_to_end, states, chunk_decay, starts, read_out, \
             from_start = saved
         ngroups = B.shape[1]
-        grad_states = torch.zeros_like(stacked) if grad_states is None else \
-            grad_states.flatten(-2).contiguous()  # (b, h, c+1, p n)
+        grad_states = torch.zeros_like(states) if grad_states is None else \
+            grad_states.contiguous()  # (b, g, c+1, r, (p n)); the scan's backward runs in it
         grad_C = torch.zeros_like(C)
         grad_cumsum = _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out,
                                       from_start, ngroups)
         grad_initial, grad_B, grad_xdt, grad_to_end = _states_backward(
-            grad_states, grad_cumsum, xdt, B, xdt_to_end, stacked, chunk_decay, decay, ngroups)
+            grad_states, grad_cumsum, xdt, B, xdt_to_end, states, chunk_decay, decay, ngroups)
 
         # Within chunks.
         grad_diag = grad_diag.contiguous()
@@ -195,21 +172,42 @@ def _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out, from_s
     grad_read_out = (grad_carry * _per_group(from_start, ngroups)[..., None]).flatten(-2)
     grad_C += grad_read_out @ starts
     grad_starts = (grad_read_out.mT @ C).unflatten(3, (grad_carry.shape[4], -1))
-    grad_states[:, :, :-1] += _head_major(grad_starts.flatten(-2))
+    grad_states[:, :, :-1] += grad_starts.flatten(-2)
     return grad_from_start.permute(0, 1, 4, 2, 3).flatten(1, 2) * from_start
 
 
-def _states_backward(grad_states, grad_cumsum, xdt, B, xdt_to_end, stacked, chunk_decay, decay,
+def _scan_chunks(chunk_decay, initial, own):
+    """states[0] = initial; states[k+1] = chunk_decay[k] states[k] + own[k].
+
+    chunk_decay (b, g, c, r), initial (b, g, r, s), own (b, g, c, r, s): each chunk's state
+    from its own tokens. Returns (b, g, c+1, r, s).
+    """
+    states = own.new_empty(own.shape[:2] + (own.shape[2] + 1,) + own.shape[3:])
+    states[:, :, 0] = initial
+    for k in range(own.shape[2]):
+        torch.addcmul(own[:, :, k], chunk_decay[:, :, k, :, None], states[:, :, k],
+                      out=states[:, :, k + 1])
+    return states
+
+
+def _scan_chunks_backward_(grad_states, states, chunk_decay):
+    """Backward of :func:`_scan_chunks`, in place: grad_states becomes the gradient of
+    (initial, own...), each state's own gradient plus chunk_decay[k] times the one reaching
+    states[k+1], accumulated from the last chunk back. Returns d/d log chunk_decay."""
+    for k in reversed(range(chunk_decay.shape[2])):
+        grad_states[:, :, k].addcmul_(chunk_decay[:, :, k, :, None], grad_states[:, :, k + 1])
+    return (grad_states[:, :, 1:] * states[:, :, :-1]).sum(-1) * chunk_decay  # (b, g, c, r)
+
+
+def _states_backward(grad_states, grad_cumsum, xdt, B, xdt_to_end, states, chunk_decay, decay,
                      ngroups):
     """Backward of the chunk states and the recurrence across chunks; adds the chunk-level
     decay gradient into grad_cumsum. Returns grad_initial, grad_B, grad_xdt, grad_to_end."""
     headdim = xdt.shape[-1]
-    grad_chunk_log = _segsum_backward((grad_states @ stacked.mT) * chunk_decay)
-    grad_cumsum[..., -1] += grad_chunk_log[..., 1:]
-    grad_stacked = chunk_decay.mT @ grad_states  # (b, h, c+1, p n)
-    grad_initial = grad_stacked[:, :, 0].unflatten(-1, (headdim, -1))
-    grad_chunk = _group_major(grad_stacked[:, :, 1:], ngroups).unflatten(-1, (headdim, -1))
-    grad_chunk = grad_chunk.flatten(3, 4)  # (b, g, c, (r p), n)
+    grad_chunk_log = _scan_chunks_backward_(grad_states, states, chunk_decay)
+    grad_cumsum[..., -1] += grad_chunk_log.transpose(2, 3).flatten(1, 2)
+    grad_initial = grad_states[:, :, 0].reshape(xdt.shape[0], -1, headdim, B.shape[-1])
+    grad_chunk = grad_states[:, :, 1:].unflatten(-1, (headdim, -1)).flatten(3, 4)
     grad_B = xdt_to_end @ grad_chunk
     grad_to_end_x = (B @ grad_chunk.mT).unflatten(-1, (-1, headdim))  # (b, g, c, j, r, p)
     grad_to_end_x = _head_major(grad_to_end_x.transpose(3, 4))  # (b, h, c, j, p)
@@ -265,15 +263,16 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
     if state_positions is not None:
         picked = _states_after(state_positions, xdt[0], B[0], cumsum[0], states[0],
                                [None if m is None else m[0, 0] for m in masks])
-    return y, states[:, :, -1], picked
+    final_states = states[:, :, -1].reshape(batch, nheads, headdim, dstate)
+    return y, final_states, picked
 
 
 def _states_after(positions, xdt, B, cumsum, states, masks):
     """States after the tokens at ``positions`` of one sequence (k, h, p, n): the own part of
     the token's chunk up to it, plus the chunk's carried-in state decayed to it.
 
-    xdt (h, c, i, p), B (g, c, i, n), cumsum (h, c, i), states (h, c+1, p, n); masks: that
-    row's same_doc (c, i, j) and prev_doc (c, i), or None.
+    xdt (h, c, i, p), B (g, c, i, n), cumsum (h, c, i), states (g, c+1, r, (p n)); masks:
+    that row's same_doc (c, i, j) and prev_doc (c, i), or None.
     """
     same_doc, prev_doc, _ = masks
     size = cumsum.shape[-1]
@@ -287,7 +286,8 @@ def _states_after(positions, xdt, B, cumsum, states, masks):
     own = torch.einsum("gkjn,grkjp->kgrpn", B[:, chunk],
                        (xdt[:, chunk] * to_row[..., None]).unflatten(0, (B.shape[0], -1)))
     from_start = _masked_exp_(at_row[..., 0].clone(), None if prev_doc is None else prev_doc[chunk, row])
-    carried = from_start[..., None, None] * states[:, chunk]  # (h, k, p, n)
+    by_head = states[:, chunk].transpose(1, 2).flatten(0, 1).unflatten(-1, xdt.shape[-1:] + (-1,))
+    carried = from_start[..., None, None] * by_head  # (h, k, p, n)
     return own.flatten(1, 2) + carried.transpose(0, 1)
 
 
