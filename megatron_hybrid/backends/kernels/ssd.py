@@ -97,8 +97,9 @@ class _ChunkedScan(torch.autograd.Function):
 
     Inputs: xdt = dt x (b, h, c, i, p), the cumsum of dt A within each chunk (b, h, c, i),
     B and C (b, g, c, i, n), initial states (b, h, p, n) and the document masks. Outputs: the
-    within-chunk part of y (b, h, c, i, p), the carried-in part (b, g, c, i, r, p) and the
-    states before each chunk followed by the final one, group-major (b, g, c+1, r, (p n)).
+    within-chunk part of y (b, h, c, i, p), the carried-in part (b, g, c, i, r, p), and,
+    group-major, the states before each chunk (b, g, c, r, (p n)) and the final one
+    (b, g, r, (p n)).
 
     Every product is a batched matmul over contiguous blocks: per head for the (chunk x chunk)
     part, per group against all its r heads at once for the state parts. Against autograd's
@@ -120,35 +121,36 @@ class _ChunkedScan(torch.autograd.Function):
         xdt_to_end = xdt_to_end.permute(0, 1, 3, 4, 2, 5).flatten(-2)  # (b, g, c, j, (r p))
         chunk_states = (xdt_to_end.mT @ B).unflatten(3, (-1, headdim))  # (b, g, c, r, p, n)
 
-        # Across chunks: the states before each chunk (the initial one first), then the final.
+        # Across chunks.
         chunk_decay = _masked_exp_(cumsum[..., -1].clone(), continues)  # (b, h, c)
         chunk_decay = chunk_decay.unflatten(1, (ngroups, -1)).transpose(2, 3).contiguous()
-        states = _scan_chunks(chunk_decay, initial.unflatten(1, (ngroups, -1)).flatten(-2),
-                              chunk_states.flatten(-2))  # (b, g, c+1, r, (p n))
+        starts, final = _scan_chunks(chunk_decay, initial.unflatten(1, (ngroups, -1)).flatten(-2),
+                                     chunk_states.flatten(-2))
 
         # Carry-in: each chunk's start state read out by C, decayed to token i.
-        starts = states[:, :, :-1].unflatten(-1, (headdim, dstate)).flatten(3, 4)
-        read_out = (C @ starts.mT).unflatten(-1, (-1, headdim))  # (b, g, c, i, r, p)
+        starts_rp = starts.unflatten(-1, (headdim, dstate)).flatten(3, 4)  # (b, g, c, (r p), n)
+        read_out = (C @ starts_rp.mT).unflatten(-1, (-1, headdim))  # (b, g, c, i, r, p)
         from_start = _masked_exp_(cumsum.clone(), prev_doc)  # (b, h, c, i)
         y_carry = read_out * _per_group(from_start, ngroups)[..., None]
 
-        ctx.save_for_backward(xdt, B, C, decay, weights, xdt_to_end, states, chunk_decay,
-                              starts, read_out, from_start)
-        return y_diag, y_carry, states
+        ctx.save_for_backward(xdt, B, C, decay, weights, xdt_to_end, starts, chunk_decay,
+                              read_out, from_start)
+        return y_diag, y_carry, starts, final
 
     @staticmethod
-    def backward(ctx, grad_diag, grad_carry, grad_states):
-        saved = ctx.saved_tensors
-        xdt, B, C, decay, weights, xdt_to_end, states, chunk_decay, starts, read_out, \
-            from_start = saved
+    def backward(ctx, grad_diag, grad_carry, grad_starts, grad_final):
+        xdt, B, C, decay, weights, xdt_to_end, starts, chunk_decay, read_out, from_start = \
+            ctx.saved_tensors
         ngroups = B.shape[1]
-        grad_states = torch.zeros_like(states) if grad_states is None else \
-            grad_states.contiguous()  # (b, g, c+1, r, (p n)); the scan's backward runs in it
         grad_C = torch.zeros_like(C)
-        grad_cumsum = _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out,
-                                      from_start, ngroups)
+        grad_cumsum, grad_starts_carry = _carry_backward(grad_carry, grad_C, C, starts, read_out,
+                                                         from_start, ngroups)
+        if grad_starts is not None:
+            grad_starts_carry += grad_starts
+        grad_final = torch.zeros_like(starts[:, :, 0]) if grad_final is None else grad_final
         grad_initial, grad_B, grad_xdt, grad_to_end = _states_backward(
-            grad_states, grad_cumsum, xdt, B, xdt_to_end, states, chunk_decay, decay, ngroups)
+            grad_starts_carry, grad_final, grad_cumsum, xdt, B, xdt_to_end, starts, chunk_decay,
+            decay, ngroups)
 
         # Within chunks.
         grad_diag = grad_diag.contiguous()
@@ -163,51 +165,64 @@ class _ChunkedScan(torch.autograd.Function):
         return grad_xdt, grad_cumsum, grad_B, grad_C, grad_initial, None, None, None
 
 
-def _carry_backward(grad_carry, grad_states, grad_C, C, starts, read_out, from_start, ngroups):
-    """Backward of the carry-in: adds into grad_states and grad_C; returns d/d cumsum."""
+def _carry_backward(grad_carry, grad_C, C, starts, read_out, from_start, ngroups):
+    """Backward of the carry-in: adds into grad_C; returns d/d cumsum and d/d starts."""
     if grad_carry is None:
-        return torch.zeros_like(from_start)
+        return torch.zeros_like(from_start), torch.zeros_like(starts)
+    headdim = read_out.shape[-1]
     grad_carry = grad_carry.contiguous()  # (b, g, c, i, r, p)
     grad_from_start = (grad_carry * read_out).sum(-1)  # (b, g, c, i, r)
     grad_read_out = (grad_carry * _per_group(from_start, ngroups)[..., None]).flatten(-2)
-    grad_C += grad_read_out @ starts
-    grad_starts = (grad_read_out.mT @ C).unflatten(3, (grad_carry.shape[4], -1))
-    grad_states[:, :, :-1] += grad_starts.flatten(-2)
-    return grad_from_start.permute(0, 1, 4, 2, 3).flatten(1, 2) * from_start
+    grad_C += grad_read_out @ starts.unflatten(-1, (headdim, -1)).flatten(3, 4)
+    grad_starts = (grad_read_out.mT @ C).unflatten(3, (-1, headdim)).flatten(-2)
+    return grad_from_start.permute(0, 1, 4, 2, 3).flatten(1, 2) * from_start, grad_starts
 
 
 def _scan_chunks(chunk_decay, initial, own):
-    """states[0] = initial; states[k+1] = chunk_decay[k] states[k] + own[k].
+    """starts[0] = initial; starts[k+1] = chunk_decay[k] starts[k] + own[k], the last of
+    which is the final state.
 
     chunk_decay (b, g, c, r), initial (b, g, r, s), own (b, g, c, r, s): each chunk's state
-    from its own tokens. Returns (b, g, c+1, r, s).
+    from its own tokens. Returns the states before each chunk (b, g, c, r, s), contiguous for
+    the read-out's matmul, and the final state (b, g, r, s).
     """
-    states = own.new_empty(own.shape[:2] + (own.shape[2] + 1,) + own.shape[3:])
-    states[:, :, 0] = initial
-    for k in range(own.shape[2]):
-        torch.addcmul(own[:, :, k], chunk_decay[:, :, k, :, None], states[:, :, k],
-                      out=states[:, :, k + 1])
-    return states
+    starts = torch.empty_like(own)
+    starts[:, :, 0] = initial
+    for k in range(own.shape[2] - 1):
+        torch.addcmul(own[:, :, k], chunk_decay[:, :, k, :, None], starts[:, :, k],
+                      out=starts[:, :, k + 1])
+    final = torch.addcmul(own[:, :, -1], chunk_decay[:, :, -1, :, None], starts[:, :, -1])
+    return starts, final
 
 
-def _scan_chunks_backward_(grad_states, states, chunk_decay):
-    """Backward of :func:`_scan_chunks`, in place: grad_states becomes the gradient of
-    (initial, own...), each state's own gradient plus chunk_decay[k] times the one reaching
-    states[k+1], accumulated from the last chunk back. Returns d/d log chunk_decay."""
-    for k in reversed(range(chunk_decay.shape[2])):
-        grad_states[:, :, k].addcmul_(chunk_decay[:, :, k, :, None], grad_states[:, :, k + 1])
-    return (grad_states[:, :, 1:] * states[:, :, :-1]).sum(-1) * chunk_decay  # (b, g, c, r)
+def _scan_chunks_backward(grad_starts, grad_final, starts, chunk_decay):
+    """Backward of :func:`_scan_chunks`: d/d initial, d/d own and d/d log chunk_decay.
+
+    The gradient reaching the state before chunk k is its own plus chunk_decay[k] times the
+    one reaching the state after it, accumulated from the final state back; the state after
+    chunk k is what own[k] feeds.
+    """
+    grad_own = torch.empty_like(grad_starts)
+    grad_own[:, :, -1] = grad_final
+    for k in range(grad_starts.shape[2] - 1, 0, -1):
+        torch.addcmul(grad_starts[:, :, k], chunk_decay[:, :, k, :, None], grad_own[:, :, k],
+                      out=grad_own[:, :, k - 1])
+    grad_initial = torch.addcmul(grad_starts[:, :, 0], chunk_decay[:, :, 0, :, None],
+                                 grad_own[:, :, 0])
+    grad_log_decay = (grad_own * starts).sum(-1) * chunk_decay  # (b, g, c, r)
+    return grad_initial, grad_own, grad_log_decay
 
 
-def _states_backward(grad_states, grad_cumsum, xdt, B, xdt_to_end, states, chunk_decay, decay,
-                     ngroups):
+def _states_backward(grad_starts, grad_final, grad_cumsum, xdt, B, xdt_to_end, starts,
+                     chunk_decay, decay, ngroups):
     """Backward of the chunk states and the recurrence across chunks; adds the chunk-level
     decay gradient into grad_cumsum. Returns grad_initial, grad_B, grad_xdt, grad_to_end."""
     headdim = xdt.shape[-1]
-    grad_chunk_log = _scan_chunks_backward_(grad_states, states, chunk_decay)
-    grad_cumsum[..., -1] += grad_chunk_log.transpose(2, 3).flatten(1, 2)
-    grad_initial = grad_states[:, :, 0].reshape(xdt.shape[0], -1, headdim, B.shape[-1])
-    grad_chunk = grad_states[:, :, 1:].unflatten(-1, (headdim, -1)).flatten(3, 4)
+    grad_initial, grad_own, grad_log_decay = _scan_chunks_backward(grad_starts, grad_final,
+                                                                   starts, chunk_decay)
+    grad_cumsum[..., -1] += grad_log_decay.transpose(2, 3).flatten(1, 2)
+    grad_initial = grad_initial.reshape(xdt.shape[0], -1, headdim, B.shape[-1])
+    grad_chunk = grad_own.unflatten(-1, (headdim, -1)).flatten(3, 4)  # (b, g, c, (r p), n)
     grad_B = xdt_to_end @ grad_chunk
     grad_to_end_x = (B @ grad_chunk.mT).unflatten(-1, (-1, headdim))  # (b, g, c, j, r, p)
     grad_to_end_x = _head_major(grad_to_end_x.transpose(3, 4))  # (b, h, c, j, p)
@@ -246,7 +261,8 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
     if initial_states is None:
         initial_states = xdt.new_zeros(batch, nheads, headdim, dstate)
     masks = _document_masks(seq_idx, nchunks, chunk_size)
-    y_diag, carry, states = _ChunkedScan.apply(xdt, cumsum, B, C, initial_states.to(dtype), *masks)
+    y_diag, carry, starts, final = _ChunkedScan.apply(xdt, cumsum, B, C,
+                                                      initial_states.to(dtype), *masks)
 
     # Back to tokens (b, l, g, r, p): both parts are views; the first addend sets the layout.
     parts = [by_group(y_diag).permute(0, 3, 4, 1, 2, 5).flatten(1, 2),
@@ -261,18 +277,17 @@ def _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx, state_positions
 
     picked = None
     if state_positions is not None:
-        picked = _states_after(state_positions, xdt[0], B[0], cumsum[0], states[0],
+        picked = _states_after(state_positions, xdt[0], B[0], cumsum[0], starts[0],
                                [None if m is None else m[0, 0] for m in masks])
-    final_states = states[:, :, -1].reshape(batch, nheads, headdim, dstate)
-    return y, final_states, picked
+    return y, final.reshape(batch, nheads, headdim, dstate), picked
 
 
-def _states_after(positions, xdt, B, cumsum, states, masks):
+def _states_after(positions, xdt, B, cumsum, starts, masks):
     """States after the tokens at ``positions`` of one sequence (k, h, p, n): the own part of
     the token's chunk up to it, plus the chunk's carried-in state decayed to it.
 
-    xdt (h, c, i, p), B (g, c, i, n), cumsum (h, c, i), states (g, c+1, r, (p n)); masks:
-    that row's same_doc (c, i, j) and prev_doc (c, i), or None.
+    xdt (h, c, i, p), B (g, c, i, n), cumsum (h, c, i), the states before each chunk
+    starts (g, c, r, (p n)); masks: that row's same_doc (c, i, j) and prev_doc (c, i), or None.
     """
     same_doc, prev_doc, _ = masks
     size = cumsum.shape[-1]
@@ -286,7 +301,7 @@ def _states_after(positions, xdt, B, cumsum, states, masks):
     own = torch.einsum("gkjn,grkjp->kgrpn", B[:, chunk],
                        (xdt[:, chunk] * to_row[..., None]).unflatten(0, (B.shape[0], -1)))
     from_start = _masked_exp_(at_row[..., 0].clone(), None if prev_doc is None else prev_doc[chunk, row])
-    by_head = states[:, chunk].transpose(1, 2).flatten(0, 1).unflatten(-1, xdt.shape[-1:] + (-1,))
+    by_head = starts[:, chunk].transpose(1, 2).flatten(0, 1).unflatten(-1, xdt.shape[-1:] + (-1,))
     carried = from_start[..., None, None] * by_head  # (h, k, p, n)
     return own.flatten(1, 2) + carried.transpose(0, 1)
 
