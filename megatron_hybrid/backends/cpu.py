@@ -17,9 +17,10 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   ``tensor_parallel/data.py``), ``Tensor.cuda()``, and the
   ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks of ``optimizer/clip_grads.py``,
   ``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py``. It sees every torch call
-  made from Python (about 2,800 per training step of the benchmark's 22.7M model) at ~1.5 us
-  each over a plain call: ~4 ms of a ~1.5 s step, below the step-to-step noise, so it stays on
-  the stack rather than being traded for patches of each call site (see docs/performance.md).
+  made from Python (about 2,400 per training step of the benchmark's 22.7M model) at ~1.4 us
+  each over a plain call: ~3.4 ms of a ~1.3 s step, below the step-to-step noise, so it stays
+  on the stack rather than being traded for patches of each call site (see
+  docs/performance.md).
 - other ``torch.cuda`` stand-ins: ``synchronize``/``empty_cache`` (no-ops),
   ``Stream``/``Event``/``current_stream``/``stream`` (inert objects used by DDP overlap and
   timers), ``nvtx`` ranges, and the RNG functions (mapped to the CPU generator).
