@@ -518,6 +518,10 @@ class SFTConfig:
 class DPOConfig:
     beta: float = 0.1
     """Strength of the pull towards the reference (the implicit reward's scale)."""
+    sft_loss_weight: float = 0.0
+    """Weight of an SFT term added per pair: the chosen response's mean per-token negative
+    log-likelihood (NeMo-Aligner's ``sft_loss_weight``; RPO). It keeps DPO from lowering the
+    chosen response's likelihood along with the rejected one's."""
     train_path: str | None = None
     """JSONL of pairs (``{"prompt": [...], "chosen": ..., "rejected": ...}`` per line); None:
     the arithmetic task's training split (right vs slipped answers)."""
@@ -527,6 +531,9 @@ class DPOConfig:
     def validate(self) -> None:
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta={self.beta} must be > 0")
+        if self.sft_loss_weight < 0:
+            raise ConfigError(f"dpo.sft_loss_weight={self.sft_loss_weight} must be >= 0 "
+                              f"(0: DPO alone)")
         for name in ("train_path", "valid_path"):
             if getattr(self, name) is not None and not getattr(self, name):
                 raise ConfigError(f"dpo.{name} is empty: give a JSONL file or null for the "

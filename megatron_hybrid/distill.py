@@ -95,9 +95,8 @@ def distill(cfg: RunConfig, teacher_cfg: ModelConfig, backend: str, dims) -> dic
     load_weights([teacher], cfg.distill.teacher)
     loss = DistillationLoss(cfg.distill, teacher)
     trainer = train.build_trainer(cfg, backend, dims, wrap_model=loss.attach_teacher,
-                                  forward_step=loss.forward_step)
-    if cfg.distill.task_data:
-        trainer = dataclasses.replace(trainer, **task_datasets(cfg))
+                                  forward_step=loss.forward_step,
+                                  datasets=task_datasets(cfg) if cfg.distill.task_data else None)
     start = measure(trainer, loss)
     train.fit(trainer)
     end = measure(trainer, loss)
@@ -107,17 +106,17 @@ def distill(cfg: RunConfig, teacher_cfg: ModelConfig, backend: str, dims) -> dic
     return report
 
 
-def task_datasets(cfg: RunConfig) -> dict:
-    """Training and held-out datasets of the task's conversations, unpacked (the teacher and
+def task_datasets(cfg: RunConfig) -> tuple:
+    """(Training, held-out) datasets of the task's conversations, unpacked (the teacher and
     the student see one conversation per sequence; no packed-sequence boundaries needed)."""
     from megatron_hybrid import task
     from megatron_hybrid.data.tokenizer import load_tokenizer
     from megatron_hybrid.sft import chat_dataset, heldout_dataset
 
     tokenizer = load_tokenizer(cfg.tokenizer)
-    return {"train_data": chat_dataset(cfg, task.conversations("train"), tokenizer, False,
-                                       cfg.total_steps * cfg.train.global_batch_size),
-            "valid_data": heldout_dataset(cfg, task.conversations("valid"), tokenizer, False)}
+    return (chat_dataset(cfg, task.conversations("train"), tokenizer, False,
+                         cfg.total_steps * cfg.train.global_batch_size),
+            heldout_dataset(cfg, task.conversations("valid"), tokenizer, False))
 
 
 class DistillationLoss:

@@ -7,7 +7,8 @@ pretraining (``train.py``) on preference pairs (``data/chat.py``) with the loss
     -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
 per pair, where ``pi``/``ref`` are the policy's and the reference's log-probabilities of the
-chosen (c) and rejected (r) response, summed over the response tokens. The reference is the
+chosen (c) and rejected (r) response, summed over the response tokens, plus, with
+``dpo.sft_loss_weight`` w > 0, ``w * (-pi_c / chosen tokens)``. The reference is the
 initial policy: its log-probabilities are computed once, before the first step, by a
 forward-only pass of the policy itself, and travel in the batch (``ref_logp``), so no second
 model is held and every TP/PP/DP layout works (CP is refused). The chosen and the rejected
@@ -85,24 +86,30 @@ def dpo_loss(policy_logps, ref_logps, beta: float):
     return -F.logsigmoid(chosen - rejected), chosen, rejected
 
 
-def loss_func(beta: float, loss_mask, ref_logp, per_token_nll):
+def loss_func(beta: float, sft_loss_weight: float, loss_mask, ref_logp, per_token_nll):
     """(loss sum over pairs, pair count, report), as the engine's LM loss function."""
     import torch
 
-    losses, _, _ = dpo_loss(response_logps(per_token_nll, loss_mask), ref_logp, beta)
+    policy_logps = response_logps(per_token_nll, loss_mask)
+    losses, _, _ = dpo_loss(policy_logps, ref_logp, beta)
+    if sft_loss_weight:
+        chosen_tokens = loss_mask[0::2].float().sum(dim=-1).clamp(min=1)
+        losses = losses - sft_loss_weight * policy_logps[0::2] / chosen_tokens
     loss_sum = losses.sum()
     pairs = torch.tensor(len(losses), dtype=torch.int, device=loss_sum.device)
     return loss_sum, pairs, {"lm loss": torch.stack([loss_sum.detach(), pairs.float()])}
 
 
-def forward_step(beta: float, data_iterator, model):
+def forward_step(beta: float, sft_loss_weight: float, data_iterator, model):
     """DPO forward step for Megatron-Core's schedules (``engine.train_step(forward_step=...)``
-    with ``partial(forward_step, beta)``): batches carry ``ref_logp`` per sequence."""
+    with ``partial(forward_step, beta, sft_loss_weight)``): batches carry ``ref_logp`` per
+    sequence."""
     from megatron_hybrid import engine
 
     batch = engine.get_batch(data_iterator)
     per_token_nll = model(batch["tokens"], None, None, labels=batch["labels"])
-    return per_token_nll, partial(loss_func, beta, batch["loss_mask"], batch["ref_logp"])
+    return per_token_nll, partial(loss_func, beta, sft_loss_weight, batch["loss_mask"],
+                                  batch["ref_logp"])
 
 
 def logp_step(data_iterator, model):
@@ -177,8 +184,10 @@ def optimize(cfg: RunConfig, dpo: DPOConfig, backend: str, dims) -> dict:
     num_samples = cfg.total_steps * cfg.train.global_batch_size
     train_pairs, heldout_pairs = pairs_of(dpo, cfg.data.seed, num_samples // 2)
     train_seqs, heldout_seqs = _sequences(cfg, train_pairs, heldout_pairs)
-    trainer = train.build_trainer(cfg, backend, dims,
-                                  forward_step=partial(forward_step, dpo.beta))
+    # The datasets carry reference log-probabilities, scored by the model built here.
+    trainer = train.build_trainer(
+        cfg, backend, dims, forward_step=partial(forward_step, dpo.beta, dpo.sft_loss_weight),
+        datasets=(None, None))
     score = partial(sequence_logps, trainer.model_chunks, seq_length=cfg.seq_length,
                     micro_batch_size=cfg.train.micro_batch_size, dp_size=dims.dp)
     reference = reference_logps(trainer, cfg, score, train_seqs, heldout_seqs)

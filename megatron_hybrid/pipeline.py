@@ -185,10 +185,12 @@ def load_pipeline(path: str | os.PathLike, output_dir: str | None = None) -> Pip
     _check_names(path, stages)
     _check_order(path, stages)
     output = output_dir or str(raw.get("output_dir", "runs/{pipeline}")).format(pipeline=name)
+    from megatron_hybrid.task import HELDOUT
+
     task_samples = raw.get("task_samples", 0)
-    if not (isinstance(task_samples, int) and task_samples >= 0):
-        raise PipelineError(f"{path}: task_samples: give a whole number >= 0 (0: no task "
-                            f"metric), got {task_samples!r}")
+    if not (isinstance(task_samples, int) and 0 <= task_samples <= HELDOUT):
+        raise PipelineError(f"{path}: task_samples: give a whole number from 0 (no task "
+                            f"metric) to {HELDOUT}, got {task_samples!r}")
     return Pipeline(name=name, path=path, output_dir=Path(output), stages=stages,
                     task_samples=task_samples)
 
@@ -420,6 +422,9 @@ def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
         ("work", _work_text(cfg, stage.kind)),
         ("estimate", _estimate_text(cfg, stage.kind, plan.nproc)),
         ("command", shlex.join(plan.command)),
+        *([("evaluate", f"{pipeline.task_samples} held-out task problems, /think and "
+                        f"/no_think, by the final checkpoint -> {report.TASK_METRICS}")]
+          if pipeline.task_samples else []),
     ]
 
 

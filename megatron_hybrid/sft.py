@@ -16,7 +16,6 @@ with reasoning on and off (decoding needs tp = pp = cp = 1; other layouts report
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from functools import partial
@@ -70,11 +69,11 @@ def finetune(cfg: RunConfig, sft: SFTConfig, backend: str, dims) -> dict:
     conversations, heldout = conversations_of(sft)
     probe = HeldOut(cfg, sft, heldout, tokenizer)
     step = engine.packed_forward_step if sft.pack else engine.lm_forward_step
-    trainer = dataclasses.replace(
-        train.build_trainer(cfg, backend, dims, forward_step=step),
-        train_data=chat_dataset(cfg, conversations, tokenizer, sft.pack,
-                                cfg.total_steps * cfg.train.global_batch_size),
-        valid_data=probe.datasets["all"])
+    trainer = train.build_trainer(
+        cfg, backend, dims, forward_step=step,
+        datasets=(chat_dataset(cfg, conversations, tokenizer, sft.pack,
+                               cfg.total_steps * cfg.train.global_batch_size),
+                  probe.datasets["all"]))
     start = probe.measure(trainer)
     train.fit(trainer)
     end = probe.measure(trainer)
@@ -147,9 +146,9 @@ class HeldOut:
 
         if trainer.dims.model_parallel != 1 or not self.sft.task_samples:
             return {"accuracy": None, "answers": []}
-        answers = task.answers(trainer.model_chunks[0], self.tokenizer,
-                               task.problems("valid")[:self.sft.task_samples],
-                               max_new_tokens=self.sft.max_new_tokens)
+        answers = task.heldout_answers(trainer.model_chunks[0], self.tokenizer,
+                                       samples=self.sft.task_samples,
+                                       max_new_tokens=self.sft.max_new_tokens)
         return {"accuracy": task.accuracy(answers), "answers": answers}
 
 

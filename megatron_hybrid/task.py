@@ -169,10 +169,17 @@ def evaluate(model, tokenizer, *, samples: int, seed: int = SEED,
              max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, float]:
     """Held-out accuracy of greedy answers to the first ``samples`` held-out problems of the
     ``seed`` split, with reasoning on and off (the model must be whole on this rank)."""
+    return accuracy(heldout_answers(model, tokenizer, samples=samples, seed=seed,
+                                    max_new_tokens=max_new_tokens))
+
+
+def heldout_answers(model, tokenizer, *, samples: int, seed: int = SEED,
+                    max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+    """:func:`answers` to the first ``samples`` held-out problems of the ``seed`` split."""
     if not 1 <= samples <= HELDOUT:
         raise ValueError(f"samples={samples}: choose 1 to {HELDOUT} held-out problems")
-    heldout = problems("valid", seed)[:samples]
-    return accuracy(answers(model, tokenizer, heldout, max_new_tokens=max_new_tokens))
+    return answers(model, tokenizer, problems("valid", seed)[:samples],
+                   max_new_tokens=max_new_tokens)
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, *, samples: int = 64, seed: int = SEED,

@@ -147,9 +147,11 @@ def fit(trainer: Trainer) -> TrainState:
 
 def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
                   wrap_model: Callable | None = None,
-                  forward_step: Callable = engine.lm_forward_step) -> Trainer:
+                  forward_step: Callable = engine.lm_forward_step,
+                  datasets: tuple | None = None) -> Trainer:
     """The trainer of ``cfg``; ``wrap_model`` (e.g. attaching a distillation teacher) gets the
-    model after its initial weights are loaded and before DDP wraps it."""
+    model after its initial weights are loaded and before DDP wraps it. ``datasets``
+    (training, held-out) replaces the pretraining data of ``cfg.data``."""
     run_dir = Path(cfg.resolved_output_dir)
     tokenizer = load_tokenizer(cfg.tokenizer)
     checkpointer = Checkpointer(
@@ -159,7 +161,7 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
         config_yaml=recipe.dump_yaml(cfg))
     latest = _starting_checkpoint(cfg, checkpointer)
     # Data before the model: a bad data file is refused before anything heavy is built.
-    train_data, valid_data = build_datasets(
+    train_data, valid_data = datasets if datasets is not None else build_datasets(
         cfg.data, tokenizer, seq_length=cfg.seq_length,
         train_samples=cfg.total_steps * cfg.train.global_batch_size,
         valid_samples=cfg.train.eval_batches * cfg.train.global_batch_size)

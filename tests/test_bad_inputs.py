@@ -102,6 +102,8 @@ CASES = [
           files=[("short", "short-bin")], message="(truncated, or from another run)"),
     train("data.default_corpus=false", "data.blend=[{tmp}/x]", "data.split=a,b", area=D,
           message="give train,valid,test shares like '98,2,0'"),
+    train("data.split=90,10,0", area=D,
+          message="does not apply to data.default_corpus=true, which has its own held-out"),
     train("tokenizer.kind=hf", area=T, message="tokenizer.kind=hf needs tokenizer.path"),
     train("tokenizer.kind=hf", "tokenizer.path={tmp}/tokenizer.json", area=T,
           message="tokenizer.json not found"),

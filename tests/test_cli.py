@@ -26,15 +26,10 @@ def test_frozen_cli_surface():
     assert train == {"recipe", "overrides"}
 
 
+# The catalogue (test_bad_inputs.py) runs its cases in-process; these two run the real
+# command in a fresh process, where import-time warnings would reach stderr too.
 BAD_TRAIN_INPUTS = [
     (["train.max_step=3"], "train.max_step: unknown key; did you mean train.max_steps?"),
-    (["train.max_steps=ten"], "train.max_steps: expected int, got 'ten' (str)"),
-    (["max_steps"], "expected key=value with a dotted key"),
-    (["parallel.pp=4"], "tp(1) * pp(4) * cp(1) * dp(?) does not divide world size 1"),
-    (["model.pattern=M-x*"], "invalid symbol 'x' at position 2 of 'M-x*'"),
-    (["train.precision=bf16"], "train.precision=bf16 is not supported on the cpu backend"),
-    (["model.flavor=nano-v2-13b"], "did you mean 'nano-v2-12b'?"),
-    (["data.default_corpus=false", "data.blend=[/nonexistent/corpus]"], "/nonexistent/corpus"),
     (["checkpoint.load=/nonexistent/ckpt"], "checkpoint /nonexistent/ckpt does not exist"),
 ]
 

@@ -123,10 +123,10 @@ def test_task_data_gives_one_conversation_per_sequence_with_assistant_tokens_in_
 
     cfg = recipe.load_recipe(RECIPE, ["train.seq_length=128", "distill.task_data=true",
                                       "train.max_steps=2", "train.eval_batches=1"])
-    data = distill.task_datasets(cfg)
-    assert len(data["train_data"]) == 2 * cfg.train.global_batch_size
-    assert len(data["valid_data"]) == cfg.train.global_batch_size
-    sample = data["train_data"][0]
+    train_data, valid_data = distill.task_datasets(cfg)
+    assert len(train_data) == 2 * cfg.train.global_batch_size
+    assert len(valid_data) == cfg.train.global_batch_size
+    sample = train_data[0]
     assert sample["tokens"].shape == (128,)
     positions, mask = sample["position_ids"], sample["loss_mask"]
     assert (positions == torch.arange(128)).all()  # one conversation: positions never restart

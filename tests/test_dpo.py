@@ -39,11 +39,21 @@ def test_loss_function_sums_the_response_tokens_of_each_pair():
     nll = torch.rand(4, 6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 0]] * 2 + [[0, 1, 1, 0, 0, 0]] * 2, dtype=torch.float)
     reference = torch.tensor([-1.0, -2.0, -3.0, -1.5])
-    loss_sum, pairs, report = dpo.loss_func(0.2, mask, reference, nll)
+    loss_sum, pairs, report = dpo.loss_func(0.2, 0.0, mask, reference, nll)
     sums = -(nll * mask).sum(dim=1)
     expected, _, _ = dpo.dpo_loss(sums, reference, 0.2)
     assert int(pairs) == 2 and float(loss_sum) == pytest.approx(float(expected.sum()))
     assert report["lm loss"].tolist() == pytest.approx([float(expected.sum()), 2.0])
+
+
+def test_sft_term_adds_the_chosen_responses_mean_token_nll():
+    nll = torch.rand(4, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0]] * 2 + [[0, 1, 1, 0, 0, 0]] * 2, dtype=torch.float)
+    reference = torch.tensor([-1.0, -2.0, -3.0, -1.5])
+    plain, _, _ = dpo.loss_func(0.2, 0.0, mask, reference, nll)
+    mixed, _, _ = dpo.loss_func(0.2, 0.5, mask, reference, nll)
+    chosen_mean_nll = nll[0, 2:5].mean() + nll[2, 1:3].mean()  # pairs 1 and 2, chosen rows
+    assert float(mixed - plain) == pytest.approx(0.5 * float(chosen_mean_nll))
 
 
 def toggle_pairs(split: str, count: int) -> list:
@@ -89,7 +99,7 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler))
     losses = [engine.train_step(chunks, optimizer, batches, num_microbatches=2,
                                 micro_batch_size=8, seq_length=SEQ,
-                                forward_step=partial(dpo.forward_step, 0.1)).loss
+                                forward_step=partial(dpo.forward_step, 0.1, 0.0)).loss
               for _ in range(6)]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # the reference is the policy
     before = dpo.pair_metrics(heldout_ref, heldout_ref, 0.1)
@@ -138,6 +148,8 @@ def test_what_dpo_cannot_train_is_refused_in_one_line(overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(ConfigError, match="dpo.beta=0.0 must be > 0"):
         dpo.DPOConfig(beta=0.0).validate()
+    with pytest.raises(ConfigError, match=r"dpo.sft_loss_weight=-1.0 must be >= 0 \(0: DPO"):
+        dpo.DPOConfig(sft_loss_weight=-1.0).validate()
 
 
 def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):

@@ -163,6 +163,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert "tp 1 x pp 1 x cp 1 x dp 1 = world size 1" in plan
     assert f"{SECOND_STEPS} steps x 4 sequences x 64 tokens" in plan
     assert "MiB per rank; the planner times GPU runs only" in plan  # the planner's memory
+    assert plan.count("evaluate 2 held-out task problems") == 2  # task_samples: 2, each stage
     assert not out.exists()
 
 
@@ -217,3 +218,11 @@ def test_a_run_recipe_is_not_a_pipeline(tmp_path):
     message = one_line_error(RECIPE, tmp_path / "out")
     assert message == (f"{RECIPE}: not a pipeline file: it needs a top-level 'pipeline: NAME' "
                        f"and 'stages:' (a run recipe goes to megatron-hybrid train)")
+
+
+@pytest.mark.parametrize("value", [-1, 257, "24"])
+def test_task_samples_out_of_range_is_refused_before_any_stage(tmp_path, value):
+    path = write_pipeline(tmp_path, {"pipeline": "bad", "task_samples": value, "stages": [
+        {"name": "first", "kind": "train", "recipe": str(RECIPE)}]})
+    assert "task_samples: give a whole number from 0 (no task metric) to 256" in \
+        one_line_error(path, tmp_path / "out")

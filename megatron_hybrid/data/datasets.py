@@ -61,6 +61,10 @@ class DataConfig:
         if self.blend:
             parse_blend(self.blend)
             parse_split(self.split)
+        if self.default_corpus and self.split != DataConfig.split:
+            raise ConfigError(f"data.split={self.split!r} does not apply to "
+                              f"data.default_corpus=true, which has its own held-out documents: "
+                              f"remove data.split")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
 
