@@ -109,23 +109,35 @@ def compression_section(pipeline, stage, rows: dict) -> list[str]:
     path = pipeline.run_dir(stage.name) / DISTILL_REPORT
     if teacher_name not in rows or not path.is_file():
         return []
-    teacher, student, distilled = rows[teacher_name], rows[stage.name], json.loads(
-        path.read_text())
+    return compression_lines(teacher_name, stage.name, rows[teacher_name], rows[stage.name],
+                             json.loads(path.read_text()))
+
+
+def compression_lines(teacher_name: str, student_name: str, teacher: dict, student: dict,
+                      distilled: dict) -> list[str]:
+    """The compression section from the two stages' rows (``params``, ``task_metrics``) and
+    the distill report (``start``, ``end``, ``gap_closed``)."""
     start, end, closed = distilled["start"], distilled["end"], distilled["gap_closed"]
     ratio, published = student["params"] / teacher["params"], published_ratio()
+    kept = {name: value / teacher["task_metrics"][name]
+            for name, value in student["task_metrics"].items()
+            if teacher["task_metrics"].get(name)}
     lines = [
-        f"## Compression: {stage.name} (student) vs {teacher_name} (teacher)", "",
+        f"## Compression: {student_name} (student) vs {teacher_name} (teacher)", "",
         f"- parameters: {teacher['params']:,} -> {student['params']:,}: {ratio:.1%} of the "
         f"teacher (published {PUBLISHED_PAIR[0]} -> {PUBLISHED_PAIR[1]}: {published:.1%})",
+    ]
+    if kept:
+        lines.append(f"- **the student keeps {sum(kept.values()) / len(kept):.0%} of the "
+                     f"teacher's task accuracy** (mean over {', '.join(kept)})")
+    lines += [
         f"- held-out loss on the distillation data: teacher {end['teacher_loss']:.4f}, pruned "
         f"{start['student_loss']:.4f}, distilled {end['student_loss']:.4f}",
         _recovery_line(closed, start, end),
+        *(f"- {name}: teacher {teacher['task_metrics'][name]:.4g}, student "
+          f"{student['task_metrics'][name]:.4g} ({fraction:.1%} of the teacher)"
+          for name, fraction in kept.items()),
     ]
-    for name, value in student["task_metrics"].items():
-        if teacher["task_metrics"].get(name):
-            lines.append(f"- {name}: teacher {teacher['task_metrics'][name]:.4g}, student "
-                         f"{value:.4g} ({value / teacher['task_metrics'][name]:.1%} of the "
-                         f"teacher)")
     return [*lines, ""]
 
 

@@ -226,3 +226,19 @@ def test_task_samples_out_of_range_is_refused_before_any_stage(tmp_path, value):
         {"name": "first", "kind": "train", "recipe": str(RECIPE)}]})
     assert "task_samples: give a whole number from 0 (no task metric) to 256" in \
         one_line_error(path, tmp_path / "out")
+
+
+def test_compression_section_states_the_fraction_of_the_teacher_kept():
+    teacher = {"params": 4_000_000, "task_metrics": {"accuracy /think": 0.5,
+                                                     "accuracy /no_think": 0.4}}
+    student = {"params": 2_800_000, "task_metrics": {"accuracy /think": 0.4,
+                                                     "accuracy /no_think": 0.4}}
+    distilled = {"start": {"student_loss": 0.6}, "end": {"student_loss": 0.52,
+                                                         "teacher_loss": 0.5}, "gap_closed": 0.8}
+    lines = report.compression_lines("dpo", "distill", teacher, student, distilled)
+    assert lines[0] == "## Compression: distill (student) vs dpo (teacher)"
+    assert "4,000,000 -> 2,800,000: 70.0% of the teacher" in lines[2]
+    assert lines[3] == ("- **the student keeps 90% of the teacher's task accuracy** (mean over "
+                        "accuracy /think, accuracy /no_think)")
+    assert "recovered 80.0% of the held-out loss that pruning cost" in lines[5]
+    assert "accuracy /think: teacher 0.5, student 0.4 (80.0% of the teacher)" in lines[6]
