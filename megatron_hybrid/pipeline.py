@@ -172,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
 
 def load_pipeline(path: str | os.PathLike, output_dir: str | None = None) -> Pipeline:
     """The pipeline of ``path``, its structure checked (keys, kinds, names, inputs)."""
+    from megatron_hybrid.task import HELDOUT
+
     path = Path(path)
     raw = _read(path)
     name = raw[PIPELINE_KEY]
@@ -185,8 +187,6 @@ def load_pipeline(path: str | os.PathLike, output_dir: str | None = None) -> Pip
     _check_names(path, stages)
     _check_order(path, stages)
     output = output_dir or str(raw.get("output_dir", "runs/{pipeline}")).format(pipeline=name)
-    from megatron_hybrid.task import HELDOUT
-
     task_samples = raw.get("task_samples", 0)
     if not (isinstance(task_samples, int) and 0 <= task_samples <= HELDOUT):
         raise PipelineError(f"{path}: task_samples: give a whole number from 0 (no task "
