@@ -38,6 +38,7 @@ setup(
     description="Hybrid Mamba-Transformer (Nemotron-H) training on Megatron-Core, "
     "with a CPU backend that runs the real parallel engine",
     packages=find_packages(include=["megatron_hybrid", "megatron_hybrid.*"]),
+    package_data={"megatron_hybrid.data": ["stdlib_docstrings.jsonl.gz"]},  # the default corpus
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
