@@ -1,27 +1,38 @@
-"""``megatron-hybrid bench``: our training step against HF transformers' ``NemotronHForCausalLM``.
+"""``megatron-hybrid bench``: our training step against HF NemotronH's torch reference path.
 
 Both sides train the same model (pattern, widths, vocabulary; fp32) from the same weights on
 the same token batches with the same AdamW settings and gradient clipping:
 
 - **ours**: Megatron-Core's ``MambaModel`` on the cpu backend, stepped by ``engine.train_step``
   (DDP buffers, the schedule, Megatron's optimizer) exactly as ``megatron-hybrid train`` does;
-- **HF**: ``NemotronHForCausalLM`` on its own PyTorch path, stepped by a plain loop (forward,
+- **HF**: transformers' ``NemotronHForCausalLM`` on its torch reference path (no
+  ``mamba_ssm`` / ``causal_conv1d`` kernels), stepped by a plain loop (forward,
   cross-entropy, backward, ``clip_grad_norm_``, ``torch.optim.AdamW``).
+
+What differs is the code path and nothing else: both processes get the cpu backend's process
+settings (denormals flushed on every thread, freed memory kept in glibc's heap), the same
+torch thread count and the same AdamW implementation (``--adamw``, fused by default). Each
+side reads its settings back from the live process (a denormal multiplied on every thread,
+a large allocation's origin, the optimizers' param-group flags) and the report shows both;
+``--peer-without`` withholds a process setting from the HF side, for the ablation in
+docs/performance.md.
 
 Each side runs in its own spawned process: HF's process never installs the cpu backend, so
 ``mamba_ssm`` / ``causal_conv1d`` cannot be imported there and transformers binds its torch
 kernels (checked at start), and each side's peak resident memory is its own. The parent
 alternates steps (ours, HF, HF, ours, ...: ABBA rounds cancel drift), so both see the same
 machine load, and reports medians over the timed steps. The losses of the two sides are
-compared step by step: equal losses show that both computed the same model.
+compared step by step against :data:`LOSS_TOLERANCE`.
 
-FLOPs per token come from :func:`metrics.flops_per_token`; MFU is against the fp32 matmul
-peak measured on this machine (:func:`metrics.device_peak_flops`).
+FLOPs per token come from :func:`metrics.flops_per_token`. MFU is against the fp32 matmul
+peak of this run: the parent probes the matmul throughput before the first step and after
+every round while both sides wait, and takes the best probe (:class:`metrics.PeakProbes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import statistics
@@ -49,9 +60,22 @@ SHAPE_FIELDS = ("pattern", "hidden_size", "ffn_hidden_size", "num_attention_head
 TARGET_RATIO = 1.5
 """Our tokens/s over HF's on the default config."""
 TARGET_MFU = 0.6
-"""Our model FLOP/s over the measured fp32 matmul peak on the default config."""
+"""Our model FLOP/s over this run's best fp32 matmul probe on the default config."""
+LOSS_TOLERANCE = 4e-4
+"""Largest step loss difference between the sides that still means one model: ten times the
+largest gap measured across machines (2e-6 on one, 4.2e-5 on another, default config)."""
 SIDES = ("ours", "hf")
-LABELS = {"ours": "ours (Megatron-Core)", "hf": "HF NemotronH"}
+LABELS = {"ours": "ours (Megatron-Core)", "hf": "HF NemotronH torch reference path"}
+ADAMW_IMPLEMENTATIONS = {
+    "fused": {"fused": True, "foreach": False},
+    "foreach": {"fused": False, "foreach": True},
+    "for-loop": {"fused": False, "foreach": False},
+}
+"""torch AdamW's implementations by name, as its param-group flags."""
+PROCESS_SETTINGS = ("flush_denormal", "heap_retention")
+"""The cpu backend's process settings, which both sides get (``--peer-without`` aside)."""
+EQUAL_SETTINGS = ("threads", *PROCESS_SETTINGS, "optimizer")
+"""Settings both sides must share for a fair ratio; ``kernels`` (the code path) differs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +89,10 @@ class BenchSettings:
     """Timed steps per side."""
     threads: int = 0
     """torch intra-op threads in each side's process (0: torch's default)."""
+    adamw: str = "fused"
+    """torch AdamW implementation of both sides: a key of :data:`ADAMW_IMPLEMENTATIONS`."""
+    peer_without: tuple[str, ...] = ()
+    """Process settings (of :data:`PROCESS_SETTINGS`) withheld from the HF side: ablation."""
     seed: int = 1234
 
     @property
@@ -82,6 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per side (default: torch's, i.e. the cores)")
+    parser.add_argument("--adamw", choices=ADAMW_IMPLEMENTATIONS, default="fused",
+                        help="torch AdamW implementation of both sides (default fused)")
+    parser.add_argument("--peer-without", action="append", choices=PROCESS_SETTINGS,
+                        default=[], help="withhold this process setting from the HF side "
+                        "(ablation; repeatable)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -91,7 +124,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 0:
         raise ValueError("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --threads >= 0")
     return BenchSettings(model=model, batch_size=args.batch_size, warmup=args.warmup,
-                         steps=args.steps, threads=args.threads)
+                         steps=args.steps, threads=args.threads, adamw=args.adamw,
+                         peer_without=tuple(sorted(set(args.peer_without))))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,68 +147,80 @@ def benchmark(settings: BenchSettings, progress=None) -> dict:
 
     threads = settings.threads or torch.get_num_threads()
     settings = dataclasses.replace(settings, threads=threads)
-    torch.set_num_threads(threads)  # the peak probe runs at the workers' thread count
+    torch.set_num_threads(threads)  # the peak probes run at the workers' thread count
+    peaks = metrics.PeakProbes(torch.float32)
     with tempfile.TemporaryDirectory(prefix="megatron-hybrid-bench-") as tmp:
         weights = Path(tmp) / "hf_weights.pt"
         with _Side("ours", settings, weights) as ours:  # writes the weights HF starts from
             with _Side("hf", settings, weights, ours.started["optimizer"]) as hf:
-                losses, seconds = _alternate({"ours": ours, "hf": hf}, settings, progress)
-                memory = {"ours": ours.call("memory"), "hf": hf.call("memory")}
-                parameters = {"ours": ours.started["parameters"], "hf": hf.started["parameters"]}
-    device, peak = metrics.device_peak_flops(torch.float32)
+                sides = {"ours": ours, "hf": hf}
+                runs = _alternate(sides, settings, peaks, progress)
+                for side, process in sides.items():
+                    runs[side].update(process.call("report"),
+                                      parameters=process.started["parameters"])
     flops = metrics.flops_per_token(settings.model, settings.model.seq_length)["total"]
-    return summarise(settings, parameters, losses, seconds, memory, flops, device, peak)
+    return summarise(settings, runs, peaks.probes, flops, metrics.cpu_device_name())
 
 
-def _alternate(sides: dict, settings: BenchSettings, progress) -> tuple[dict, dict]:
-    """Step both sides in ABBA order; per side, every step's loss and seconds (warm-up too)."""
-    losses = {side: [] for side in SIDES}
-    seconds = {side: [] for side in SIDES}
+def _alternate(sides: dict, settings: BenchSettings, peaks, progress) -> dict:
+    """Step both sides in ABBA order, probing the matmul peak before the first round and
+    after each; per side, every step's loss and seconds (warm-up too)."""
+    runs = {side: {"losses": [], "seconds": []} for side in SIDES}
     total = settings.warmup + settings.steps
+    peaks.probe(after_step=None)
     for step in range(total):
         for side in SIDES if step % 2 == 0 else SIDES[::-1]:
             loss, elapsed = sides[side].call("step", step)
-            losses[side].append(loss)
-            seconds[side].append(elapsed)
+            runs[side]["losses"].append(loss)
+            runs[side]["seconds"].append(elapsed)
+        peaks.probe(after_step=step)
         if progress is not None:
             kind = "warm-up" if step < settings.warmup else "timed"
             print(f"  step {step + 1}/{total} ({kind}): " + ", ".join(
-                f"{side} {seconds[side][-1]:.2f} s loss {losses[side][-1]:.4f}" for side in SIDES),
-                file=progress, flush=True)
-    return losses, seconds
+                f"{side} {runs[side]['seconds'][-1]:.2f} s loss {runs[side]['losses'][-1]:.4f}"
+                for side in SIDES) + f", peak probe {peaks.probes[-1]['flops'] / 1e9:.0f} "
+                "GFLOP/s", file=progress, flush=True)
+    return runs
 
 
-def summarise(settings: BenchSettings, parameters: dict, losses: dict, seconds: dict,
-              memory: dict, flops_per_token: float, device: str,
-              peak_flops: float | None) -> dict:
-    """The results as a JSON-ready dict; medians over the timed steps. The per-side inputs
-    are dicts by side: parameter counts, every step's loss and seconds, peak RSS bytes."""
+def summarise(settings: BenchSettings, runs: dict, peak_probes: list[dict],
+              flops_per_token: float, device: str) -> dict:
+    """The results as a JSON-ready dict; medians over the timed steps. ``runs`` holds per
+    side its parameter count, every step's loss and seconds, peak RSS bytes and settings;
+    ``peak_probes`` the matmul probes (``after_step``, ``time``, ``flops``) of the run."""
+    peak = max(peak_probes, key=lambda probe: probe["flops"])
     per_side = {}
     for side in SIDES:
-        timed = seconds[side][settings.warmup:]
+        timed = runs[side]["seconds"][settings.warmup:]
         median = statistics.median(timed)
         tokens_per_s = settings.tokens_per_step / median
         flops_per_s = flops_per_token * tokens_per_s
         per_side[side] = {
             "step_seconds_median": median, "step_seconds": timed,
             "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
-            "mfu": flops_per_s / peak_flops if peak_flops else None,
-            "peak_rss_bytes": memory[side], "losses": losses[side],
-            "parameters": parameters[side],
+            "mfu": flops_per_s / peak["flops"], "peak_rss_bytes": runs[side]["memory"],
+            "losses": runs[side]["losses"], "parameters": runs[side]["parameters"],
+            "settings": runs[side]["settings"],
         }
     ratio = per_side["ours"]["tokens_per_s"] / per_side["hf"]["tokens_per_s"]
-    loss_diff = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
+    loss_diff = max(abs(a - b) for a, b in zip(runs["ours"]["losses"], runs["hf"]["losses"]))
+    unequal = [key for key in EQUAL_SETTINGS
+               if per_side["ours"]["settings"][key] != per_side["hf"]["settings"][key]]
     return {
-        "model": settings.model.to_dict(), "parameters": parameters["ours"],
+        "model": settings.model.to_dict(), "parameters": per_side["ours"]["parameters"],
         "batch_size": settings.batch_size, "seq_length": settings.model.seq_length,
         "tokens_per_step": settings.tokens_per_step, "warmup": settings.warmup,
-        "steps": settings.steps, "threads": settings.threads, "device": device,
-        "peak_flops": peak_flops, "flops_per_token": flops_per_token,
+        "steps": settings.steps, "threads": settings.threads, "adamw": settings.adamw,
+        "peer_without": list(settings.peer_without), "device": device,
+        "peak_flops": peak["flops"], "peak_probe": peak, "peak_probes": peak_probes,
+        "flops_per_token": flops_per_token,
         "ours": per_side["ours"], "hf": per_side["hf"], "ratio": ratio,
-        "loss_max_abs_diff": loss_diff,
+        "settings_unequal": unequal,
+        "loss_max_abs_diff": loss_diff, "loss_tolerance": LOSS_TOLERANCE,
+        "losses_agree": loss_diff <= LOSS_TOLERANCE,
         "targets": {"ratio": TARGET_RATIO, "mfu": TARGET_MFU},
         "meets_targets": {"ratio": ratio >= TARGET_RATIO,
-                          "mfu": (per_side["ours"]["mfu"] or 0) >= TARGET_MFU},
+                          "mfu": per_side["ours"]["mfu"] >= TARGET_MFU},
     }
 
 
@@ -186,26 +232,37 @@ def format_report(result: dict) -> str:
         f"{result['batch_size']}, fp32, {result['threads']} threads",
         f"  {result['warmup']} warm-up + {result['steps']} timed steps per side, alternating; "
         "medians",
-        f"  {'':<22}{'tokens/s':>10}{'s/step':>9}{'GFLOP/s':>10}{'MFU':>8}{'peak RSS':>11}",
+        f"  {'':<34}{'tokens/s':>10}{'s/step':>9}{'GFLOP/s':>10}{'MFU':>8}{'peak RSS':>11}",
     ]
     for side in SIDES:
         r = result[side]
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"  {LABELS[side]:<22}{r['tokens_per_s']:>10.0f}"
+        lines.append(f"  {LABELS[side]:<34}{r['tokens_per_s']:>10.0f}"
                      f"{r['step_seconds_median']:>9.3f}{r['flops_per_s'] / 1e9:>10.1f}"
-                     f"{mfu:>8}{r['peak_rss_bytes'] / 2**30:>7.2f} GiB")
-    peak = result["peak_flops"]
-    peak_text = f"{peak / 1e9:.0f} GFLOP/s" if peak else "n/a"
+                     f"{r['mfu']:>8.1%}{r['peak_rss_bytes'] / 2**30:>7.2f} GiB")
+    for side in SIDES:
+        lines.append(f"  {side} settings: " + ", ".join(
+            f"{key} {result[side]['settings'][key]}" for key in (*EQUAL_SETTINGS, "kernels")))
+    unequal = result["settings_unequal"]
+    peak = result["peak_probe"]
     verdict = {True: "met", False: "not met"}
     lines += [
+        "  settings: " + (f"UNEQUAL ({', '.join(unequal)})" if unequal else "equal on both sides"),
         f"  ratio ours/HF: {result['ratio']:.2f}x (target >= {TARGET_RATIO}x: "
         f"{verdict[result['meets_targets']['ratio']]})",
-        f"  MFU ours vs measured fp32 matmul peak {peak_text} on {result['device']} "
-        f"(target >= {TARGET_MFU:.0%}: {verdict[result['meets_targets']['mfu']]})",
+        f"  MFU ours vs this run's fp32 matmul peak {peak['flops'] / 1e9:.0f} GFLOP/s on "
+        f"{result['device']} (best of {len(result['peak_probes'])} probes, "
+        f"{_probe_place(peak)}; target >= {TARGET_MFU:.0%}: "
+        f"{verdict[result['meets_targets']['mfu']]})",
         f"  losses agree: max |ours - HF| = {result['loss_max_abs_diff']:.2e} over "
-        f"{result['warmup'] + result['steps']} steps",
+        f"{result['warmup'] + result['steps']} steps (tolerance {result['loss_tolerance']:.0e}: "
+        f"{verdict[result['losses_agree']]})",
     ]
     return "\n".join(lines)
+
+
+def _probe_place(probe: dict) -> str:
+    return ("before step 1" if probe["after_step"] is None
+            else f"after step {probe['after_step'] + 1}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +314,7 @@ class _Side:
 
 def _serve(side: str, settings: BenchSettings, weights: Path, optimizer: dict | None,
            conn) -> None:
-    """Worker main loop: build the side, then answer ``step`` / ``memory`` / ``stop``."""
+    """Worker main loop: build the side, then answer ``step`` / ``report`` / ``stop``."""
     import time
     import traceback
 
@@ -271,6 +328,7 @@ def _serve(side: str, settings: BenchSettings, weights: Path, optimizer: dict | 
             trainer = OursTrainer(settings, weights)
         else:
             trainer = HFTrainer(settings, weights, optimizer)
+        _use_adamw_implementation(trainer.torch_optimizers, settings.adamw)
         conn.send(("ok", {"parameters": trainer.parameters,
                           "optimizer": trainer.optimizer_settings}))
         while (message := conn.recv())[0] != "stop":
@@ -278,13 +336,104 @@ def _serve(side: str, settings: BenchSettings, weights: Path, optimizer: dict | 
                 start = time.perf_counter()
                 loss = trainer.step(message[1])
                 conn.send(("ok", (loss, time.perf_counter() - start)))
-            else:
-                conn.send(("ok", metrics.peak_memory()[0]))
+            else:  # after the steps: the peak RSS, then the settings the steps ran with
+                memory = metrics.peak_memory()[0]
+                conn.send(("ok", {"memory": memory, "settings": process_settings_report(
+                    trainer.torch_optimizers, trainer.kernels())}))
     except Exception:  # reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
 
+
+# ---------------------------------------------------------------------------------------------
+# Settings: applied the same way on both sides, and read back from the live process
+# ---------------------------------------------------------------------------------------------
+
+def _use_adamw_implementation(torch_optimizers: list, name: str) -> None:
+    """Run every step of these torch optimizers with AdamW implementation ``name``. A step
+    pre-hook, so it follows any hook registered before (the engine's own fused choice)."""
+    flags = ADAMW_IMPLEMENTATIONS[name]
+
+    def set_flags(optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            group.update(flags)
+
+    for optimizer in torch_optimizers:
+        optimizer.register_step_pre_hook(set_flags)
+
+
+def apply_process_settings(without: tuple[str, ...]) -> None:
+    """The cpu backend's process settings, from its own functions, less ``without``."""
+    from megatron_hybrid.backends import cpu
+
+    if "flush_denormal" not in without:
+        cpu._flush_denormals_on_every_thread()
+    if "heap_retention" not in without:
+        cpu._keep_freed_memory_in_heap()
+
+
+def process_settings_report(torch_optimizers: list, kernels: str) -> dict:
+    """This process's settings as they act now: the keys of :data:`EQUAL_SETTINGS` and
+    ``kernels``."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), "flush_denormal": denormals_flushed(),
+            "heap_retention": large_allocations_stay_in_heap(),
+            "optimizer": adamw_implementation(torch_optimizers), "kernels": kernels}
+
+
+def denormals_flushed() -> bool | str:
+    """Whether arithmetic on denormal floats gives zero: True on every intra-op thread (the
+    tensor is large enough to be split over all of them), False on none, else "partial"."""
+    import torch
+
+    threads = torch.get_num_threads()
+    smallest = torch.ones(threads * 2**16, dtype=torch.int32).view(torch.float32)  # 2**-149
+    flushed = (smallest * 2).eq(0)
+    return True if flushed.all() else False if not flushed.any() else "partial"
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def large_allocations_stay_in_heap() -> bool | None:
+    """Whether a 64 MiB tensor comes from glibc's heap rather than a fresh ``mmap`` (glibc
+    maps anything above 32 MiB by default); None without glibc's ``mallinfo2``."""
+    import torch
+
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _Mallinfo2
+    mapped = mallinfo2().hblkhd
+    block = torch.empty(2**26, dtype=torch.uint8)
+    stayed = mallinfo2().hblkhd == mapped
+    del block
+    return stayed
+
+
+def adamw_implementation(torch_optimizers: list) -> str:
+    """The optimizers' class and implementation from their param-group flags, e.g.
+    ``torch.optim.AdamW(fused=True)``; several kinds are joined by ``+``."""
+    kinds = set()
+    for optimizer in torch_optimizers:
+        cls = type(optimizer)
+        module = "torch.optim" if cls.__module__.startswith("torch.optim.") else cls.__module__
+        for group in optimizer.param_groups:
+            flag = ("fused=True" if group.get("fused") else
+                    "foreach=True" if group.get("foreach") else "for-loop")
+            kinds.add(f"{module}.{cls.__name__}({flag})")
+    return " + ".join(sorted(kinds))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two trainers
+# ---------------------------------------------------------------------------------------------
 
 def token_batch(settings: BenchSettings, step: int):
     """(batch, seq + 1) random token ids of ``step``, the same on both sides."""
@@ -317,8 +466,18 @@ class OursTrainer:
         self.chunks = [engine.wrap_ddp(model, use_distributed_optimizer=False)]
         optimizer_settings = engine.OptimizerSettings()
         self.optimizer = engine.build_optimizer(self.chunks, optimizer_settings)
+        self.torch_optimizers = [part.optimizer for part in
+                                 getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
         self.optimizer_settings = dataclasses.asdict(optimizer_settings)
         self.settings = settings
+
+    @staticmethod
+    def kernels() -> str:
+        """The scan Megatron-Core's ``MambaMixer`` bound at import, by its defining module."""
+        from megatron_hybrid import mcore
+
+        scan = sys.modules[mcore.MambaMixer.__module__].mamba_split_conv1d_scan_combined
+        return f"Megatron-Core MambaMixer + {scan.__module__}.{scan.__name__}"
 
     def step(self, index: int) -> float:
         from megatron_hybrid import engine
@@ -333,15 +492,18 @@ class OursTrainer:
 
 
 class HFTrainer:
-    """HF ``NemotronHForCausalLM`` on its own torch path, from the weights ``OursTrainer``
-    wrote, with AdamW set up as Megatron sets it up from ``optimizer``
+    """HF ``NemotronHForCausalLM`` on its torch reference path, from the weights
+    ``OursTrainer`` wrote, in a process with the cpu backend's process settings (less
+    ``settings.peer_without``), with AdamW set up as Megatron sets it up from ``optimizer``
     (``engine.OptimizerSettings`` fields)."""
 
     def __init__(self, settings: BenchSettings, weights: Path, optimizer: dict):
         _require_hf_torch_path()
+        apply_process_settings(settings.peer_without)
         self.model = _hf_model(settings.model, weights)
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.optimizer = _adamw_as_megatron(self.model, optimizer)
+        self.torch_optimizers = [self.optimizer]
         self.optimizer_settings = optimizer
         self.clip_grad = optimizer["clip_grad"]
         self.settings = settings
@@ -358,6 +520,13 @@ class HFTrainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         self.optimizer.step()
         return loss.item()
+
+    def kernels(self) -> str:
+        """HF's Mamba-2 mixer class; its torch path, as no kernel package can be imported."""
+        _require_hf_torch_path()
+        (mixer,) = {type(module) for module in self.model.modules()
+                    if type(module).__name__.endswith("Mamba2Mixer")}
+        return f"{mixer.__module__}.{mixer.__qualname__} torch path"
 
 
 def _require_hf_torch_path() -> None:

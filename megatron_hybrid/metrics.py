@@ -31,10 +31,12 @@ FLOP conventions (the model FLOPs of MFU, PaLM arXiv 2204.02311 appendix B):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -176,8 +178,6 @@ _DTYPE_KEYS = {
     "fp32": "fp32", "bf16": "bf16", "fp16": "bf16", "fp8": "fp8",
 }
 _CPU_PROBE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CACHE_ENV = "MEGATRON_HYBRID_CACHE"
-"""Environment variable overriding the cache directory (default ``~/.cache/megatron_hybrid``)."""
 
 
 def device_peak_flops(dtype: torch.dtype | str = torch.float32) -> tuple[str, float | None]:
@@ -185,19 +185,19 @@ def device_peak_flops(dtype: torch.dtype | str = torch.float32) -> tuple[str, fl
 
     A GPU is looked up in :data:`GPU_PEAK_TFLOPS`; one not listed (or a dtype it lacks, fp32
     included) gives None, so MFU is reported as n/a rather than against a guessed peak.
-    On the CPU the peak is measured by :func:`measure_matmul_flops` once and cached in
-    ``cpu_peak_flops.json`` in the cache dir, keyed by CPU model, torch threads and dtype:
-    it is the best matmul throughput seen, not a datasheet peak. A probe taken while other
-    processes load the CPU reads low (MFU then reads high): delete the file to re-measure.
+    On the CPU the peak is measured now, by :func:`measure_matmul_flops` (the best of its
+    trials), and nothing is stored: a probe taken while other processes load the CPU reads
+    low and would inflate every later MFU. Processes on one machine probe one at a time.
     """
     key = _dtype_key(dtype)
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         return name, gpu_peak_flops(name, key)
-    name = f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
+    name = cpu_device_name()
     if key not in _CPU_PROBE_DTYPES:
         return name, None
-    return name, _cached_cpu_peak(f"{name} {key}", _CPU_PROBE_DTYPES[key])
+    with _probe_lock():
+        return name, measure_matmul_flops(dtype=_CPU_PROBE_DTYPES[key])
 
 
 def gpu_peak_flops(device_name: str, dtype: torch.dtype | str) -> float | None:
@@ -226,6 +226,32 @@ def measure_matmul_flops(size: int = 1024, dtype: torch.dtype = torch.float32,
     return best
 
 
+class PeakProbes:
+    """Matmul probes taken during one run, alongside its work; the peak is the best of them.
+
+    A probe taken while other processes load the CPU reads low, and MFU against it reads
+    high; the best of several probes spread over the run is the nearest to what the cores
+    can do at that run's time. Each probe records when it was taken (``time``) and the
+    caller's marks (e.g. the step it followed).
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32, seconds: float = 0.5):
+        self.dtype, self.seconds = dtype, seconds
+        self.probes: list[dict] = []
+
+    def probe(self, **marks) -> float:
+        with _probe_lock():
+            flops = measure_matmul_flops(dtype=self.dtype, seconds=self.seconds)
+        self.probes.append({**marks, "time": time.time(), "flops": flops})
+        return flops
+
+    def best(self) -> dict:
+        """The probe with the highest FLOP/s (its marks, time and flops)."""
+        if not self.probes:
+            raise RuntimeError("no peak probe taken yet: call probe() first")
+        return max(self.probes, key=lambda probe: probe["flops"])
+
+
 def cpu_model_name() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor."""
     try:
@@ -240,9 +266,9 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cache_dir() -> Path:
-    """``$MEGATRON_HYBRID_CACHE``, else ``~/.cache/megatron_hybrid``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "megatron_hybrid")
+def cpu_device_name() -> str:
+    """The CPU's model name and this process's torch thread count: a CPU peak is per both."""
+    return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
 
 
 def _dtype_key(dtype: torch.dtype | str) -> str:
@@ -251,21 +277,16 @@ def _dtype_key(dtype: torch.dtype | str) -> str:
     return _DTYPE_KEYS[dtype]
 
 
-def _cached_cpu_peak(key: str, dtype: torch.dtype) -> float:
+@contextlib.contextmanager
+def _probe_lock():
+    """One probe at a time on this machine: ranks probing together on the same cores would
+    each read a fraction of the peak."""
     import fcntl
 
-    path = cache_dir() / "cpu_peak_flops.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        # One probe at a time: ranks probing together on the same cores would each read low.
+    path = Path(tempfile.gettempdir()) / f"megatron_hybrid_peak_probe.{os.getuid()}.lock"
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        cache = json.loads(path.read_text()) if path.exists() else {}
-        if key not in cache:
-            cache[key] = measure_matmul_flops(dtype=dtype)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)  # a crash mid-write leaves the old file, never half a one
-    return cache[key]
+        yield
 
 
 def peak_memory() -> tuple[int, str]:

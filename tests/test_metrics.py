@@ -222,22 +222,25 @@ def test_mamba_formula_matches_flop_counter():
 
 # --- Device peak -----------------------------------------------------------------------------
 
-def test_cpu_peak_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path))
+def test_cpu_peak_is_probed_afresh_and_nothing_is_stored(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MEGATRON_HYBRID_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    real_probe, probes = metrics.measure_matmul_flops, []
+    (name, first), (_, second) = (metrics.device_peak_flops("fp32") for _ in range(2))
+    assert first > 1e8 and second > 1e8 and first != second  # two timings, not one stored
+    assert metrics.cpu_model_name() in name and f"({torch.get_num_threads()} threads)" in name
+    assert list(tmp_path.rglob("*")) == []
 
-    def small_probe(*, dtype):
-        probes.append(dtype)
-        return real_probe(size=256, dtype=dtype, seconds=0.1)
 
-    monkeypatch.setattr(metrics, "measure_matmul_flops", small_probe)
-    name, peak = metrics.device_peak_flops(torch.float32)
-    assert metrics.device_peak_flops("fp32") == (name, peak)
-    assert probes == [torch.float32]
-    assert peak > 1e8 and metrics.cpu_model_name() in name
-    cache = json.loads((tmp_path / "cpu_peak_flops.json").read_text())
-    assert cache == {f"{name} fp32": peak}
+def test_peak_is_the_best_of_the_probes_taken():
+    peaks = metrics.PeakProbes(seconds=0.05)
+    with pytest.raises(RuntimeError, match="call probe"):
+        peaks.best()
+    for step in range(3):
+        peaks.probe(after_step=step)
+    assert [probe["after_step"] for probe in peaks.probes] == [0, 1, 2]
+    assert [probe["time"] for probe in peaks.probes] == sorted(p["time"] for p in peaks.probes)
+    assert peaks.best()["flops"] == max(probe["flops"] for probe in peaks.probes) > 1e8
 
 
 def test_gpu_peaks_by_device_name_and_unknown_gpu_gives_none(monkeypatch):
