@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import rank_environment
 
 from megatron_hybrid import backends
 
@@ -37,7 +38,8 @@ def train(recipe: str, out: Path, *overrides, nproc: int = 1) -> subprocess.Comp
                 ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)])
     command = [sys.executable, *launcher, "-m", "megatron_hybrid", "train", str(RECIPES / recipe),
                f"output_dir={out}", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=rank_environment(nproc))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 

@@ -26,6 +26,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import rank_environment
 from packaging.requirements import Requirement
 
 from megatron_hybrid import launch
@@ -86,7 +87,8 @@ def test_two_nodes_on_loopback_train_one_tp2_model(tmp_path):
          "--node-rank",
          str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
          str(port), RECIPE, *SMALL, "parallel.tp=2", f"output_dir={out}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=rank_environment(2))
+        for rank in (0, 1)]  # two one-process nodes share this machine's threads
     consoles = [agent.communicate(timeout=600)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(c[-3000:] for c in consoles)
     assert "launch: node 1 of 2 node(s) x 1 process(es) per node = world size 2" in consoles[1]

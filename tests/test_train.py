@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import rank_environment
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
 SMALL = ["train.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4",
@@ -31,7 +32,8 @@ def cli(*args, nproc: int = 1) -> list[str]:
 
 def train(out: Path, *overrides, nproc: int = 1) -> subprocess.CompletedProcess:
     command = cli("train", str(RECIPE), *SMALL, f"output_dir={out}", *overrides, nproc=nproc)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=rank_environment(nproc))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 

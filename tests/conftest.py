@@ -1,0 +1,23 @@
+"""Thread counts for the test session and every process it starts.
+
+torch's default (one thread per core) makes results and timings depend on the machine, and
+several processes each taking every core oversubscribe it (gloo ranks spin while they wait).
+The session runs at ``SESSION_THREADS`` unless the environment already sets OMP_NUM_THREADS
+(the suite also runs at 1); children inherit it, and multi-rank launches split it over their
+ranks with ``rank_environment``.
+"""
+
+import os
+
+SESSION_THREADS = 2
+"""The CI machine's cores: a fixed number, so a bigger machine runs the same numerics."""
+
+os.environ.setdefault("OMP_NUM_THREADS", str(SESSION_THREADS))
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
+
+def rank_environment(nproc: int) -> dict[str, str]:
+    """This environment with the session's threads split over ``nproc`` processes sharing it
+    (torchrun keeps an inherited OMP_NUM_THREADS for every rank)."""
+    threads = str(max(1, int(os.environ["OMP_NUM_THREADS"]) // nproc))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
