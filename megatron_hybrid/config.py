@@ -51,6 +51,16 @@ class ModelConfig:
     """Chunk length of the SSD scan."""
     init_std: float = 0.02
     """Std of the normal initialisation of linear weights."""
+    mamba_dt_min: float = 0.001
+    """Smallest step size of the initialisation: ``softplus(dt_bias)`` is log-uniform in
+    [mamba_dt_min, mamba_dt_max] (HF ``time_step_min``, Megatron-Core ``dt_min``)."""
+    mamba_dt_max: float = 0.1
+    """Largest step size of the initialisation (HF ``time_step_max``)."""
+    mamba_dt_clamp_min: float = 0.0
+    """Every Mamba layer computes ``dt = max(softplus(. + dt_bias), mamba_dt_clamp_min)``, in
+    training, prefill and decode: HF NemotronH's clamp (transformers 5.23 clamps at
+    ``time_step_min``; NVIDIA's published configs give 0.001). 0: no clamp, as Megatron-Core
+    0.16.1's own mixer."""
     num_moe_experts: int | None = None
     """Experts of `E` layers (required when the pattern has `E`)."""
     moe_router_topk: int = 2
@@ -84,6 +94,7 @@ class ModelConfig:
              f"model.mamba_num_heads ({self.mamba_num_heads}) must be a multiple of "
              f"model.mamba_num_groups ({self.mamba_num_groups})"),
         ]
+        checks += _dt_checks(self)
         if layer_pattern.counts.get("E"):
             checks.append((self.num_moe_experts is not None and self.num_moe_experts > 0,
                            "model.num_moe_experts must be set when the pattern has 'E' layers"))
@@ -102,6 +113,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _dt_checks(model: ModelConfig) -> list[tuple[bool, str]]:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return [
+        (number(model.mamba_dt_min) and number(model.mamba_dt_max)
+         and 0 < model.mamba_dt_min <= model.mamba_dt_max,
+         f"model.mamba_dt_min ({model.mamba_dt_min!r}) must be > 0 and <= model.mamba_dt_max "
+         f"({model.mamba_dt_max!r})"),
+        (number(model.mamba_dt_clamp_min) and 0 <= model.mamba_dt_clamp_min < math.inf,
+         f"model.mamba_dt_clamp_min must be a finite number >= 0 (0: no clamp), got "
+         f"{model.mamba_dt_clamp_min!r}"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

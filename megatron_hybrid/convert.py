@@ -22,17 +22,18 @@ What differs between the two layouts (everything else is a rename):
 
 Numerics that a config cannot carry and what is done about them:
 
-- dt clamp. HF's mixer clamps ``dt = softplus(. + dt_bias)`` from below at
-  ``config.time_step_min`` (its ``time_step_limit`` field is not read by the mixer);
-  Megatron-Core 0.16.1 passes no ``dt_limit`` in training, i.e. never clamps. Exported configs
-  therefore set ``time_step_min=0.0`` and ``time_step_limit=(0.0, inf)``: softplus is never
-  negative, so HF then computes exactly what Megatron trained. Caveat: HF also uses
-  ``time_step_min`` as the low end of its random ``dt_bias`` init, and ``math.log(0.0)`` fails,
-  so ``NemotronHForCausalLM(config)`` (fresh random init) raises with an exported config;
-  ``from_pretrained`` (weights loaded) and meta-device builds work. Pass
-  ``time_step_min=0.001`` as an override to get HF's from-scratch init (and its clamp).
-  Importing an HF checkpoint (``time_step_min=0.001``) into Megatron drops the clamp: the
-  imported model computes what Megatron-Core computes.
+- dt clamp. transformers 5.23's mixer computes ``dt = max(softplus(. + dt_bias),
+  time_step_min)`` in training and prefill (it does not read ``time_step_limit``); NVIDIA's
+  published configs give ``time_step_min=0.001``. Megatron-Core 0.16.1's ``MambaMixer`` passes
+  no ``dt_limit`` to its kernels; our mixer (``specs.DtClampedMambaMixer``) clamps at
+  ``model.mamba_dt_clamp_min``. Import sets it to ``time_step_min``, so a published checkpoint
+  gives HF's logits; export writes ``time_step_min`` and ``time_step_limit`` from it (readers
+  that clamp with ``time_step_limit`` then agree too). HF also takes ``time_step_min`` as the low
+  end of its random ``dt_bias`` init, so only ``mamba_dt_clamp_min`` 0 or ``mamba_dt_min``
+  converts exactly, and a model without the clamp (0, Megatron-Core's behaviour) exports
+  ``time_step_min=0.0``: ``from_pretrained`` and meta-device builds work, a fresh
+  ``NemotronHForCausalLM(config)`` does not (``math.log(0.0)``). HF's single-token decode step
+  (``selective_state_update``, with a cache) does not clamp; ours does, as HF's forward.
 - Norm epsilon. Megatron-Core 0.16.1 hard-codes ``eps=1e-5`` for the Mamba gated norm (and
   ``MambaLayer`` builds its pre-norm without passing the config's eps), so only
   ``layer_norm_epsilon == 1e-5`` (every published Nemotron-H config) converts exactly.
@@ -68,6 +69,8 @@ MEGATRON_GATED_NORM_EPS = 1e-5
 """Megatron-Core 0.16.1 ``MambaMixer`` builds its gated norm with this eps, whatever the config."""
 MEGATRON_CONV_KERNEL = 4
 """``MambaMixer``'s ``d_conv`` default (the specs do not override it)."""
+_DEFAULT_DT_MIN = ModelConfig.mamba_dt_min
+"""The init's low end a model gets from an HF config without a dt clamp (time_step_min 0)."""
 
 class ConversionError(ValueError):
     """A config or state dict cannot be converted exactly; the message says why."""
@@ -81,10 +84,9 @@ class ConversionError(ValueError):
 def hf_config_from_model(cfg: ModelConfig, **overrides):
     """The ``transformers.NemotronHConfig`` of ``cfg`` (``overrides`` set any HF field last).
 
-    Sets ``time_step_min=0.0`` / ``time_step_limit=(0.0, inf)`` so HF does not clamp dt, as
-    Megatron-Core does not in training (see the module docstring for the from-scratch init
-    caveat). ``expand`` is written as 2 like NVIDIA's published configs: neither side reads
-    it (the Mamba width is ``mamba_num_heads * mamba_head_dim``).
+    ``time_step_min`` and ``time_step_limit`` carry the dt clamp (see the module docstring).
+    ``expand`` is written as 2 like NVIDIA's published configs: neither side reads it (the
+    Mamba width is ``mamba_num_heads * mamba_head_dim``).
     """
     from transformers import NemotronHConfig
 
@@ -98,6 +100,7 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
         raise ConversionError(
             f"model.norm_eps={cfg.norm_eps}: Megatron-Core's Mamba norms use 1e-5 whatever the "
             "config, HF uses layer_norm_epsilon everywhere; only 1e-5 converts exactly")
+    _check_dt_clamp(cfg)
     fields = dict(
         hybrid_override_pattern=layers,
         vocab_size=cfg.vocab_size,
@@ -123,14 +126,29 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
         use_conv_bias=True,
         use_bias=False,
         mamba_proj_bias=False,
-        time_step_min=0.0,
-        time_step_limit=(0.0, math.inf),
+        time_step_min=cfg.mamba_dt_clamp_min,
+        time_step_max=cfg.mamba_dt_max,
+        time_step_limit=(cfg.mamba_dt_clamp_min, math.inf),
         layer_norm_epsilon=cfg.norm_eps,
         initializer_range=cfg.init_std,
         residual_in_fp32=False,
         hidden_dropout=0.0,
     )
     return NemotronHConfig(**{**fields, **overrides})
+
+
+def _check_dt_clamp(cfg: ModelConfig) -> None:
+    """HF's one ``time_step_min`` is both the dt clamp and the low end of the dt init."""
+    clamp, low = cfg.mamba_dt_clamp_min, cfg.mamba_dt_min
+    if clamp not in (0.0, low):
+        raise ConversionError(
+            f"model.mamba_dt_clamp_min={clamp} differs from model.mamba_dt_min={low}: HF's "
+            "time_step_min is both the dt clamp and the low end of the dt init; set "
+            f"mamba_dt_clamp_min to 0 or {low} to convert exactly")
+    if clamp == 0.0 and low != _DEFAULT_DT_MIN:
+        raise ConversionError(
+            f"model.mamba_dt_min={low} without a dt clamp: HF's time_step_min is then 0 and "
+            f"cannot carry it; set mamba_dt_clamp_min={low} or mamba_dt_min={_DEFAULT_DT_MIN}")
 
 
 def model_config_from_hf(hf_config, **overrides) -> ModelConfig:
@@ -153,7 +171,11 @@ def model_config_from_hf(hf_config, **overrides) -> ModelConfig:
         norm_eps=hf_config.layer_norm_epsilon,
         mamba_chunk_size=hf_config.chunk_size,
         init_std=hf_config.initializer_range,
+        mamba_dt_max=hf_config.time_step_max,
+        mamba_dt_clamp_min=hf_config.time_step_min,  # what transformers 5.23 clamps at
     )
+    if hf_config.time_step_min > 0:  # 0 (no clamp) leaves the init's low end at its default
+        fields["mamba_dt_min"] = hf_config.time_step_min
     cfg = ModelConfig(**{**fields, **overrides})
     cfg.validate()
     return cfg

@@ -96,6 +96,12 @@ def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), 
     return config
 
 
+def mixer_params(model: ModelConfig) -> dict:
+    """Keyword arguments of every Mamba mixer (:class:`specs.DtClampedMambaMixer`)."""
+    return {"chunk_size": model.mamba_chunk_size, "dt_min": model.mamba_dt_min,
+            "dt_max": model.mamba_dt_max, "dt_clamp_min": model.mamba_dt_clamp_min}
+
+
 def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
                 perform_initialization: bool = True) -> "mcore.MambaModel":
     """This rank's pipeline stage of ``model`` (process groups must be initialised)."""
@@ -106,7 +112,7 @@ def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
     return mcore.MambaModel(
         config=transformer_config(model, layout, perform_initialization=perform_initialization),
         mamba_stack_spec=specs.stack_spec(backend, [len(s) for s in stages],
-                                          model.mamba_chunk_size),
+                                          mixer_params(model)),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pp_rank == 0,

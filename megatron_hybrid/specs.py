@@ -6,13 +6,15 @@ Behaviour changes by swapping specs, never by editing model code:
   with the norm state-dict keys remapped to TE's fused-norm names, so a checkpoint written on
   the CPU loads on GPUs (as Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
 Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern and
-implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it).
+implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it), and both
+build their Mamba mixers as :class:`DtClampedMambaMixer` (HF NemotronH's dt clamp).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,59 @@ class SDPAttention(mcore.DotProductAttention):
         return out.squeeze(0).permute(1, 0, 2).reshape(total, 1, -1)
 
 
+def softplus_inverse(value: float) -> float:
+    """The ``u`` with ``softplus(u) == value`` (> 0), computed without overflow or cancellation."""
+    return value + math.log(-math.expm1(-value))
+
+
+def raise_dt_columns(zxBCdt: torch.Tensor, dt_bias: torch.Tensor, dt_min: float) -> torch.Tensor:
+    """The in-projection ``zxBCdt`` (dt in its last ``len(dt_bias)`` columns) with each dt
+    raised to at least ``softplus_inverse(dt_min) - dt_bias``: softplus is increasing, so a
+    kernel computing ``softplus(dt + dt_bias)`` from it computes
+    ``max(softplus(dt + dt_bias), dt_min)``, with no gradient where the floor binds."""
+    heads = dt_bias.shape[0]
+    rest, dt = zxBCdt.split([zxBCdt.shape[-1] - heads, heads], dim=-1)
+    floor = (softplus_inverse(dt_min) - dt_bias.float()).to(dt.dtype)
+    return torch.cat([rest, torch.maximum(dt, floor)], dim=-1)
+
+
+class DtClampedMambaMixer(mcore.MambaMixer):
+    """Megatron-Core's MambaMixer computing HF NemotronH's step size,
+    ``dt = max(softplus(dt + dt_bias), dt_clamp_min)`` (Megatron-Core 0.16.1 passes no
+    ``dt_limit`` to its kernels, so it never clamps).
+
+    The clamp is applied to the kernels' input (:func:`raise_dt_columns`), just before each
+    of Megatron-Core's three kernel paths: training (``mamba_split_conv1d_scan_combined``),
+    prefill (``mamba_chunk_scan_combined``) and single-token decode
+    (``selective_state_update``). So every kernel that takes the raw dt with ``dt_bias`` and
+    softplus, the cpu backend's or mamba_ssm's on GPUs, computes the clamped dt, and none
+    needs a ``dt_limit`` argument (``selective_state_update`` has none). ``forward`` stays
+    Megatron-Core's: ModelOpt recognises a mixer subclass only by it. ``dt_clamp_min=0`` is
+    Megatron-Core's mixer unchanged.
+    """
+
+    def __init__(self, *args, dt_clamp_min: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dt_clamp_min = dt_clamp_min
+
+    def _clamped(self, zxBCdt: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+        if self.dt_clamp_min <= 0:
+            return zxBCdt
+        return raise_dt_columns(zxBCdt, dt_bias, self.dt_clamp_min)
+
+    def _ssm_training(self, zxBCdt, *args, **kwargs):
+        return super()._ssm_training(self._clamped(zxBCdt, self.cp.get_dt_bias()),
+                                     *args, **kwargs)
+
+    def _ssm_prefill(self, zxBCdt, *args, **kwargs):
+        return super()._ssm_prefill(self._clamped(zxBCdt, self.cp.get_dt_bias()),
+                                    *args, **kwargs)
+
+    def _ssm_decode(self, zxBCdt, *args, **kwargs):
+        # Decode runs without context parallel and reads the whole (TP-local) dt_bias.
+        return super()._ssm_decode(self._clamped(zxBCdt, self.dt_bias), *args, **kwargs)
+
+
 class HybridStack(mcore.MambaStack):
     """MambaStack whose pipeline stages follow the pattern's split exactly.
 
@@ -176,7 +231,7 @@ def _mamba_layer(mixer_params: dict) -> "mcore.ModuleSpec":
         submodules=mcore.MambaLayerSubmodules(
             norm=TorchRMSNorm,
             mixer=mcore.ModuleSpec(
-                module=mcore.MambaMixer,
+                module=DtClampedMambaMixer,
                 params=mixer_params,
                 submodules=mcore.MambaMixerSubmodules(
                     in_proj=mcore.ColumnParallelLinear, out_proj=mcore.RowParallelLinear),
@@ -219,8 +274,9 @@ def _mlp_layer(mlp: "mcore.ModuleSpec") -> "mcore.ModuleSpec":
     )
 
 
-def local_stack_submodules(mamba_chunk_size: int) -> "mcore.MambaStackSubmodules":
-    """The cpu backend's layers: local linears, torch norms, SDPA, torch Mamba kernels."""
+def local_stack_submodules(mixer_params: dict) -> "mcore.MambaStackSubmodules":
+    """The cpu backend's layers: local linears, torch norms, SDPA, torch Mamba kernels;
+    ``mixer_params`` are the Mamba mixers' keyword arguments."""
     dense_mlp = mcore.ModuleSpec(
         module=mcore.MLP,
         submodules=mcore.MLPSubmodules(
@@ -228,27 +284,32 @@ def local_stack_submodules(mamba_chunk_size: int) -> "mcore.MambaStackSubmodules
     )
     moe_mlp = mcore.get_moe_module_spec(use_te=False, num_experts=8, moe_grouped_gemm=False)
     return mcore.MambaStackSubmodules(
-        mamba_layer=_mamba_layer({"chunk_size": mamba_chunk_size}),
+        mamba_layer=_mamba_layer(mixer_params),
         attention_layer=_attention_layer(),
         mlp_layer=_mlp_layer(dense_mlp),
         moe_layer=_mlp_layer(moe_mlp),
     )
 
 
-def te_stack_submodules(mamba_chunk_size: int) -> "mcore.MambaStackSubmodules":
-    """Megatron-Core's own TE + mamba_ssm layer specs (NVIDIA's, used unchanged)."""
-    submodules = copy.deepcopy(mcore.te_mamba_stack_spec().submodules)
-    mixer = submodules.mamba_layer.submodules.mixer
-    mixer.params = {**mixer.params, "chunk_size": mamba_chunk_size}
-    return submodules
+def te_stack_submodules(mixer_params: dict) -> "mcore.MambaStackSubmodules":
+    """Megatron-Core's own TE + mamba_ssm layer specs (NVIDIA's), with the mixer made a
+    :class:`DtClampedMambaMixer` taking ``mixer_params``."""
+    stack = mcore.te_mamba_stack_spec().submodules
+    layer = stack.mamba_layer
+    mixer = dataclasses.replace(layer.submodules.mixer, module=DtClampedMambaMixer,
+                                params={**layer.submodules.mixer.params, **mixer_params})
+    # Copies along the path to the mixer only: the shared spec stays as NVIDIA wrote it.
+    return dataclasses.replace(stack, mamba_layer=dataclasses.replace(
+        layer, submodules=dataclasses.replace(layer.submodules, mixer=mixer)))
 
 
-def stack_spec(backend: str, stage_sizes, mamba_chunk_size: int) -> "mcore.ModuleSpec":
-    """The decoder spec for ``backend`` with the pattern's pipeline stage sizes."""
+def stack_spec(backend: str, stage_sizes, mixer_params: dict) -> "mcore.ModuleSpec":
+    """The decoder spec for ``backend`` with the pattern's pipeline stage sizes and the Mamba
+    mixers' keyword arguments (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``)."""
     if backend == "cuda":
-        submodules, final_norm = te_stack_submodules(mamba_chunk_size), mcore.te_norm_class()
+        submodules, final_norm = te_stack_submodules(mixer_params), mcore.te_norm_class()
     else:
-        submodules, final_norm = local_stack_submodules(mamba_chunk_size), TorchRMSNorm
+        submodules, final_norm = local_stack_submodules(mixer_params), TorchRMSNorm
     return mcore.ModuleSpec(
         module=HybridStack,
         submodules=submodules,

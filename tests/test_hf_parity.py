@@ -1,20 +1,27 @@
 """Parity with an implementation nobody here wrote: HF transformers ``NemotronHForCausalLM``.
 
-A tiny random HF model (fp32; pattern with Mamba, attention and MLP layers; Mamba groups > 1;
-GQA) is converted into our Megatron-Core model; logits, loss and every gradient must match.
+A tiny random HF model (fp32; pattern with Mamba, attention and MLP layers) with the settings
+of NVIDIA's published configs (dt clamp ``time_step_min=0.001``, 8 Mamba groups, 8 KV heads for
+40 query heads) is converted into our Megatron-Core model; logits, loss and every gradient must
+match. Its dt_bias puts about a third of the heads under 0.001, so HF's clamp binds: with our
+clamp switched off the logits differ, and decode steps must clamp as the forward does.
 
 The reference must run HF's own PyTorch code. transformers 5.23 binds its Mamba kernels when
 ``modeling_nemotron_h`` is imported: it takes ``mamba_ssm`` / ``causal_conv1d`` functions if
 those modules import, and the cpu backend registers OUR kernels under exactly those names.
 So the reference here is a private copy of HF's modeling module, imported while those names
-are blocked, and the tests prove (a) its kernel wrappers hold HF's torch functions, (b) HF's
-torch scan/conv code ran and (c) none of our kernel code ran during its forward and backward.
+are blocked (whatever this process imported before), and the tests prove (a) its kernel
+wrappers hold HF's torch functions, (b) HF's torch scan/conv code ran and (c) none of our
+kernel code ran during its forward and backward. That the ordinary import would bind our
+kernels is checked in a fresh process, so no result depends on which tests ran first.
 """
 
 import contextlib
 import importlib.util
 import inspect
+import json
 import math
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -27,7 +34,7 @@ from megatron_hybrid import backends
 
 backends.install("cpu")
 
-from megatron_hybrid import convert, mcore, parallel  # noqa: E402
+from megatron_hybrid import convert, mcore, parallel, specs  # noqa: E402
 from megatron_hybrid.backends import kernels  # noqa: E402
 from megatron_hybrid.flavors import FLAVORS, get_flavor  # noqa: E402
 from megatron_hybrid.model import ModelLayout, build_model  # noqa: E402
@@ -35,6 +42,13 @@ from megatron_hybrid.model import ModelLayout, build_model  # noqa: E402
 PATTERN = "M-M*-M-"
 BATCH, SEQ = 2, 40  # SEQ is not a multiple of the chunk size (16): padding paths run too
 TOLERANCE = 1e-4
+PUBLISHED = dict(time_step_min=0.001, time_step_max=0.1, time_step_floor=1e-4,
+                 time_step_limit=(0.0, math.inf), n_groups=8, num_attention_heads=40,
+                 num_key_value_heads=8, layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+"""Settings of NVIDIA's published NVIDIA-Nemotron-Nano-12B-v2-Base config.json that this test
+keeps (widths are scaled down). transformers 5.23 clamps dt at ``time_step_min`` and ignores
+``time_step_limit``."""
+PUBLISHED_DT_MIN = PUBLISHED["time_step_min"]
 KERNEL_DIR = str(Path(kernels.__file__).resolve().parent)
 HF_KERNEL_WRAPPERS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan",
                       "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined")
@@ -122,11 +136,8 @@ def hf_config():
 
     return NemotronHConfig(
         hybrid_override_pattern=PATTERN, vocab_size=256, hidden_size=64, intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
-        max_position_embeddings=128, tie_word_embeddings=False,
-        time_step_min=0.0, time_step_limit=(0.0, math.inf),  # Megatron does not clamp dt
-    )
+        head_dim=8, mamba_num_heads=16, mamba_head_dim=8, ssm_state_size=16, chunk_size=16,
+        max_position_embeddings=128, **PUBLISHED)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +159,7 @@ def random_tensor(name, shape, generator):
 
     if name.endswith("A_log"):
         return torch.log(1 + 15 * torch.rand(shape, generator=generator))
-    if name.endswith("dt_bias"):  # dt in [1e-4, 0.1]: some heads below HF's default clamp
+    if name.endswith("dt_bias"):  # dt in [1e-4, 0.1]: some heads below the published clamp
         dt = torch.exp(torch.empty(shape).uniform_(math.log(1e-4), math.log(0.1),
                                                    generator=generator))
         return dt + torch.log(-torch.expm1(-dt))
@@ -164,8 +175,8 @@ def random_tensor(name, shape, generator):
 
 
 def build_hf(hf_module, hf_config, weights):
-    """The reference model built on meta (HF's random init cannot take time_step_min=0) and
-    given ``weights``."""
+    """The reference model built on meta (HF's random init cannot take time_step_min=0, as
+    exported unclamped configs have) and given ``weights``."""
     with torch.device("meta"):
         model = hf_module.NemotronHForCausalLM(hf_config)
     model = model.to_empty(device="cpu")
@@ -174,11 +185,15 @@ def build_hf(hf_module, hf_config, weights):
     return model.train()
 
 
-@pytest.fixture(scope="module")
-def megatron_model(cfg, hf_weights):
-    model = build_model(cfg, ModelLayout(), backend="cpu")
+def converted_model(cfg, hf_weights):
+    model = build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
     convert.load_mcore_state_dict(model, convert.hf_to_mcore_state_dict(hf_weights, cfg))
     return model.train()
+
+
+@pytest.fixture(scope="module")
+def megatron_model(cfg, hf_weights):
+    return converted_model(cfg, hf_weights)
 
 
 def ids():
@@ -228,17 +243,55 @@ def test_reference_wrappers_hold_hf_torch_functions(hf_module):
         assert bound["is_new_implementation"] is False, name
 
 
-def test_transformers_would_otherwise_bind_our_kernels():
-    """Why the private copy: the ordinary import, after the cpu backend, wraps our kernels."""
-    from transformers.models.nemotron_h import modeling_nemotron_h as ordinary
+FRESH_PROCESS_CHECK = """
+import inspect, json, sys
+from megatron_hybrid import backends
+backends.install("cpu")
+from megatron_hybrid import mcore, model, specs
+from megatron_hybrid.backends import kernels
+from megatron_hybrid.flavors import get_flavor
+from transformers.models.nemotron_h import modeling_nemotron_h as ordinary
+import modelopt.torch.nas.plugins.megatron  # registers ModelOpt's Megatron dynamic modules
+from modelopt.torch.nas.registry import DMRegistry
 
-    if "mamba_ssm" not in sys.modules or not getattr(sys.modules["mamba_ssm"], kernels.MARKER,
-                                                      False):
-        pytest.skip("mamba_ssm is not our CPU kernel module in this process")
-    bound = inspect.getclosurevars(ordinary.mamba2_chunk_scan).nonlocals["implementation"]
-    if bound is ordinary.mamba2_chunk_scan.__wrapped__:
-        pytest.skip("transformers was imported before the cpu backend in this process")
-    assert str(Path(inspect.getfile(bound)).resolve()).startswith(KERNEL_DIR)
+bound = inspect.getclosurevars(ordinary.mamba2_chunk_scan).nonlocals["implementation"]
+published = get_flavor("tiny-hybrid").replace(mamba_dt_clamp_min=0.001)
+mixer = specs.stack_spec("cuda", [published.num_layers], model.mixer_params(published)
+                         ).submodules.mamba_layer.submodules.mixer
+print(json.dumps({
+    "mamba_ssm_is_ours": getattr(sys.modules["mamba_ssm"], kernels.MARKER, False),
+    "hf_binds": inspect.getfile(bound),
+    "cuda_mixer": mixer.module.__qualname__, "cuda_mixer_params": mixer.params,
+    "cuda_mixer_keeps_nvidia_linears": mixer.submodules is mcore.te_mamba_stack_spec(
+        ).submodules.mamba_layer.submodules.mixer.submodules,
+    "modelopt_prunes_it": specs.DtClampedMambaMixer in DMRegistry,
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process():
+    """Facts of a new process (threads from this session's environment) that imports
+    transformers after the cpu backend, Megatron-Core's cuda spec and ModelOpt's plugin."""
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CHECK], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_transformers_would_otherwise_bind_our_kernels(fresh_process):
+    """Why the private copy: the ordinary import, after the cpu backend, wraps our kernels."""
+    assert fresh_process["mamba_ssm_is_ours"]
+    assert str(Path(fresh_process["hf_binds"]).resolve()).startswith(KERNEL_DIR)
+
+
+def test_cuda_spec_builds_the_clamped_mixer_on_transformer_engine(fresh_process):
+    """The cuda backend's resolved mixer: ours, with the clamp, on the linears of NVIDIA's TE
+    spec; mamba_ssm's kernels there receive the raised dt columns, as ours do here."""
+    assert fresh_process["cuda_mixer"] == specs.DtClampedMambaMixer.__qualname__
+    assert fresh_process["cuda_mixer_params"]["dt_clamp_min"] == PUBLISHED_DT_MIN
+    assert fresh_process["cuda_mixer_keeps_nvidia_linears"]
+    assert fresh_process["modelopt_prunes_it"]
 
 
 def test_reference_ran_hf_torch_code_and_none_of_ours(hf_module, cfg, runs):
@@ -247,8 +300,9 @@ def test_reference_ran_hf_torch_code_and_none_of_ours(hf_module, cfg, runs):
     for name in ("mamba2_chunk_scan", "causal_conv1d_fn", "mamba2_split_conv1d_scan_combined"):
         torch_code = getattr(hf_module, name).__wrapped__.__code__
         assert calls.count(torch_code) == mamba_layers, name
-    assert all(layer.mixer.time_step_limit == (0.0, math.inf)
-               for layer in runs["hf_model"].model.layers if layer.block_type == "linear_attention")
+    limits = [layer.mixer.time_step_limit for layer in runs["hf_model"].model.layers
+              if layer.block_type == "linear_attention"]  # HF's name for its Mamba blocks
+    assert limits == [(PUBLISHED_DT_MIN, math.inf)] * mamba_layers
     assert not ran_our_kernels(calls), "HF's forward/backward called megatron_hybrid kernels"
     assert ran_our_kernels(runs["our_calls"]), "the call recorder does not see our kernels"
 
@@ -293,15 +347,94 @@ def test_exported_config_and_weights_load_in_hf(tmp_path, hf_module, cfg, megatr
     assert max_diff(logits, runs["logits"]) <= TOLERANCE
 
 
-def test_hf_default_dt_clamp_is_a_real_difference(hf_module, hf_config, hf_weights, runs):
-    """With HF's default time_step_min=0.001 the planted small-dt heads are clamped and the
-    logits move: the reason exported configs set time_step_min=0."""
-    from transformers import NemotronHConfig
+# --- the dt clamp: it binds, it matters, and every kernel path applies it ---------------------
 
-    clamped = NemotronHConfig(**{**hf_config.to_dict(), "time_step_min": 0.001})
+def heads_under_the_clamp(hf_weights) -> dict[str, int]:
+    """Mamba heads per layer whose softplus(dt_bias) lies under the published clamp."""
+    return {name: int((F.softplus(tensor) < PUBLISHED_DT_MIN).sum())
+            for name, tensor in hf_weights.items() if name.endswith("dt_bias")}
+
+
+def test_without_the_clamp_the_logits_differ_from_hf(cfg, hf_weights, runs):
+    """Control: the same weights in a model that does not clamp (Megatron-Core's own mixer)
+    miss HF's logits by far more than the tolerance."""
+    assert cfg.mamba_dt_clamp_min == PUBLISHED_DT_MIN
+    under = heads_under_the_clamp(hf_weights)
+    assert len(under) == cfg.layer_pattern.counts["M"] and all(under.values()), under
+    unclamped = converted_model(cfg.replace(mamba_dt_clamp_min=0.0), hf_weights)
     with torch.no_grad():
-        logits, _ = hf_logits_and_loss(build_hf(hf_module, clamped, hf_weights), ids())
-    assert max_diff(logits, runs["hf_logits"]) > 100 * TOLERANCE
+        logits, _ = megatron_logits_and_loss(unclamped, ids())
+    diff = max_diff(logits, runs["hf_logits"])
+    print(f"\nheads under {PUBLISHED_DT_MIN}: {under}; unclamped max |logits diff| = {diff:.3g}")
+    assert diff > 100 * TOLERANCE
+
+
+@contextlib.contextmanager
+def kernel_arguments(function):
+    """The arguments of every call of the Python function ``function`` in this thread."""
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is function.__code__:
+            calls.append(dict(frame.f_locals))
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(previous)
+
+
+def test_the_training_kernel_receives_clamped_steps(cfg, megatron_model):
+    """What Megatron-Core's mixer hands the fused kernel (mamba_ssm's on GPUs, ours here):
+    raw dt columns and dt_bias whose softplus never falls under the clamp."""
+    with torch.no_grad(), kernel_arguments(kernels.ssd.mamba_split_conv1d_scan_combined) as calls:
+        megatron_logits_and_loss(megatron_model, ids())
+    assert len(calls) == 2 * cfg.layer_pattern.counts["M"]  # logits, then loss
+    for call in calls:
+        heads = call["dt_bias"].shape[0]
+        assert_clamped(F.softplus(call["zxbcdt"][..., -heads:] + call["dt_bias"]))
+        assert call["dt_limit"] == (0.0, math.inf)  # the clamp is in the inputs, not an option
+
+
+def assert_clamped(dt: torch.Tensor) -> None:
+    """No step under the clamp, and some exactly at it (where the clamp bound)."""
+    assert dt.min().item() >= PUBLISHED_DT_MIN * (1 - 1e-5)
+    assert (dt <= PUBLISHED_DT_MIN * (1 + 1e-5)).any()
+
+
+def decode_after_prefill(mixer, hidden, prefill: int) -> torch.Tensor:
+    """The mixer's outputs for ``hidden`` [s, 1, h]: the first ``prefill`` tokens by
+    Megatron-Core's prefill (chunk scan, states kept), then one decode step per token
+    (``selective_state_update``), the two paths its dynamic inference runs."""
+    conv_shape, ssm_shape = mixer.mamba_state_shapes_per_request()
+    conv_state, ssm_state = torch.zeros(1, *conv_shape), torch.zeros(1, *ssm_shape)
+    zxBCdt, _ = mixer.in_proj(hidden[:prefill])
+    outputs = [mixer.out_proj(mixer._ssm_prefill(zxBCdt, conv_state, ssm_state))[0]]
+    for token in range(prefill, hidden.shape[0]):
+        outputs.append(mixer._decode(hidden[token:token + 1], conv_state, ssm_state)[0])
+    return torch.cat(outputs)
+
+
+def test_decode_steps_clamp_as_the_forward_does(megatron_model):
+    mixer = megatron_model.decoder.layers[0].mixer
+    hidden = torch.randn(SEQ, 1, mixer.d_model, generator=torch.Generator().manual_seed(3))
+    prefill = SEQ // 2
+    with torch.no_grad(), kernel_arguments(kernels.ssd.selective_state_update) as steps:
+        forward, _ = mixer(hidden)
+        decoded = decode_after_prefill(mixer, hidden, prefill)
+        mixer.dt_clamp_min = 0.0  # control: decode steps that do not clamp
+        try:
+            unclamped = decode_after_prefill(mixer, hidden, prefill)
+        finally:
+            mixer.dt_clamp_min = PUBLISHED_DT_MIN
+    assert len(steps) == 2 * (SEQ - prefill)
+    assert_clamped(torch.stack([F.softplus(step["dt"] + step["dt_bias"])
+                                for step in steps[:SEQ - prefill]]))
+    diff, control = max_diff(decoded, forward), max_diff(unclamped[prefill:], forward[prefill:])
+    print(f"\ndecode vs forward: clamped {diff:.3g}, unclamped {control:.3g}")
+    assert diff <= TOLERANCE and control > 100 * TOLERANCE
 
 
 # --- the test can fail: wrong mappings change the logits -------------------------------------
@@ -379,11 +512,19 @@ def test_incomplete_or_extra_tensors_are_refused(cfg, hf_weights):
 
 @pytest.mark.parametrize("name", sorted(FLAVORS))
 def test_config_round_trip(name):
-    cfg = get_flavor(name)
-    hf = convert.hf_config_from_model(cfg)
-    assert hf.hybrid_override_pattern == cfg.layer_pattern.layers
-    assert (hf.time_step_min, tuple(hf.time_step_limit)) == (0.0, (0.0, math.inf))
-    assert convert.model_config_from_hf(hf) == cfg.replace(pattern=cfg.layer_pattern.layers)
+    for cfg in (get_flavor(name), get_flavor(name).replace(mamba_dt_clamp_min=0.001)):
+        hf = convert.hf_config_from_model(cfg)
+        assert hf.hybrid_override_pattern == cfg.layer_pattern.layers
+        clamp = cfg.mamba_dt_clamp_min
+        assert (hf.time_step_min, tuple(hf.time_step_limit)) == (clamp, (clamp, math.inf))
+        assert convert.model_config_from_hf(hf) == cfg.replace(pattern=cfg.layer_pattern.layers)
+
+
+def test_published_config_converts_with_its_clamp(hf_config, cfg):
+    assert (cfg.mamba_dt_clamp_min, cfg.mamba_dt_min, cfg.mamba_dt_max) == (0.001, 0.001, 0.1)
+    assert (cfg.mamba_num_groups, cfg.num_query_groups) == (8, 8)
+    back = convert.hf_config_from_model(cfg)
+    assert (back.time_step_min, back.time_step_max) == (0.001, 0.1)
 
 
 def test_hf_configs_that_cannot_convert_exactly_are_refused(hf_config):
@@ -400,3 +541,6 @@ def test_hf_configs_that_cannot_convert_exactly_are_refused(hf_config):
             pattern="M-E*", num_moe_experts=4))
     with pytest.raises(convert.ConversionError, match="norm_eps"):
         convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(norm_eps=1e-6))
+    for inexact in ({"mamba_dt_clamp_min": 0.002}, {"mamba_dt_min": 0.002}):
+        with pytest.raises(convert.ConversionError, match="time_step_min is"):
+            convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(**inexact))
