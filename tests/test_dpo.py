@@ -105,7 +105,8 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     before = dpo.pair_metrics(heldout_ref, heldout_ref, 0.1)
     after = dpo.pair_metrics(score(heldout), heldout_ref, 0.1)
     assert before["reward_margin"] == 0 and before["loss"] == pytest.approx(math.log(2))
-    # measured: preference accuracy 9% -> 94%, reward accuracy 0 -> 94%, margin 0 -> 0.60
+    # before is the untrained model (the control). Measured (seed 0, 1 thread): preference
+    # accuracy 19% -> 100%, reward accuracy 0 -> 100%, margin 0 -> 0.83.
     assert after["reward_margin"] > 0.3 and after["reward_accuracy"] > 0.8, after
     assert after["preference_accuracy"] > before["preference_accuracy"] + 0.5, (before, after)
 

@@ -104,7 +104,9 @@ def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
     losses = [engine.train_step(chunks, optimizer, data, num_microbatches=2, micro_batch_size=4,
                                 seq_length=256).loss for _ in range(8)]
     after = heldout_loss()
-    assert losses[-1] < losses[0] - 0.5 and after < before - 0.5, (before, after, losses)
+    # before is the untrained model's held-out loss (the control). Measured drops, held-out /
+    # training: 3.22 / 2.91 (seed 0, 1 thread).
+    assert losses[-1] < losses[0] - 1.5 and after < before - 1.5, (before, after, losses)
 
 
 def test_sft_stage_reports_heldout_loss_and_task_accuracy(tmp_path):

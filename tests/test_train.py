@@ -69,7 +69,9 @@ def test_run_writes_checkpoints_metrics_and_plots(reference_run):
     assert "tok/s" in result.stdout and "MFU" in result.stdout
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, 9))
-    assert losses[8] < losses[1] - 0.5  # it learns
+    # It learns: step 1's loss is the untrained model's. Measured drop losses[1] - losses[8]
+    # (2 threads, under load): 0.76 (train.seed 1234, this run), 0.70 (seed 1).
+    assert losses[8] < losses[1] - 0.4
 
 
 def test_killed_run_resumes_to_the_same_loss_curve(reference_run, tmp_path):
