@@ -105,10 +105,12 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     before = dpo.pair_metrics(heldout_ref, heldout_ref, 0.1)
     after = dpo.pair_metrics(score(heldout), heldout_ref, 0.1)
     assert before["reward_margin"] == 0 and before["loss"] == pytest.approx(math.log(2))
-    # before is the untrained model (the control). Measured (seed 0, 1 thread): preference
-    # accuracy 19% -> 100%, reward accuracy 0 -> 100%, margin 0 -> 0.83.
-    assert after["reward_margin"] > 0.3 and after["reward_accuracy"] > 0.8, after
-    assert after["preference_accuracy"] > before["preference_accuracy"] + 0.5, (before, after)
+    # before is the untrained model (the control); its preference accuracy depends on the
+    # seed, so the claim is a high accuracy above it, not a fixed gain. Measured, preference
+    # accuracy / reward accuracy / margin: seed 0 (1 thread) 19% -> 100% / 100% / 0.83,
+    # seed 1 72% -> 100% / 100% / 0.93.
+    assert after["reward_margin"] > 0.4 and after["reward_accuracy"] > 0.8, after
+    assert after["preference_accuracy"] > max(0.8, before["preference_accuracy"]), (before, after)
 
 
 def test_reference_is_scored_at_step_0_and_read_back_on_resume(tmp_path):
