@@ -52,6 +52,18 @@ CONV_KERNEL = 4
 """Mamba conv1d width (Megatron-Core's default; Nemotron-H's)."""
 
 
+BASIS = {
+    "parameters": "counted per layer kind; equal to the Megatron-Core model's count (tested)",
+    "training": "derived from formulas for the cuda kernels' saved tensors, never measured on a "
+                "GPU here; the same accounting with the cpu backend's layers is checked against "
+                "measured CPU peaks (docs/planner.md)",
+    "step": f"derived: model FLOPs over {KERNEL_EFFICIENCY:.0%} of the GPU's dense datasheet "
+            "peak, never measured",
+    "inference": "derived from formulas (weights, caches, one prefill chunk), never measured",
+}
+"""What each figure of a GPU plan rests on: this project's machines have no GPU."""
+
+
 class PlanError(ValueError):
     """The plan's inputs do not describe a model or layout; the message says what to change."""
 
@@ -362,11 +374,16 @@ def training_memory(cfg: ModelConfig, layout: TrainingLayout, *,
                     kernels: str = "cuda") -> TrainingMemory:
     """Peak memory per GPU of training ``cfg`` with ``layout``: the most loaded stage.
     ``kernels="cpu"`` probes the cpu backend's layers (runs them; TP=1)."""
+    return max(stage_memories(cfg, layout, kernels=kernels), key=lambda plan: plan.total)
+
+
+def stage_memories(cfg: ModelConfig, layout: TrainingLayout, *,
+                   kernels: str = "cuda") -> list[TrainingMemory]:
+    """Peak memory per GPU of each pipeline stage, first to last."""
     if kernels not in KERNELS:
         raise PlanError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
     per_kind = _layer_activations(cfg, layout, kernels)
-    plans = [_stage_memory(cfg, layout, kernels, per_kind, stage) for stage in range(layout.pp)]
-    return max(plans, key=lambda plan: plan.total)
+    return [_stage_memory(cfg, layout, kernels, per_kind, stage) for stage in range(layout.pp)]
 
 
 def _layer_activations(cfg: ModelConfig, layout: TrainingLayout,
@@ -647,6 +664,7 @@ def plan_report(cfg: ModelConfig, layout: TrainingLayout, gpu: Gpu, *, context: 
         "inference": {**asdict(inference), "fits": inference.total <= gpu.usable_bytes,
                       "kv_cache_vs_all_attention": inference.kv_cache / counterpart.kv_cache
                       if counterpart.kv_cache else None},
+        "basis": BASIS,
     }
 
 
@@ -679,6 +697,8 @@ def format_report(report: dict) -> str:
     lines.append(f"  {'total':<30}{_gib(inference['total']):>12}  {_verdict(inference['fits'])}")
     if ratio is not None:
         lines.append(f"  KV cache is {ratio:.1%} of a same-width all-attention model's")
+    lines.append("figures:")
+    lines += [f"  {name:<12}{basis}" for name, basis in report["basis"].items()]
     return "\n".join(lines)
 
 
