@@ -108,7 +108,7 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     # before is the untrained model (the control); its preference accuracy depends on the
     # seed, so the claim is a high accuracy above it, not a fixed gain. Measured, preference
     # accuracy / reward accuracy / margin: seed 0 (1 thread) 19% -> 100% / 100% / 0.83,
-    # seed 1 72% -> 100% / 100% / 0.93.
+    # seed 1 72% -> 100% / 100% / 0.93, seed 2 66% -> 100% / 100% / 0.72.
     assert after["reward_margin"] > 0.4 and after["reward_accuracy"] > 0.8, after
     assert after["preference_accuracy"] > max(0.8, before["preference_accuracy"]), (before, after)
 
