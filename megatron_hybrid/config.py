@@ -388,6 +388,10 @@ class PruneConfig:
     """Training-split samples whose activations rank neurons, heads and layers."""
     heldout_samples: int = 32
     """Validation-split samples of the held-out loss (before / after, and search scores)."""
+    task_data: bool = False
+    """Measure the held-out loss (and score search candidates) on the offline task's held-out
+    conversations, assistant tokens, one per sequence (the data an aligned teacher was tuned
+    on, as distill.task_data) instead of data's validation split; calibration stays on data."""
     hidden_size_divisor: int = 64
     """Pruned hidden_size must be a multiple of this (or stay unchanged)."""
     ffn_hidden_size_divisor: int = 64

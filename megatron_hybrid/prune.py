@@ -9,6 +9,9 @@ heads and layers by their activations, and keeps the best-ranked ones:
   while serving ``prune.serve_context`` tokens, by the planner): the largest candidate sizes
   under the budget, each scored on held-out loss, the best kept.
 
+Held-out loss is measured on ``data``'s validation split, or with ``prune.task_data`` on the
+task's held-out conversations; the report names which (``heldout_data``).
+
 Output in the run directory: ``checkpoints/step_000000`` (meta.json holds the pruned model,
 whose pattern lost the dropped layers), ``model.yaml`` (that model as a recipe section),
 ``config.yaml``, and the report ``prune_report.{md,json}`` with ``layer_importance.png``.
@@ -66,7 +69,8 @@ def check_request(cfg: RunConfig) -> RunConfig:
         if getattr(cfg.prune, name) % cfg.train.micro_batch_size:
             raise ConfigError(f"prune.{name} ({getattr(cfg.prune, name)}) must be a multiple "
                               f"of train.micro_batch_size ({cfg.train.micro_batch_size})")
-    require_heldout_data(cfg, "pruning")
+    if not cfg.prune.task_data:
+        require_heldout_data(cfg, "pruning")
     source = checkpoint_model(cfg, role="checkpoint to prune")
     cfg.prune.check_against(source)
     parameter_budget(cfg.prune, source)  # refuses a budget that leaves nothing
@@ -122,28 +126,36 @@ def prune(cfg: RunConfig, backend: str, dims) -> dict:
     layer_numbers = {id(layer): layer.layer_number for layer in model.decoder.layers}
     search = run_minitron(model, cfg, data, backend)
     dropped = dropped_layers(model, layer_numbers, cfg.model.num_layers)
-    pruned_cfg = pruned_model_config(cfg.model, model.config, dropped)
+    pruned_cfg = pruned_model_config(cfg.model, model, dropped)
     pruned = build_model(pruned_cfg, layout, backend=backend, perform_initialization=False)
     pruned.load_state_dict(model.state_dict())  # strict: the new shapes must match
     del model
     after = {"params": param_count(pruned), "heldout_loss": data.heldout_loss(pruned)}
-    report = build_report(cfg, pruned_cfg, dropped, search, before, after)
+    report = build_report(cfg, pruned_cfg, dropped, search, before, after, data.description)
     save_outputs(cfg, pruned_cfg, pruned, data.tokenizer, report, dims)
     return report
 
 
 class CalibrationData:
-    """Calibration samples (training split) and held-out samples (validation split)."""
+    """Calibration samples (training split) and held-out samples (validation split, or the
+    task's held-out conversations with ``prune.task_data``)."""
 
     def __init__(self, cfg: RunConfig):
         from megatron_hybrid.data.datasets import build_datasets
         from megatron_hybrid.data.tokenizer import load_tokenizer
+        from megatron_hybrid.distill import describe_heldout, task_dataset
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
+        options = cfg.prune
         self.train, self.valid = build_datasets(
             cfg.data, self.tokenizer, seq_length=cfg.seq_length,
-            train_samples=cfg.prune.calibration_samples, valid_samples=cfg.prune.heldout_samples)
+            train_samples=options.calibration_samples, valid_samples=options.heldout_samples)
+        if options.task_data:
+            self.valid = task_dataset(cfg, "valid", options.heldout_samples)
+        self.description = describe_heldout(self.valid, options.heldout_samples,
+                                            task=options.task_data)
+        """What the held-out loss is measured on (the report's ``heldout_data``)."""
 
     def forward(self, model, dataset, samples: int) -> float:
         """Mean per-token loss of ``model`` over the first ``samples`` of ``dataset``."""
@@ -284,16 +296,22 @@ def dropped_layers(model, layer_numbers: dict[int, int], num_layers: int) -> lis
 
 
 def pruned_model_config(source: ModelConfig, pruned, dropped: list[int]) -> ModelConfig:
-    """The pruned model's config: ModelOpt's new sizes and the pattern without the dropped
-    layers (rebuilt from the saved pattern: Megatron's stack keeps a stale copy)."""
-    sizes = {name: getattr(pruned, name) for name in PRUNABLE if name != "num_layers"}
-    return source.replace(pattern=source.layer_pattern.drop_layers(dropped).text, **sizes)
+    """The pruned model's config: ModelOpt's new sizes and the saved pattern without the
+    dropped layers (its ``|`` stage marks kept), which must be the layers ModelOpt left in
+    ``pruned.hybrid_override_pattern`` (Megatron's stack keeps a stale copy)."""
+    sizes = {name: getattr(pruned.config, name) for name in PRUNABLE if name != "num_layers"}
+    pattern = source.layer_pattern.drop_layers(dropped)
+    if pattern.layers != pruned.hybrid_override_pattern:
+        raise RuntimeError(f"dropping layers {dropped} of {source.pattern!r} gives "
+                           f"{pattern.layers!r}, but ModelOpt's pruned model has "
+                           f"{pruned.hybrid_override_pattern!r}")
+    return source.replace(pattern=pattern.text, **sizes)
 
 
 # -- outputs ----------------------------------------------------------------------------------
 
 def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], search: dict,
-                 before: dict, after: dict) -> dict:
+                 before: dict, after: dict, heldout_data: str) -> dict:
     source, layer_scores = cfg.model, search["layer_scores"]
     layers = source.layer_pattern.layers
     return {
@@ -310,6 +328,7 @@ def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], se
         "layer_importance": [layer_scores[number] for number in sorted(layer_scores)],
         "params": [before["params"], after["params"]],
         "heldout_loss": [before["heldout_loss"], after["heldout_loss"]],
+        "heldout_data": heldout_data,
         "calibration_samples": cfg.prune.calibration_samples,
         "heldout_samples": cfg.prune.heldout_samples,
         "candidates": search["candidates"],
@@ -368,8 +387,8 @@ def format_markdown(report: dict) -> str:
         f"- mode: {report['mode']}, target: `{json.dumps(report['target'])}`",
         f"- pattern: `{report['pattern'][0]}` -> `{report['pattern'][1]}`",
         f"- parameters: {params[0]:,} -> {params[1]:,} ({params[1] / params[0]:.1%})",
-        f"- held-out loss ({report['heldout_samples']} samples): {losses[0]:.4f} -> "
-        f"{losses[1]:.4f}",
+        f"- held-out loss ({report['heldout_samples']} samples of {report['heldout_data']}): "
+        f"{losses[0]:.4f} -> {losses[1]:.4f}",
         "", "| size | before | after |", "|---|---|---|",
         *(f"| {name} | {old} | {new} |" for name, (old, new) in report["sizes"].items()),
         "", "| dropped layer | kind | importance |", "|---|---|---|",
@@ -389,7 +408,8 @@ def format_markdown(report: dict) -> str:
 def format_summary(report: dict) -> str:
     params, losses = report["params"], report["heldout_loss"]
     return (f"pruned -> {report['output']}: {params[0]:,} -> {params[1]:,} parameters, "
-            f"held-out loss {losses[0]:.4f} -> {losses[1]:.4f}, pattern {report['pattern'][1]}")
+            f"held-out loss {losses[0]:.4f} -> {losses[1]:.4f} ({report['heldout_data']}), "
+            f"pattern {report['pattern'][1]}")
 
 
 def _is_rank_zero() -> bool:
