@@ -4,28 +4,35 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
 
     pipeline: tiny-nano-v2           # the pipeline's name; this key marks a pipeline file
     output_dir: runs/{pipeline}      # optional (the default); --output replaces it
-    task_samples: 24                 # optional: task accuracy of every stage's model (0: off)
+    task_samples: 256                # optional: task accuracy of every stage's model (0: off)
     stages:
       - name: pretrain
         kind: train                  # one of STAGE_KINDS
         recipe: pretrain.yaml        # a run recipe, relative to this file
         overrides: [train.max_steps=100]
-      - name: prune
-        kind: prune
-        recipe: prune.yaml
-        inputs: {checkpoint.load: pretrain}   # the key gets pretrain's final checkpoint
+        task_samples: 0              # optional: this stage's own count (0: not measured)
       - name: long_context
         kind: train
         recipe: long_context.yaml
-        inputs: {checkpoint.load: prune, model: prune}   # model: the shape saved there
+        inputs: {checkpoint.load: pretrain}   # the key gets pretrain's final checkpoint
         nproc: 2                     # optional: ranks on this machine (default tp * pp * cp)
+      - name: prune
+        kind: prune
+        recipe: prune.yaml
+        inputs: {checkpoint.load: long_context}
+      - name: distill
+        kind: distill
+        recipe: distill.yaml
+        inputs: {checkpoint.load: prune, model: prune, distill.teacher: long_context}
+                                     # model: the shape and pattern saved in prune's checkpoint
 
 Stage NAME writes to OUTPUT/NAME (its recipe's output_dir is replaced) and logs to
 ``stage.log`` there. It runs as ``python -m megatron_hybrid.pipeline KIND RECIPE key=value...``
 (under torchrun when it has several ranks), so a failure stays in its process and is reported
 in one line with the log's path. With ``task_samples``, the stage's final checkpoint then
 answers that many held-out task problems (``task.py``; ``python -m megatron_hybrid.pipeline
-evaluate CHECKPOINT N OUT.json``, one process) and the accuracies go to ``task_metrics.json``.
+evaluate CHECKPOINT N OUT.json``, one process); the right answers per mode and the seconds it
+took go to ``task_metrics.json``.
 When a stage exits well the runner writes ``DONE`` (JSON: the
 final checkpoint, the seconds of the finishing attempt, the command): a finished stage is
 skipped on the next run. An unfinished stage starts again and its run resumes from its own
@@ -68,7 +75,7 @@ STAGE_KINDS = {
 }
 PIPELINE_KEY = "pipeline"
 TOP_KEYS = (PIPELINE_KEY, "output_dir", "task_samples", "stages")
-STAGE_KEYS = ("name", "kind", "recipe", "overrides", "inputs", "nproc")
+STAGE_KEYS = ("name", "kind", "recipe", "overrides", "inputs", "nproc", "task_samples")
 DONE = "DONE"
 LOG = "stage.log"
 EVALUATE = "evaluate"
@@ -107,6 +114,8 @@ class Stage:
     the model saved in that checkpoint (e.g. the shape and pattern a prune chose)."""
     nproc: int | None = None
     """Ranks on this machine; None: the recipe's tp * pp * cp."""
+    task_samples: int | None = None
+    """Held-out task problems its model answers; None: the pipeline's ``task_samples``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +126,10 @@ class Pipeline:
     stages: list[Stage]
     task_samples: int = 0
     """Held-out task problems each finished stage's model answers (0: no task metric)."""
+
+    def task_samples_of(self, stage: Stage) -> int:
+        """The held-out task problems ``stage``'s final model answers (0: none)."""
+        return self.task_samples if stage.task_samples is None else stage.task_samples
 
     def run_dir(self, name: str) -> Path:
         return self.output_dir / name
@@ -172,8 +185,6 @@ def run(args: argparse.Namespace) -> int:
 
 def load_pipeline(path: str | os.PathLike, output_dir: str | None = None) -> Pipeline:
     """The pipeline of ``path``, its structure checked (keys, kinds, names, inputs)."""
-    from megatron_hybrid.task import HELDOUT
-
     path = Path(path)
     raw = _read(path)
     name = raw[PIPELINE_KEY]
@@ -187,12 +198,18 @@ def load_pipeline(path: str | os.PathLike, output_dir: str | None = None) -> Pip
     _check_names(path, stages)
     _check_order(path, stages)
     output = output_dir or str(raw.get("output_dir", "runs/{pipeline}")).format(pipeline=name)
-    task_samples = raw.get("task_samples", 0)
-    if not (isinstance(task_samples, int) and 0 <= task_samples <= HELDOUT):
-        raise PipelineError(f"{path}: task_samples: give a whole number from 0 (no task "
-                            f"metric) to {HELDOUT}, got {task_samples!r}")
+    task_samples = _task_samples(raw.get("task_samples", 0), f"{path}: task_samples")
     return Pipeline(name=name, path=path, output_dir=Path(output), stages=stages,
                     task_samples=task_samples)
+
+
+def _task_samples(value, where: str) -> int:
+    from megatron_hybrid.task import HELDOUT
+
+    if not (type(value) is int and 0 <= value <= HELDOUT):
+        raise PipelineError(f"{where}: give a whole number from 0 (no task metric) to "
+                            f"{HELDOUT}, got {value!r}")
+    return value
 
 
 def _read(path: Path) -> dict:
@@ -243,8 +260,12 @@ def _parse_stage(path: Path, index: int, entry) -> Stage:
     nproc = entry.get("nproc")
     if nproc is not None and not (type(nproc) is int and nproc > 0):
         raise PipelineError(f"{where}: nproc={nproc!r} must be a positive integer")
+    task_samples = entry.get("task_samples")
+    if task_samples is not None:
+        _task_samples(task_samples, f"{where}: task_samples")
     return Stage(name=entry["name"], kind=entry["kind"], recipe=recipe,
-                 overrides=tuple(overrides), inputs=dict(inputs), nproc=nproc)
+                 overrides=tuple(overrides), inputs=dict(inputs), nproc=nproc,
+                 task_samples=task_samples)
 
 
 def _check_keys(raw: dict, valid: tuple[str, ...], where: str) -> None:
@@ -409,6 +430,7 @@ def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
     inputs = ", ".join(f"{key} <- {source} ({_input_text(pipeline, key, source)})"
                        for key, source in stage.inputs.items())
     dp = plan.nproc // layout.model_parallel_size
+    samples = pipeline.task_samples_of(stage)
     return [
         ("recipe", " ".join([str(stage.recipe), *stage.overrides])),
         ("inputs", inputs or "none"),
@@ -422,9 +444,8 @@ def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
         ("work", _work_text(cfg, stage.kind)),
         ("estimate", _estimate_text(cfg, stage.kind, plan.nproc)),
         ("command", shlex.join(plan.command)),
-        *([("evaluate", f"{pipeline.task_samples} held-out task problems, /think and "
-                        f"/no_think, by the final checkpoint -> {report.TASK_METRICS}")]
-          if pipeline.task_samples else []),
+        *([("evaluate", f"{samples} held-out task problems, /think and /no_think, by the "
+                        f"final checkpoint -> {report.TASK_METRICS}")] if samples else []),
     ]
 
 
@@ -506,9 +527,10 @@ def run_planned(pipeline: Pipeline, plan: StagePlan) -> None:
           flush=True)
     started = time.monotonic()
     _launch(plan, plan.command)
-    if pipeline.task_samples:
+    samples = pipeline.task_samples_of(plan.stage)
+    if samples:
         _launch(plan, [sys.executable, "-m", "megatron_hybrid.pipeline", EVALUATE,
-                       str(plan.run_dir / _final_checkpoint(plan)), str(pipeline.task_samples),
+                       str(plan.run_dir / _final_checkpoint(plan)), str(samples),
                        str(plan.run_dir / report.TASK_METRICS)])
     seconds = time.monotonic() - started
     _mark_done(plan, seconds)
@@ -577,12 +599,18 @@ def run_stage(argv: list[str]) -> int:
 
 
 def _evaluate(checkpoint: str, samples: str, output: str) -> int:
-    """Score ``checkpoint`` on the held-out task; write the accuracies to ``output``."""
+    """Score ``checkpoint`` on the held-out task; write the right answers per mode (with the
+    problems asked) and the seconds it took to ``output``."""
     from megatron_hybrid import task
 
-    accuracies = task.evaluate_checkpoint(checkpoint, samples=int(samples))
-    Path(output).write_text(json.dumps(accuracies, indent=2) + "\n")
-    print("task: " + ", ".join(f"{name} {value:.0%}" for name, value in accuracies.items()))
+    started = time.monotonic()
+    tally = task.tally(task.checkpoint_answers(checkpoint, samples=int(samples)))
+    seconds = time.monotonic() - started
+    Path(output).write_text(json.dumps({"tally": tally, "seconds": round(seconds, 1)},
+                                       indent=2) + "\n")
+    print("task: " + ", ".join(f"{name} {correct}/{asked}"
+                               for name, (correct, asked) in tally.items())
+          + f" ({seconds:.0f} s)")
     return 0
 
 

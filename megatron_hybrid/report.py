@@ -8,9 +8,15 @@ For every finished stage the report reads its run directory (OUTPUT/NAME):
 - ``summary.json``, the stage's own summary (written with :func:`write_summary`):
   ``{"heldout_loss": float, "task_metrics": {name: float}}``, both optional; its held-out loss
   wins over the one of metrics.jsonl;
+- ``task_metrics.json`` (the pipeline runner writes it): the right answers per mode out of the
+  held-out task problems asked, shown as accuracies with their Wilson 95% intervals;
+- ``KIND_report.json`` (e.g. ``prune_report.json``): its ``heldout_data`` names what the
+  held-out loss was measured on; without it the stage kind's usual data is named;
 - its PNGs and ``*_report.md`` files, linked (e.g. the prune stage's layer importance plot);
 - a distill stage's ``distill_report.json``: how much of the teacher's quality the pruned and
   distilled student recovered, next to the parameter ratio.
+
+The report opens with the final model: the last stage's, or the last finished one's, said so.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ OBJECTIVES = {"train": "LM loss", "sft": "assistant-token loss", "dpo": "DPO los
 """What each stage kind's training loss is, for the legend of the loss curves."""
 PUBLISHED_PAIR = ("nano-v2-12b", "nano-v2-9b")
 """The published compression the tiny pipeline mirrors: its parameter ratio is the yardstick."""
+HELDOUT_DATA = {"train": "held-out text of its training data", "sft": "held-out conversations, "
+                "assistant tokens", "dpo": "held-out preference pairs (DPO loss)"}
+"""What a stage kind's held-out loss is measured on when its report does not say."""
 
 
 def write_summary(run_dir: str | Path, *, heldout_loss: float | None = None,
@@ -51,6 +60,8 @@ def write_report(pipeline) -> Path:
     lines = [f"# Pipeline {pipeline.name}", "",
              f"From `{pipeline.path}`: {len(finished)} of {len(pipeline.stages)} stages "
              f"finished (outputs in `{out}`).", ""]
+    if rows:
+        lines += final_model_section(rows[-1], last_stage=pipeline.stages[-1].name)
     for stage in finished:
         if stage.kind == "distill" and "distill.teacher" in stage.inputs:
             lines += compression_section(pipeline, stage, {row["stage"]: row for row in rows})
@@ -67,12 +78,18 @@ def stage_row(pipeline, stage) -> dict:
     records = _records(run_dir / "metrics.jsonl")
     summary = _json_or_empty(run_dir / SUMMARY)
     evals = [record["loss"] for record in records if record["kind"] == "eval"]
+    scored = _json_or_empty(run_dir / TASK_METRICS)
+    tally = scored.get("tally", {})
+    model = json.loads((checkpoint / "meta.json").read_text())["model"]
     return {
         "stage": stage.name, "kind": stage.kind, "checkpoint": checkpoint,
-        "params": count_parameters(json.loads((checkpoint / "meta.json").read_text())["model"]),
+        "params": count_parameters(model), "pattern": model["pattern"],
         "heldout_loss": _first_given(summary.get("heldout_loss"), evals[-1] if evals else None),
+        "heldout_data": _json_or_empty(run_dir / f"{stage.kind}_report.json").get(
+            "heldout_data", HELDOUT_DATA.get(stage.kind, "data not named by the stage")),
         "task_metrics": {**summary.get("task_metrics", {}),
-                         **_json_or_empty(run_dir / TASK_METRICS)},
+                         **{name: correct / asked for name, (correct, asked) in tally.items()}},
+        "tally": tally, "task_seconds": scored.get("seconds"),
         "seconds": pipeline.done(stage.name)["seconds"],
         "curve": _latest_per_step([r for r in records if r["kind"] == "train"]),
     }
@@ -103,6 +120,38 @@ def _latest_per_step(records: list[dict]) -> list[tuple[int, float]]:
 
 # -- sections ---------------------------------------------------------------------------------
 
+def final_model_section(row: dict, *, last_stage: str) -> list[str]:
+    """The model the pipeline ends with: the last stage's (or, before it has finished, the
+    last finished stage's, said so)."""
+    if row["stage"] == last_stage:
+        title = f"## Final model: {row['stage']} (the last stage)"
+    else:
+        title = (f"## Latest model: {row['stage']} (the last stage, {last_stage}, has not "
+                 f"finished)")
+    lines = [title, "", f"- parameters: {row['params']:,}, pattern `{row['pattern']}`",
+             f"- held-out loss: {_loss_text(row)}"]
+    lines += [f"- task {name}: {metric_text(row, name)}" for name in row["tally"]]
+    return [*lines, ""]
+
+
+def metric_text(row: dict, name: str) -> str:
+    """A task metric: an accuracy from a tally with its right answers and 95% interval, or the
+    value a stage reported."""
+    from megatron_hybrid.task import wilson_interval
+
+    if name not in row["tally"]:
+        return f"{row['task_metrics'][name]:.4g}"
+    correct, asked = row["tally"][name]
+    low, high = wilson_interval(correct, asked)
+    return f"{correct / asked:.1%} ({correct}/{asked}, 95% CI {low:.1%}-{high:.1%})"
+
+
+def _loss_text(row: dict) -> str:
+    if row["heldout_loss"] is None:
+        return "n/a"
+    return f"{row['heldout_loss']:.4f} on {row['heldout_data']}"
+
+
 def compression_section(pipeline, stage, rows: dict) -> list[str]:
     """Teacher vs pruned-and-distilled student: parameters, held-out loss, task metrics."""
     teacher_name = stage.inputs["distill.teacher"]
@@ -115,9 +164,10 @@ def compression_section(pipeline, stage, rows: dict) -> list[str]:
 
 def compression_lines(teacher_name: str, student_name: str, teacher: dict, student: dict,
                       distilled: dict) -> list[str]:
-    """The compression section from the two stages' rows (``params``, ``task_metrics``) and
-    the distill report (``start``, ``end``, ``gap_closed``)."""
+    """The compression section from the two stages' rows (``params``, ``task_metrics``,
+    ``tally``) and the distill report (``start``, ``end``, ``gap_closed``, ``heldout_data``)."""
     start, end, closed = distilled["start"], distilled["end"], distilled["gap_closed"]
+    data = distilled.get("heldout_data", "the distillation data")
     ratio, published = student["params"] / teacher["params"], published_ratio()
     kept = {name: value / teacher["task_metrics"][name]
             for name, value in student["task_metrics"].items()
@@ -131,14 +181,28 @@ def compression_lines(teacher_name: str, student_name: str, teacher: dict, stude
         lines.append(f"- **the student keeps {sum(kept.values()) / len(kept):.0%} of the "
                      f"teacher's task accuracy** (mean over {', '.join(kept)})")
     lines += [
-        f"- held-out loss on the distillation data: teacher {end['teacher_loss']:.4f}, pruned "
+        f"- held-out loss on {data}: teacher {end['teacher_loss']:.4f}, pruned "
         f"{start['student_loss']:.4f}, distilled {end['student_loss']:.4f}",
         _recovery_line(closed, start, end),
-        *(f"- {name}: teacher {teacher['task_metrics'][name]:.4g}, student "
-          f"{student['task_metrics'][name]:.4g} ({fraction:.1%} of the teacher)"
-          for name, fraction in kept.items()),
+        *(_accuracy_line(name, teacher, student, fraction) for name, fraction in kept.items()),
     ]
     return [*lines, ""]
+
+
+def _accuracy_line(name: str, teacher: dict, student: dict, fraction: float) -> str:
+    """Teacher and student on one task metric; with both tallies, the difference and its 95%
+    interval, which says whether the gap is more than the noise of the problems asked."""
+    from megatron_hybrid.task import difference_interval
+
+    line = (f"- {name}: teacher {metric_text(teacher, name)}, student "
+            f"{metric_text(student, name)} ({fraction:.1%} of the teacher)")
+    if name not in teacher["tally"] or name not in student["tally"]:
+        return line
+    difference, low, high = difference_interval(student["tally"][name], teacher["tally"][name])
+    verdict = "within the noise" if low <= 0 <= high else (
+        "the student is better" if low > 0 else "the student is worse")
+    return (f"{line}; student - teacher {difference:+.1%} (95% CI {low:+.1%} to {high:+.1%}: "
+            f"{verdict})")
 
 
 def _recovery_line(closed: float | None, start: dict, end: dict) -> str:
@@ -158,16 +222,20 @@ def published_ratio() -> float:
 
 def stages_table(rows: list[dict]) -> list[str]:
     lines = ["## Stages", "",
-             "| stage | kind | parameters | held-out loss | task metrics | time | checkpoint |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | kind | parameters | held-out loss | held-out data | task metrics | time "
+             "| checkpoint |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         loss = "n/a" if row["heldout_loss"] is None else f"{row['heldout_loss']:.4f}"
-        tasks = ", ".join(f"{name} {value:.4g}" for name, value in row["task_metrics"].items())
+        tasks = ", ".join(f"{name} {metric_text(row, name)}" for name in row["task_metrics"])
+        time = f"{row['seconds']:.0f} s" + ("" if row["task_seconds"] is None else
+                                            f" (task {row['task_seconds']:.0f} s)")
         lines.append(f"| {row['stage']} | {row['kind']} | {row['params']:,} | {loss} | "
-                     f"{tasks or 'n/a'} | {row['seconds']:.0f} s | `{row['checkpoint']}` |")
+                     f"{row['heldout_data']} | {tasks or 'n/a'} | {time} | "
+                     f"`{row['checkpoint']}` |")
     return [*lines, "",
-            "Held-out loss is each stage's own (its data, e.g. assistant tokens for SFT); time "
-            "is the finishing attempt's.", ""]
+            "Held-out losses on different data do not compare with each other. Time is the "
+            "finishing attempt's, the task evaluation included.", ""]
 
 
 def stage_outputs(pipeline, finished) -> list[str]:

@@ -3,6 +3,8 @@
 - killed (SIGKILL) in the middle of its second stage and run again, it skips the finished
   stage, resumes the killed one from its last checkpoint, and writes the report;
 - a stage reads its input by stage name: the second stage loads the first's final checkpoint;
+- the report opens with the final model, names the data of every held-out loss and gives
+  every task accuracy its right answers and 95% interval;
 - --dry-run prints the plan and writes nothing; --only / --from select stages;
 - bad pipeline files are refused in one line before anything runs.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid import pipeline, report
+from megatron_hybrid import pipeline, report, task
 from megatron_hybrid.pipeline import PipelineError
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
@@ -32,9 +34,11 @@ RUNNER = ("import argparse, sys; from megatron_hybrid import pipeline as p; "
 
 
 def two_stages(directory: Path) -> Path:
-    """first (3 steps) -> second (8 steps, a checkpoint every 2, from first's checkpoint)."""
+    """first (3 steps, no task metric) -> second (8 steps, a checkpoint every 2, from first's
+    checkpoint, 2 task problems)."""
     stages = [
-        {"name": "first", "kind": "train", "recipe": str(RECIPE), "overrides": SMALL},
+        {"name": "first", "kind": "train", "recipe": str(RECIPE), "overrides": SMALL,
+         "task_samples": 0},
         {"name": "second", "kind": "train", "recipe": str(RECIPE),
          "overrides": [*SMALL, f"train.max_steps={SECOND_STEPS}", "checkpoint.save_interval=2"],
          "inputs": {"checkpoint.load": "first"}},
@@ -126,30 +130,54 @@ def test_report_has_every_stage_with_parameters_losses_and_plots(resumed):
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
         assert int(cells[2].replace(",", "")) > 100_000  # parameters of the tiny flavor
         assert 0 < float(cells[3]) < 10  # held-out loss from the final eval
+        assert cells[4] == report.HELDOUT_DATA["train"]  # and the data it was measured on
     for png in ("loss_curves.png", "parameters.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in text
     assert "[loss.png](second/loss.png)" in text
 
 
-def test_every_stage_model_answers_task_problems(resumed):
+def test_a_stage_model_answers_its_count_of_task_problems(resumed):
     out = resumed["out"]
-    for stage in ("first", "second"):
-        accuracies = json.loads((out / stage / report.TASK_METRICS).read_text())
-        assert set(accuracies) == {"accuracy /think", "accuracy /no_think"}
-        assert all(value in (0.0, 0.5, 1.0) for value in accuracies.values())  # 2 problems
-        assert f"evaluate {out / stage / 'checkpoints'}" in (out / stage / pipeline.LOG).read_text()
+    assert not (out / "first" / report.TASK_METRICS).exists()  # its task_samples: 0
+    assert "evaluate" not in (out / "first" / pipeline.LOG).read_text()
+    scored = json.loads((out / "second" / report.TASK_METRICS).read_text())
+    assert set(scored["tally"]) == {"accuracy /think", "accuracy /no_think"}
+    assert all(asked == 2 and 0 <= correct <= 2 for correct, asked in scored["tally"].values())
+    assert scored["seconds"] > 0
+    assert f"evaluate {out / 'second' / 'checkpoints'}" in (out / "second" / pipeline.LOG
+                                                          ).read_text()
     text = (out / "report.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| first |"))
-    assert "accuracy /think" in row and "accuracy /no_think" in row
+    row = next(line for line in text.splitlines() if line.startswith("| second |"))
+    for name, (correct, asked) in scored["tally"].items():
+        low, high = task.wilson_interval(correct, asked)
+        assert (f"{name} {correct / asked:.1%} ({correct}/2, 95% CI {low:.1%}-{high:.1%})"
+                in row)
+    assert f"(task {scored['seconds']:.0f} s)" in row
 
 
-def test_a_stage_summary_gives_its_heldout_loss_and_task_metrics(resumed):
+def test_report_opens_with_the_final_model(resumed):
+    text = (resumed["out"] / "report.md").read_text()
+    section = text.split("## Final model: second (the last stage)\n", 1)[1].split("\n## ")[0]
+    assert "- parameters: " in section and "pattern `" in section
+    assert f"on {report.HELDOUT_DATA['train']}" in section
+    assert "- task accuracy /think: " in section and "- task accuracy /no_think: " in section
+    row = {"stage": "sft", "params": 10, "pattern": "M-", "heldout_loss": None, "tally": {}}
+    assert report.final_model_section(row, last_stage="distill")[0] == (
+        "## Latest model: sft (the last stage, distill, has not finished)")
+
+
+def test_a_stage_summary_and_report_give_its_heldout_loss_data_and_task_metrics(resumed):
     out = resumed["out"]
     report.write_summary(out / "second", heldout_loss=1.5, task_metrics={"accuracy": 0.25})
-    text = report.write_report(pipeline.load_pipeline(resumed["path"], str(out))).read_text()
+    (out / "second" / "train_report.json").write_text(json.dumps({"heldout_data": "poems"}))
+    try:
+        text = report.write_report(pipeline.load_pipeline(resumed["path"], str(out))).read_text()
+    finally:
+        (out / "second" / "train_report.json").unlink()
     row = next(line for line in text.splitlines() if line.startswith("| second |"))
-    assert "| 1.5000 | accuracy 0.25, accuracy /think " in row
+    assert "| 1.5000 | poems | accuracy 0.25, accuracy /think " in row
+    assert "- held-out loss: 1.5000 on poems" in text
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
@@ -163,7 +191,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert "tp 1 x pp 1 x cp 1 x dp 1 = world size 1" in plan
     assert f"{SECOND_STEPS} steps x 4 sequences x 64 tokens" in plan
     assert "MiB per rank; the planner times GPU runs only" in plan  # the planner's memory
-    assert plan.count("evaluate 2 held-out task problems") == 2  # task_samples: 2, each stage
+    assert plan.count("evaluate 2 held-out task problems") == 1  # the first stage's is 0
     assert not out.exists()
 
 
@@ -197,6 +225,8 @@ def test_only_and_from_select_stages(resumed, tmp_path):
     (lambda stages: stages[1].update(recipe="missing.yaml"),
      "missing.yaml not found (recipe paths are relative to the pipeline file)"),
     (lambda stages: stages[1].update(nproc=0), "stage 'second': nproc=0 must be a positive"),
+    (lambda stages: stages[1].update(task_samples=257),
+     "stage 'second': task_samples: give a whole number from 0 (no task metric) to 256, got 257"),
     (lambda stages: stages[1].update(overrides=["train.max_steps=3",
                                                 "checkpoint.load=elsewhere"]),
      "stage 'second': checkpoint.load is both an input and an override"),
@@ -220,7 +250,7 @@ def test_a_run_recipe_is_not_a_pipeline(tmp_path):
                        f"and 'stages:' (a run recipe goes to megatron-hybrid train)")
 
 
-@pytest.mark.parametrize("value", [-1, 257, "24"])
+@pytest.mark.parametrize("value", [-1, 257, "24", True])
 def test_task_samples_out_of_range_is_refused_before_any_stage(tmp_path, value):
     path = write_pipeline(tmp_path, {"pipeline": "bad", "task_samples": value, "stages": [
         {"name": "first", "kind": "train", "recipe": str(RECIPE)}]})
@@ -228,17 +258,25 @@ def test_task_samples_out_of_range_is_refused_before_any_stage(tmp_path, value):
         one_line_error(path, tmp_path / "out")
 
 
-def test_compression_section_states_the_fraction_of_the_teacher_kept():
-    teacher = {"params": 4_000_000, "task_metrics": {"accuracy /think": 0.5,
-                                                     "accuracy /no_think": 0.4}}
-    student = {"params": 2_800_000, "task_metrics": {"accuracy /think": 0.4,
-                                                     "accuracy /no_think": 0.4}}
+def test_compression_section_states_the_fraction_of_the_teacher_kept_and_the_noise():
+    teacher_tally = {"accuracy /think": [128, 256], "accuracy /no_think": [40, 100]}
+    student_tally = {"accuracy /think": [102, 256], "accuracy /no_think": [40, 100]}
+    teacher, student = ({"params": params, "tally": tally, "task_metrics": {
+        name: correct / asked for name, (correct, asked) in tally.items()}}
+        for params, tally in ((4_000_000, teacher_tally), (2_800_000, student_tally)))
     distilled = {"start": {"student_loss": 0.6}, "end": {"student_loss": 0.52,
-                                                         "teacher_loss": 0.5}, "gap_closed": 0.8}
+                                                         "teacher_loss": 0.5}, "gap_closed": 0.8,
+                 "heldout_data": "task conversations"}
     lines = report.compression_lines("dpo", "distill", teacher, student, distilled)
     assert lines[0] == "## Compression: distill (student) vs dpo (teacher)"
     assert "4,000,000 -> 2,800,000: 70.0% of the teacher" in lines[2]
     assert lines[3] == ("- **the student keeps 90% of the teacher's task accuracy** (mean over "
                         "accuracy /think, accuracy /no_think)")
+    assert lines[4].startswith("- held-out loss on task conversations: teacher 0.5000")
     assert "recovered 80.0% of the held-out loss that pruning cost" in lines[5]
-    assert "accuracy /think: teacher 0.5, student 0.4 (80.0% of the teacher)" in lines[6]
+    assert lines[6].startswith("- accuracy /think: teacher 50.0% (128/256, 95% CI 43.9%-56.1%)"
+                               ", student 39.8% (102/256")
+    assert "(79.7% of the teacher); student - teacher -10.2% (95% CI" in lines[6]
+    assert lines[6].endswith(": the student is worse)")  # 26 of 256 is more than the noise
+    assert lines[7].endswith("student - teacher +0.0% (95% CI -13.3% to +13.3%: within the "
+                             "noise)")

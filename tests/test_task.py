@@ -1,6 +1,7 @@
 """The arithmetic task: deterministic problems and splits, worked reasoning, the preference
 pairs, exact-match answer extraction, and the accuracy of a real tiny model's greedy answers."""
 
+import math
 import re
 
 import pytest
@@ -98,3 +99,36 @@ def test_evaluate_measures_a_real_model_with_reasoning_on_and_off(model_engine):
         "accuracy /think": 1 / 3, "accuracy /no_think": 0.0}
     with pytest.raises(ValueError, match=re.escape("samples=0: choose 1 to 256 held-out")):
         task.evaluate(model, tokenizer, samples=0)
+
+
+def test_tally_counts_right_answers_per_mode():
+    records = [{"think": True, "correct": True}, {"think": True, "correct": False},
+               {"think": False, "correct": True}]
+    assert task.tally(records) == {"accuracy /think": [1, 2], "accuracy /no_think": [1, 1]}
+    assert task.accuracy(records) == {"accuracy /think": 0.5, "accuracy /no_think": 1.0}
+
+
+def test_wilson_interval_covers_the_true_accuracy_95_percent_of_the_time():
+    """Exact coverage over the binomial distribution, on the task's sizes: a wrong width (say
+    z = 1, 68%) or a wrong centre fails it."""
+    for asked in (48, 256):
+        for true in (0.05, 0.25, 0.5):
+            coverage = sum(math.comb(asked, correct) * true ** correct
+                           * (1 - true) ** (asked - correct)
+                           for correct in range(asked + 1)
+                           if task.wilson_interval(correct, asked)[0] <= true
+                           <= task.wilson_interval(correct, asked)[1])
+            assert 0.925 < coverage < 0.975, (asked, true, coverage)
+    low, high = task.wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(task.Z_95 ** 2 / (10 + task.Z_95 ** 2))
+    assert task.wilson_interval(3, 10) == pytest.approx(
+        tuple(1 - bound for bound in reversed(task.wilson_interval(7, 10))))
+    with pytest.raises(ValueError, match="give 0 <= correct <= asked, asked > 0"):
+        task.wilson_interval(3, 0)
+
+
+def test_difference_interval_is_newcombes():
+    """Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 - 48/80, method 10."""
+    difference, low, high = task.difference_interval((56, 70), (48, 80))
+    assert difference == pytest.approx(0.2)
+    assert (low, high) == pytest.approx((0.0524, 0.3339), abs=1e-4)
