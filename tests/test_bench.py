@@ -59,7 +59,8 @@ def test_settings_are_read_from_the_process_not_assumed():
     # Control: a fresh process has neither setting; the backend's functions turn both on.
     code = ("import json, torch; from megatron_hybrid import bench; torch.set_num_threads(2); "
             "read = lambda: [bench.denormals_flushed(), bench.large_allocations_stay_in_heap()]; "
-            "before = read(); bench.apply_process_settings(()); print(json.dumps([before, read()]))")
+            "before = read(); bench.apply_process_settings(()); "
+            "print(json.dumps([before, read()]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True)
     assert json.loads(done.stdout) == [[False, False], [True, True]]
