@@ -7,10 +7,11 @@ and, when ``train.loss_spike_factor`` is set, loss spikes; past ``train.max_bad_
 the run after a checkpoint and a ``numerics.json`` of the recent losses and grad norms.
 
 Test hooks: ``MEGATRON_HYBRID_FAULT`` injects faults, comma-separated ``ACTION@WHERE[:RANK]``:
-``kill@save.POINT`` (SIGKILL itself at a named point of a checkpoint save), ``exit@step.N``
-(the rank dies with ``os._exit`` after step N), ``nan@step.N`` (the loss of step N is NaN).
-They fire on torchrun's first attempt only, so a restart shows the recovery. Unset (every real
-run), each hook is a no-op.
+``kill@save.POINT`` (SIGKILL the saving process group at a named point of a checkpoint save),
+``exit@step.N`` (the rank dies with ``os._exit`` after step N), ``nan@step.N`` (the loss of
+step N is NaN). They fire on torchrun's first attempt only, so a restart shows the recovery.
+``MEGATRON_HYBRID_SAVE_TRACE`` names a file each save point appends its name to, so a test
+knows where a kill landed. Unset (every real run), each hook is a no-op.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 FAULT_ENV = "MEGATRON_HYBRID_FAULT"
+SAVE_TRACE_ENV = "MEGATRON_HYBRID_SAVE_TRACE"
+"""A file every save point appends its name to (one a line): how far a killed save got."""
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DIAGNOSIS = "numerics.json"
 """Written to the run directory when too many bad steps stop a run."""
@@ -53,9 +56,19 @@ def injected(action: str, where: str) -> bool:
 
 
 def save_point(name: str) -> None:
-    """A named point inside a checkpoint save, where a test can kill the process."""
+    """A named point inside a checkpoint save: traced when a test asks, and where a test can
+    kill the save.
+
+    The kill takes the whole process group (the saving process and the shard writers it
+    forked: each torchrun rank has a session of its own), as a lost node would; killing one
+    writer alone would leave its parent waiting for it forever.
+    """
+    trace = os.environ.get(SAVE_TRACE_ENV)
+    if trace:
+        with open(trace, "a") as handle:  # appends of one short line do not interleave
+            handle.write(f"{name}\n")
     if injected("kill", f"save.{name}"):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def exit_point(step: int) -> None:

@@ -1,11 +1,13 @@
 """Faults a run survives, injected for real (see docs/reliability.md):
 
-- SIGKILL at every named point of a checkpoint save and at random moments inside saves: the
-  previous checkpoint always loads and ``latest`` never names a partial one;
+- SIGKILL at every point of a checkpoint save (one inside a shard file's write) and after a
+  random number of them: the previous checkpoint always loads and ``latest`` never names a
+  partial one; each kill's landing point is read from the save's own trace;
 - SIGTERM / SIGUSR1: the run finishes its step, saves, exits 0, and resumes to the same losses;
   a signal to one rank stops every rank at the same step;
 - a rank dying: torchrun stops the job, and ``--max-restarts 1`` resumes from the checkpoint;
-- NaN losses: the step is skipped, counted, and past train.max_bad_steps the run stops with a
+- NaN losses: the step is skipped (weights, Adam state and LR schedule bitwise unchanged, while
+  the next step changes all three), counted, and past train.max_bad_steps the run stops with a
   checkpoint and numerics.json; loss spikes are counted when enabled;
 - a full disk (a real tmpfs): the save fails in one line and the previous checkpoint survives.
 """
@@ -25,15 +27,27 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from conftest import rank_environment
 from megatron_hybrid import reliability
 from test_train import RECIPE, SMALL, cli, step_losses, train
 
-WORKER = Path(__file__).resolve().parent / "workers" / "save_crash.py"
-SAVE_POINTS = ["started", "shards-written", "meta-written", "renamed", "pointer-written",
-               "latest-replaced", "pruning"]
-"""Every ``reliability.save_point`` in ``Checkpointer.save``."""
-RANDOM_KILLS = 3
-SAVE_TRIALS = len(SAVE_POINTS) + RANDOM_KILLS
+WORKERS = Path(__file__).resolve().parent / "workers"
+SAVE_CRASH_WORKER = WORKERS / "save_crash.py"
+SAVE_PHASES = {
+    "started": "before the shard writes",
+    "shard-write": "inside a shard write",
+    "shards-written": "after the shard writes",
+    "meta-written": "after the shard writes",
+    "renamed": "in the rename and latest update",
+    "pointer-written": "in the rename and latest update",
+    "latest-replaced": "in the rename and latest update",
+    "pruning": "while pruning old checkpoints",
+}
+"""Every point a save passes (``reliability.save_point`` in ``Checkpointer.save``, and the
+worker's ``shard-write`` after each tensor put into a shard file), by the phase it is in."""
+RANDOM_KILLS = 2
+"""Kills from outside after a random number of the save's points (anywhere up to the next)."""
+SAVE_TRIALS = len(SAVE_PHASES) + RANDOM_KILLS
 
 
 def run(command, env=None, timeout=300) -> subprocess.CompletedProcess:
@@ -41,24 +55,49 @@ def run(command, env=None, timeout=300) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
-def save_trial(out: Path, point: str | None, delay: float) -> str:
-    """Resume ``out``, then save until SIGKILL (at ``point``, else ``delay`` s into saving);
-    returns the step the trial loaded."""
-    env = {**os.environ, reliability.FAULT_ENV: f"kill@save.{point}" if point else ""}
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER), "forever", str(RECIPE), *SMALL, f"output_dir={out}",
-         "checkpoint.keep_last=2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, env=env, start_new_session=True)
-    lines = iter(process.stdout.readline, "")
-    loaded = next(line for line in lines if line.startswith("loaded")).strip()
-    assert next(lines).strip() == "saving", loaded
-    if point is None:
-        time.sleep(delay)
+def save_crash_worker(out: Path, saves: str, env: dict, log: Path) -> subprocess.Popen:
+    """The worker in a session of its own (a kill takes its writers too), stderr to ``log``
+    (a pipe nobody reads would fill up and stall it)."""
+    with log.open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, str(SAVE_CRASH_WORKER), saves, str(RECIPE), *SMALL,
+             f"output_dir={out}", "checkpoint.keep_last=2"], stdout=subprocess.PIPE,
+            stderr=stderr, text=True, env={**os.environ, **env}, start_new_session=True)
+
+
+def save_trace(trace: Path) -> list[str]:
+    return trace.read_text().split() if trace.exists() else []
+
+
+def complete_saves(out: Path, saves: int, trace: Path, log: Path) -> list[str]:
+    """Resume ``out`` and save ``saves`` checkpoints without a fault; the points passed."""
+    process = save_crash_worker(out, str(saves), {reliability.SAVE_TRACE_ENV: str(trace)}, log)
+    process.communicate(timeout=600)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    return save_trace(trace)
+
+
+def kill_trial(out: Path, trace: Path, log: Path, *, point: str | None = None,
+               after_points: int | None = None) -> tuple[str, list[str]]:
+    """Resume ``out``, then save until SIGKILL: at ``point`` (the save kills itself there) or
+    from outside once the saves have passed ``after_points`` points. Returns the step the
+    trial loaded and the points its saves passed before the kill."""
+    trace.unlink(missing_ok=True)
+    process = save_crash_worker(out, "forever", {
+        reliability.FAULT_ENV: f"kill@save.{point}" if point else "",
+        reliability.SAVE_TRACE_ENV: str(trace)}, log)
+    loaded = next(line for line in iter(process.stdout.readline, "")
+                  if line.startswith("loaded")).strip()
+    if after_points is not None:
+        deadline = time.time() + 600
+        while len(save_trace(trace)) < after_points:
+            assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
         os.killpg(process.pid, signal.SIGKILL)
-    assert process.wait(timeout=120) == -signal.SIGKILL
-    with contextlib.suppress(ProcessLookupError):  # the checkpoint writer's helpers too
+    assert process.wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
+    with contextlib.suppress(ProcessLookupError):  # writers orphaned by a kill from outside
         os.killpg(process.pid, signal.SIGKILL)
-    return loaded
+    return loaded, save_trace(trace)
 
 
 def latest_step(checkpoints: Path) -> int:
@@ -69,28 +108,57 @@ def latest_step(checkpoints: Path) -> int:
     return int(folder.name.removeprefix("step_"))
 
 
-def test_kill_9_inside_checkpoint_saves_10_trials_previous_checkpoint_loads(tmp_path):
-    assert SAVE_TRIALS == 10  # the count in this test's name and in docs/reliability.md
-    out = tmp_path / "run"
-    train(out, "train.max_steps=1", "scheduler.warmup_steps=0")  # the first checkpoint
+def shard_bytes(folder: Path) -> int:
+    return sum(shard.stat().st_size for shard in folder.glob("*.distcp"))
+
+
+def test_kill_9_at_every_point_of_a_save_and_at_random_progress_previous_checkpoint_loads(
+        tmp_path):
+    assert SAVE_TRIALS == 10  # the count in docs/reliability.md
+    out, trace, log = tmp_path / "run", tmp_path / "trace", tmp_path / "worker.err"
+    train(out, "train.max_steps=1", "scheduler.warmup_steps=0")  # a checkpoint with Adam state
+    passed = complete_saves(out, 2, trace, log)  # the second prunes the first
+    assert set(passed) == set(SAVE_PHASES), passed  # the list above is the save's
+    one_save = passed[len(passed) - passed[::-1].index("started") - 1:]
     checkpoints = out / "checkpoints"
+    complete_shards = shard_bytes(checkpoints / f"step_{latest_step(checkpoints):06d}")
     rng = random.Random(0)
-    kills = [*SAVE_POINTS, *[None] * RANDOM_KILLS]
-    for point in kills:
+    trials = [*({"point": point} for point in SAVE_PHASES),
+              *({"after_points": rng.randint(1, len(one_save))} for _ in range(RANDOM_KILLS))]
+    landed = []
+    for trial in trials:
         before = latest_step(checkpoints)
-        loaded = save_trial(out, point, rng.uniform(0, 1.5))  # a tiny save takes ~1 s
-        assert loaded == f"loaded {before}", (point, loaded)
-        assert latest_step(checkpoints) >= before, point
-    final = run([sys.executable, str(WORKER), "0", str(RECIPE), *SMALL, f"output_dir={out}"])
+        loaded, points = kill_trial(out, trace, log, **trial)
+        assert loaded == f"loaded {before}", (trial, loaded)
+        if "point" in trial:  # the save died where it was asked to
+            assert points[-1] == trial["point"], (trial, points[-3:])
+        landed.append(SAVE_PHASES[points[-1]])
+        if trial.get("point") == "shard-write":  # one tensor of a shard file is written
+            killed = checkpoints / f"step_{before + 1:06d}.partial"
+            assert 0 < shard_bytes(killed) < complete_shards, trial
+            assert not (killed / ".metadata").exists()
+        assert latest_step(checkpoints) >= before, trial
+    assert set(landed) == set(SAVE_PHASES.values()), landed  # "inside a shard write" among them
+    final = run([sys.executable, str(SAVE_CRASH_WORKER), "0", str(RECIPE), *SMALL,
+                 f"output_dir={out}"], timeout=600)
     assert f"loaded {latest_step(checkpoints)}" in final.stdout, final.stderr[-2000:]
 
 
+def logged_step(out: Path) -> int:
+    """The last step the run's metrics hold (0 before the first, or while a line is half
+    written)."""
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        return max(step_losses(out), default=0)
+    return 0
+
+
 def wait_for_step(out: Path, step: int, process: subprocess.Popen) -> None:
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and max(step_losses(out), default=0) >= step):
+    """Wait for the run's own progress, however slow the machine (the deadline only stops a
+    hang)."""
+    deadline = time.time() + 900
+    while logged_step(out) < step:
         assert process.poll() is None and time.time() < deadline, "run ended before the signal"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def test_sigterm_finishes_the_step_saves_exits_0_and_resumes_to_the_same_losses(tmp_path):
@@ -130,7 +198,8 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(cli("train", str(RECIPE), *SMALL, f"output_dir={out}",
                                    "train.max_steps=8", nproc=2),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=rank_environment(2))
     wait_for_step(out, 2, process)
     os.kill(rank_pid(process.pid, 1), signal.SIGUSR1)
     stdout, stderr = process.communicate(timeout=300)
@@ -149,7 +218,8 @@ def test_a_dying_rank_stops_the_job_and_torchrun_restarts_from_the_checkpoint(tm
                "train", str(RECIPE), *SMALL, f"output_dir={out}", "train.max_steps=4",
                "checkpoint.save_interval=2", "parallel.timeout_minutes=1"]
     # The bound: a hang (a survivor waiting forever on the dead rank) would hit this timeout.
-    result = run(command, env={reliability.FAULT_ENV: "exit@step.3:1"}, timeout=900)
+    result = run(command, env={**rank_environment(2), reliability.FAULT_ENV: "exit@step.3:1"},
+                 timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "injected fault: rank 1 dies after step 3" in result.stdout
     assert f"resuming from {out / 'checkpoints' / 'step_000002'}" in result.stdout
@@ -175,6 +245,25 @@ def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run_with_a_diagnosi
     assert [bad["step"] for bad in diagnosis["bad_steps"]] == [2, 4, 5]
     assert [r["step"] for r in diagnosis["recent"]] == [1, 2, 3, 4, 5]
     assert diagnosis["checkpoint"].endswith("step_000005")
+
+
+def test_a_skipped_nan_step_leaves_weights_adam_state_and_lr_schedule_bitwise_unchanged(
+        tmp_path):
+    report = tmp_path / "steps.json"
+    result = run([sys.executable, str(WORKERS / "skipped_step.py"), str(report), str(RECIPE),
+                  *SMALL, f"output_dir={tmp_path / 'run'}", "train.max_steps=3"],
+                 env={reliability.FAULT_ENV: "nan@step.2"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report.read_text())
+    names, (_, skipped, normal) = report["names"], report["steps"]
+    assert all(names[key] == names["weights"] for key in ("exp_avg", "exp_avg_sq", "step"))
+    assert (skipped["step"], skipped["applied"], normal["applied"]) == (2, False, True)
+    assert skipped["changed"] == {category: [] for category in names}
+    # The same comparison sees the next (normal) step change every weight and Adam tensor,
+    # the scheduler's step count and every group's LR (warmup: a skipped step keeps its LR).
+    learning_rates = [name for name in names["schedule"] if name.endswith(" lr")]
+    assert normal["changed"] == {**names, "schedule": sorted(
+        [*learning_rates, "scheduler num_steps"])}
 
 
 @pytest.fixture
