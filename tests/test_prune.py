@@ -2,9 +2,11 @@
 
 - bad targets (not a multiple, more than the model has, unknown sizes) are refused before
   anything is loaded, naming the allowed values;
-- recipes/tiny/prune.yaml prunes a (briefly pretrained) tiny-nano-v2-12b by the 12B -> 9B
-  width ratios to exactly the tiny-nano-v2-9b sizes; the pattern loses the dropped layers and
-  keeps its `|` stage mark; the report is written;
+- recipes/tiny/prune.yaml prunes a (shortly pretrained) tiny-nano-v2-12b by the 12B -> 9B
+  width ratios to the tiny-nano-v2-9b widths and depth; the layers dropped are the ones
+  ModelOpt ranks least important, whatever their kinds (so the pattern need not be the
+  tiny-nano-v2-9b flavor's), it keeps its `|` stage mark; the report names its held-out data;
+- with prune.task_data the held-out loss is measured on the task's conversations;
 - the pruned checkpoint reloads at TP=1 and TP=2 with the same loss, and pruning at PP=2
   gives the same model as at PP=1.
 """
@@ -16,10 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import rank_environment
 from workers import prune_runs
 
 from megatron_hybrid import flavors, prune
-from megatron_hybrid.config import PRUNABLE, ConfigError
+from megatron_hybrid.config import PRUNABLE, ConfigError, ModelConfig
 
 RELOAD_WORKER = Path(__file__).parent / "workers" / "prune_reload.py"
 RECIPE = str(prune_runs.RECIPES / "prune.yaml")
@@ -102,7 +105,22 @@ def prune_runs_recipe():
     return load_recipe(RECIPE)
 
 
-def test_prune_gives_the_tiny_9b_shapes_pattern_and_report(pruned_pp1):
+def test_task_data_measures_heldout_loss_on_the_tasks_assistant_tokens():
+    from megatron_hybrid import backends
+    from megatron_hybrid.recipe import load_recipe
+
+    backends.install("cpu")  # the corpus datasets are Megatron-Core's
+    cfg = load_recipe(RECIPE, [*prune_runs.SMALL, *prune_runs.PRUNE_DATA, "prune.task_data=true",
+                               "train.seq_length=128"])  # a conversation fits
+    data = prune.CalibrationData(cfg)
+    mask = [data.valid[sample]["loss_mask"] for sample in range(cfg.prune.heldout_samples)]
+    tokens = int(sum(sample.sum() for sample in mask))
+    assert 0 < tokens < len(mask) * 128 // 2  # answers only: no prompt, no padding
+    assert data.description == f"task conversations, assistant tokens, {tokens:,} tokens"
+    assert len(data.train[0]["tokens"]) == 128 and data.train[0]["loss_mask"].all()  # corpus
+
+
+def test_prune_gives_the_tiny_9b_sizes_modelopts_layers_and_report(pruned_pp1):
     report = report_of(pruned_pp1)
     meta = json.loads((Path(report["output"]) / "meta.json").read_text())
     source, target = flavors.get_flavor("tiny-nano-v2-12b"), flavors.get_flavor("tiny-nano-v2-9b")
@@ -110,7 +128,14 @@ def test_prune_gives_the_tiny_9b_shapes_pattern_and_report(pruned_pp1):
     expected_pattern = source.layer_pattern.drop_layers(dropped).text
     assert len(dropped) == 4 and meta["model"]["pattern"] == expected_pattern
     assert expected_pattern.count("|") == 1  # the stage mark survives the depth prune
-    assert {**meta["model"], "pattern": target.pattern} == target.to_dict()
+    saved = ModelConfig(**meta["model"])
+    assert {name: value for name, value in meta["model"].items() if name != "pattern"} == {
+        name: value for name, value in target.to_dict().items() if name != "pattern"}
+    dropped_kinds = [layer["kind"] for layer in report["dropped_layers"]]
+    assert saved.layer_pattern.counts == {  # per kind: what ModelOpt's ranking removed
+        kind: count - dropped_kinds.count(kind)
+        for kind, count in source.layer_pattern.counts.items()}
+    assert saved.num_layers == target.num_layers
     assert report["sizes"] == {"hidden_size": [128, 112], "ffn_hidden_size": [512, 392],
                                "num_layers": [35, 31]}
     assert [layer["kind"] for layer in report["dropped_layers"]] == [
@@ -123,6 +148,7 @@ def test_prune_gives_the_tiny_9b_shapes_pattern_and_report(pruned_pp1):
     assert 0.6 * before < after < 0.85 * before
     assert all(0 < loss < 10 for loss in report["heldout_loss"])
     assert (pruned_pp1 / "layer_importance.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["heldout_data"] == f"corpus text, {16 * 64:,} tokens"
     markdown = (pruned_pp1 / "prune_report.md").read_text()
     assert f"{before:,} -> {after:,}" in markdown and "| hidden_size | 128 | 112 |" in markdown
     assert "pattern: " + expected_pattern in (pruned_pp1 / "model.yaml").read_text().replace(
@@ -136,7 +162,8 @@ def reload_losses(pruned_pp1, pruned_pp2, tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", str(RELOAD_WORKER), str(out),
                f"pp1_tp1={pp1}:1", f"pp1_tp2={pp1}:2", f"pp2_tp1={pp2}:1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=rank_environment(2))
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
 
