@@ -21,3 +21,14 @@ def rank_environment(nproc: int) -> dict[str, str]:
     (torchrun keeps an inherited OMP_NUM_THREADS for every rank)."""
     threads = str(max(1, int(os.environ["OMP_NUM_THREADS"]) // nproc))
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the collected tests in reverse order (shows no test depends on "
+                          "another having run first)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
