@@ -18,6 +18,10 @@ from megatron_hybrid import pattern as pattern_lib
 from megatron_hybrid.config import ModelConfig
 
 NEMOTRON_VOCAB_SIZE = 131072
+PUBLISHED_TIME_STEP_MIN = 0.001
+"""Every published config's ``time_step_min``: HF's mixer clamps dt from below with it, so the
+published flavors do too (``mamba_dt_clamp_min``); the tiny twins keep Megatron-Core's default
+(no clamp), on which their tests' training margins were measured."""
 
 NEMOTRON_H_8B_PATTERN = "M-M-M-M*" + "-M-M-M-M-M*" * 3 + "-M-M-M-M-M-"
 NEMOTRON_H_47B_PATTERN = (
@@ -52,6 +56,7 @@ def nemotron_h_4b() -> ModelConfig:
         num_attention_heads=32, num_query_groups=8, kv_channels=128,
         mamba_num_heads=112, mamba_head_dim=64, mamba_state_dim=128, mamba_num_groups=8,
         vocab_size=NEMOTRON_VOCAB_SIZE, seq_length=8192,
+        mamba_dt_clamp_min=PUBLISHED_TIME_STEP_MIN,
     )
 
 
@@ -62,6 +67,7 @@ def nemotron_h_8b() -> ModelConfig:
         num_attention_heads=32, num_query_groups=8, kv_channels=128,
         mamba_num_heads=128, mamba_head_dim=64, mamba_state_dim=128, mamba_num_groups=8,
         vocab_size=NEMOTRON_VOCAB_SIZE, seq_length=8192,
+        mamba_dt_clamp_min=PUBLISHED_TIME_STEP_MIN,
     )
 
 
@@ -72,6 +78,7 @@ def nemotron_h_47b() -> ModelConfig:
         num_attention_heads=64, num_query_groups=8, kv_channels=128,
         mamba_num_heads=256, mamba_head_dim=64, mamba_state_dim=256, mamba_num_groups=8,
         vocab_size=NEMOTRON_VOCAB_SIZE, seq_length=8192,
+        mamba_dt_clamp_min=PUBLISHED_TIME_STEP_MIN,
     )
 
 
@@ -82,6 +89,7 @@ def nemotron_h_56b() -> ModelConfig:
         num_attention_heads=64, num_query_groups=8, kv_channels=128,
         mamba_num_heads=256, mamba_head_dim=64, mamba_state_dim=256, mamba_num_groups=8,
         vocab_size=NEMOTRON_VOCAB_SIZE, seq_length=8192,
+        mamba_dt_clamp_min=PUBLISHED_TIME_STEP_MIN,
     )
 
 
@@ -93,6 +101,7 @@ def nano_v2_12b() -> ModelConfig:
         num_attention_heads=40, num_query_groups=8, kv_channels=128,
         mamba_num_heads=128, mamba_head_dim=80, mamba_state_dim=128, mamba_num_groups=8,
         vocab_size=NEMOTRON_VOCAB_SIZE, seq_length=131072,
+        mamba_dt_clamp_min=PUBLISHED_TIME_STEP_MIN,
     )
 
 
@@ -104,6 +113,7 @@ def nano_v2_9b() -> ModelConfig:
         num_attention_heads=40, num_query_groups=8, kv_channels=128,
         mamba_num_heads=128, mamba_head_dim=80, mamba_state_dim=128, mamba_num_groups=8,
         vocab_size=NEMOTRON_VOCAB_SIZE, seq_length=131072,
+        mamba_dt_clamp_min=PUBLISHED_TIME_STEP_MIN,
     )
 
 
@@ -153,9 +163,10 @@ def tiny_nano_v2_12b() -> ModelConfig:
 
 
 def tiny_nano_v2_9b() -> ModelConfig:
-    """What Minitron pruning of tiny-nano-v2-12b gives, mirroring the published 12B -> 9B:
-    hidden 128 -> 112 (x 4480/5120), FFN 512 -> 392 (x 15680/20480), heads unchanged, and
-    layers ``TINY_NANO_V2_9B_DROPPED_LAYERS`` dropped (35 -> 31)."""
+    """The tiny 12B shrunk by hand as the published 12B -> 9B was: hidden 128 -> 112
+    (x 4480/5120), FFN 512 -> 392 (x 15680/20480), heads unchanged, and layers
+    ``TINY_NANO_V2_9B_DROPPED_LAYERS`` dropped (35 -> 31). Minitron pruning of tiny-nano-v2-12b
+    gives these widths, but its depth ranking picks its own layers (docs/pruning.md)."""
     return _tiny(TINY_NANO_V2_9B_PATTERN, hidden_size=112, ffn_hidden_size=392,
                  mamba_num_heads=16)
 

@@ -112,6 +112,20 @@ def test_tiny_nano_v2_9b_mirrors_minitron_pruning_of_tiny_12b():
     assert small_counts["*"] / big_counts["*"] == 4 / 6  # published keeps 4 of 6 attention
 
 
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_flavors_clamp_dt_with_their_hf_configs_time_step_min(name):
+    # Every published config.json has time_step_min 0.001, which HF's mixer uses as the clamp.
+    from megatron_hybrid import backends
+
+    backends.install("cpu")
+    from megatron_hybrid.convert import hf_config_from_model
+
+    cfg = get_flavor(name)
+    assert cfg.mamba_dt_clamp_min == 0.001
+    hf = hf_config_from_model(cfg)
+    assert hf.time_step_min == 0.001 and tuple(hf.time_step_limit) == (0.001, float("inf"))
+
+
 def test_tiny_flavors_are_cpu_sized():
     for name in FLAVORS:
         if name.startswith("tiny"):
