@@ -368,9 +368,9 @@ def apply_process_settings(without: tuple[str, ...]) -> None:
     from megatron_hybrid.backends import cpu
 
     if "flush_denormal" not in without:
-        cpu._flush_denormals_on_every_thread()
+        cpu.flush_denormals_on_every_thread()
     if "heap_retention" not in without:
-        cpu._keep_freed_memory_in_heap()
+        cpu.keep_freed_memory_in_heap()
 
 
 def process_settings_report(torch_optimizers: list, kernels: str) -> dict:

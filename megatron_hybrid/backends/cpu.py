@@ -29,9 +29,9 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
   "CPU RNG state changed within GPU RNG context" warning is filtered (same generator here).
 - Denormal floats are flushed to zero on every intra-op thread
-  (:func:`_flush_denormals_on_every_thread`): the SSD scan's decays underflow towards them,
+  (:func:`flush_denormals_on_every_thread`): the SSD scan's decays underflow towards them,
   and x86 arithmetic on denormals, matmuls included, runs up to ~100x slower.
-- Freed memory stays in the heap (:func:`_keep_freed_memory_in_heap`, glibc only): by default
+- Freed memory stays in the heap (:func:`keep_freed_memory_in_heap`, glibc only): by default
   glibc serves each large tensor by a fresh ``mmap`` and unmaps it when freed, so every
   activation of a long sequence is page-faulted in anew (one Mamba layer at 16k tokens spent
   over half its time in the kernel doing so, and its time per token grew 4x from 1k).
@@ -162,7 +162,7 @@ def _patch_megatron_rng() -> None:
         lambda record: "CPU RNG state changed" not in record.getMessage())
 
 
-def _flush_denormals_on_every_thread() -> None:
+def flush_denormals_on_every_thread() -> None:
     """Treat denormal floats as zero (FTZ/DAZ) in this thread and in torch's OpenMP threads.
 
     The flag is per thread and ``torch.set_flush_denormal`` sets only the caller's, so it is
@@ -184,7 +184,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's malloc.h
 _NEVER_TRIM = -1  # mallopt(3): -1 disables trimming
 
 
-def _keep_freed_memory_in_heap() -> None:
+def keep_freed_memory_in_heap() -> None:
     """Serve every allocation from the heap and keep what is freed there (glibc's mallopt).
 
     Training allocates and frees the same large activations step after step; through ``mmap``
@@ -235,8 +235,8 @@ def install() -> None:
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     kernels.register()
-    _flush_denormals_on_every_thread()
-    _keep_freed_memory_in_heap()
+    flush_denormals_on_every_thread()
+    keep_freed_memory_in_heap()
     _patch_torch_cuda()
     _redirect = _CudaDeviceRedirect()
     _redirect.__enter__()  # stays on the mode stack for the life of the process
