@@ -1,20 +1,31 @@
 """torchrun worker: train the same weights under several parallel layouts in one launch.
 
 Every layout loads the checkpoint written by the first (TP=1, PP=1, CP=1) layout and trains a
-few steps on the same global batches; rank 0 writes {layout: {"loss": [...], "grad_norm":
-[...]}} as JSON to argv[1], plus under "cp_mismatch" the error of a model whose
-TransformerConfig says CP=1 inside CP=2 process groups. Grouping layouts in one launch pays
-the import cost once per rank.
+few steps on the same global batches. Rank 0 writes, with ``torch.save`` to argv[1]:
+
+- ``runs``: {layout: {"loss": [...], "grad_norm": [...]}} per step;
+- ``gradients``: {layout: {parameter: gradient}}, the first step's reduced gradient of every
+  parameter (before clipping), in full, under the TP=1 model's names and shapes;
+- ``cp_mismatch``: the error of a model whose TransformerConfig says CP=1 inside CP=2 groups.
+
+A layout's gradients reach TP=1 names and shapes through the project's reshardable
+checkpoints: written as the weights of that layout's model, read into a TP=1 model. The
+control layout ``MUTANT`` is CP=2 with a deliberately wrong attention: it does not gather
+K/V over the CP group, so each rank attends over its own two chunks only. Grouping layouts
+in one launch pays the import cost once per rank.
 """
 
-import json
+import contextlib
 import os
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_hybrid import backends
 
+MUTANT = "cp2_without_kv_gather"
 LAYOUTS = {
     # name: (tp, pp, cp, sequence_parallel, distributed_optimizer)
     "tp1": (1, 1, 1, False, False),
@@ -27,7 +38,7 @@ LAYOUTS = {
     "tp2cp2": (2, 1, 2, False, False),
     "tp2cp2sp": (2, 1, 2, True, False),
     "pp2cp2": (1, 2, 2, False, False),
-    "tp2_own_init": (2, 1, 1, False, False),  # control: its own random weights, not the checkpoint
+    MUTANT: (1, 1, 2, False, False),
 }
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -47,23 +58,76 @@ def microbatches(tokens: torch.Tensor, dp_rank: int, dp_size: int):
                "loss_mask": torch.ones_like(sample[:, 1:], dtype=torch.float)}
 
 
-def run_layout(model_cfg, name, checkpoint_dir, world_size):
+class FirstStepGradients:
+    """The layout's optimizer, keeping a copy of every parameter's gradient at its first step
+    (reduced over DP and CP by then, not yet clipped)."""
+
+    def __init__(self, optimizer, ddp_model):
+        self.optimizer = optimizer
+        self.ddp_model = ddp_model
+        self.gradients: dict[str, torch.Tensor] | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def step(self):
+        if self.gradients is None:
+            complete_sharded_gradients(self.ddp_model)
+            self.gradients = {name: param.main_grad.detach().clone()
+                              for name, param in self.ddp_model.module.named_parameters()}
+        return self.optimizer.step()
+
+
+def complete_sharded_gradients(ddp_model) -> None:
+    """Under the distributed optimizer each DP rank holds the reduced gradients of its shard
+    of every bucket only: all-gather the shards so every parameter's ``main_grad`` is whole
+    (the optimizer reads its own shard alone, which this leaves as it was)."""
+    if not ddp_model.ddp_config.use_distributed_optimizer:
+        return
+    for bucket_group in ddp_model.bucket_groups:
+        shards = bucket_group.intra_distributed_optimizer_instance_size
+        rank = bucket_group.intra_distributed_optimizer_instance_rank
+        for bucket in bucket_group.buckets:
+            local = bucket.grad_data.chunk(shards)[rank].clone()
+            dist.all_gather_into_tensor(bucket.grad_data, local,
+                                        group=bucket_group.intra_distributed_optimizer_instance_group)
+
+
+@contextlib.contextmanager
+def attention_without_kv_gather():
+    """Within: the cpu backend's CP attention runs over a one-rank group of its own, so each
+    rank attends over its local chunks alone (the bug of forgetting the K/V all-gather)."""
+    from megatron_hybrid import context_parallel
+
+    alone, _ = dist.new_subgroups(group_size=1)
+    correct = context_parallel.attention
+
+    def local_only(query, key, value, *, group, **kwargs):
+        return correct(query, key, value, group=alone, **kwargs)
+
+    context_parallel.attention = local_only
+    try:
+        yield
+    finally:
+        context_parallel.attention = correct
+
+
+def run_layout(model_cfg, name, work_dir: Path, world_size):
     from megatron_hybrid import checkpoint, engine, mcore, parallel
     from megatron_hybrid.model import ModelLayout, build_model
 
     tp, pp, cp, sp, distopt = LAYOUTS[name]
     dims = parallel.ParallelDims(tp=tp, pp=pp, cp=cp, world_size=world_size)
     parallel.init_distributed(dims, backend="cpu")
-    parallel.seed_everything(1 if name.endswith("own_init") else 0)
-    layout = ModelLayout(tp=tp, pp=pp, cp=cp, sequence_parallel=sp)
-    model = build_model(model_cfg, layout, backend="cpu")
+    parallel.seed_everything(0)
+    model = build_model(model_cfg, ModelLayout(tp=tp, pp=pp, cp=cp, sequence_parallel=sp),
+                        backend="cpu")
     if name == "tp1":
-        checkpoint.save_weights([model], checkpoint_dir)
-    if not name.endswith("own_init"):
-        checkpoint.load_weights([model], checkpoint_dir)
+        checkpoint.save_weights([model], work_dir / "initial_weights")
+    checkpoint.load_weights([model], work_dir / "initial_weights")
     chunks = [engine.wrap_ddp(model, use_distributed_optimizer=distopt)]
-    optimizer = engine.build_optimizer(
-        chunks, engine.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt))
+    optimizer = FirstStepGradients(engine.build_optimizer(
+        chunks, engine.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt)), chunks[0])
     dp_rank = mcore.parallel_state.get_data_parallel_rank()
     losses, norms = [], []
     for tokens in global_batches(model_cfg.vocab_size, model_cfg.seq_length):
@@ -73,8 +137,28 @@ def run_layout(model_cfg, name, checkpoint_dir, world_size):
             micro_batch_size=MICRO_BATCH, seq_length=model_cfg.seq_length)
         losses.append(result.loss)
         norms.append(result.grad_norm)
+    with torch.no_grad():  # the gradients, written as this layout's weights
+        for param_name, param in model.named_parameters():
+            param.copy_(optimizer.gradients[param_name])
+    checkpoint.save_weights([model], work_dir / f"gradients_{name}")
     mcore.parallel_state.destroy_model_parallel()
     return {"loss": losses, "grad_norm": norms}
+
+
+def gradients_at_tp1(model_cfg, work_dir: Path, world_size) -> dict[str, dict]:
+    """Every layout's saved gradients, read into a TP=1 model: {layout: {name: tensor}}."""
+    from megatron_hybrid import checkpoint, mcore, parallel
+    from megatron_hybrid.model import ModelLayout, build_model
+
+    parallel.init_distributed(parallel.ParallelDims(world_size=world_size), backend="cpu")
+    model = build_model(model_cfg, ModelLayout(), backend="cpu")
+    gradients = {}
+    for name in LAYOUTS:
+        checkpoint.load_weights([model], work_dir / f"gradients_{name}")
+        gradients[name] = {param_name: param.detach().clone()
+                           for param_name, param in model.named_parameters()}
+    mcore.parallel_state.destroy_model_parallel()
+    return gradients
 
 
 def cp_mismatch_error(model_cfg, world_size) -> str:
@@ -97,21 +181,23 @@ def main():
     from megatron_hybrid.config import ModelConfig
 
     backends.install("cpu")
-    out_path, pattern = sys.argv[1], sys.argv[2]
+    out_path, pattern = Path(sys.argv[1]), sys.argv[2]
     model_cfg = ModelConfig(
         pattern=pattern, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
         num_query_groups=2, kv_channels=8, mamba_num_heads=4, mamba_head_dim=8,
         mamba_state_dim=8, mamba_num_groups=2, vocab_size=64, seq_length=32,
         mamba_chunk_size=16)
     world_size = int(os.environ["WORLD_SIZE"])
-    checkpoint_dir = os.path.join(os.path.dirname(out_path), "initial_weights")
-    results = {name: run_layout(model_cfg, name, checkpoint_dir, world_size)
-               for name in LAYOUTS}
-    results["cp_mismatch"] = cp_mismatch_error(model_cfg, world_size)
-    if torch.distributed.get_rank() == 0:
-        with open(out_path, "w") as handle:
-            json.dump(results, handle)
-    torch.distributed.destroy_process_group()
+    work_dir = out_path.parent
+    runs = {}
+    for name in LAYOUTS:
+        with attention_without_kv_gather() if name == MUTANT else contextlib.nullcontext():
+            runs[name] = run_layout(model_cfg, name, work_dir, world_size)
+    results = {"runs": runs, "gradients": gradients_at_tp1(model_cfg, work_dir, world_size),
+               "cp_mismatch": cp_mismatch_error(model_cfg, world_size)}
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
