@@ -20,7 +20,9 @@ LAYOUTS = ["tp2", "pp2", "tp2pp2", "tp2sp", "tp2sp_distopt", "cp2", "tp2cp2", "t
            "pp2cp2"]
 MUTANT = "cp2_without_kv_gather"
 GRADIENT_TOLERANCE = 1e-4
-"""Largest relative gradient error (see ``gradient_errors``) a layout may show."""
+"""Largest relative gradient error (see ``gradient_errors``) a layout may show: about ten
+times the worst measured (8.7e-6, an A_log / dt_bias gradient, the same in 3 runs at 1 and 2
+threads per rank); the K/V-gather mutant's smallest error was 3.9e-3, its largest 1.6."""
 NPROC = 4
 
 
