@@ -543,8 +543,10 @@ def _launch(plan: StagePlan, command: list[str]) -> None:
     log_path = plan.run_dir / LOG
     last = "no output"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the log as they are printed
-    # The ranks share this machine's cores (torchrun would set 1 and print a banner about it).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
+    # The ranks share the pipeline's threads (OMP_NUM_THREADS where set, else the cores):
+    # each would otherwise take them all (torchrun sets 1 only where nothing is set).
+    budget = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    env["OMP_NUM_THREADS"] = str(max(1, budget // plan.nproc))
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # a kill loses no line
         log.write(f"$ {shlex.join(command)}\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE,

@@ -166,7 +166,7 @@ def compression_lines(teacher_name: str, student_name: str, teacher: dict, stude
                       distilled: dict) -> list[str]:
     """The compression section from the two stages' rows (``params``, ``task_metrics``,
     ``tally``) and the distill report (``start``, ``end``, ``gap_closed``, ``heldout_data``)."""
-    start, end, closed = distilled["start"], distilled["end"], distilled["gap_closed"]
+    start, end = distilled["start"], distilled["end"]
     data = distilled.get("heldout_data", "the distillation data")
     ratio, published = student["params"] / teacher["params"], published_ratio()
     kept = {name: value / teacher["task_metrics"][name]
@@ -183,7 +183,7 @@ def compression_lines(teacher_name: str, student_name: str, teacher: dict, stude
     lines += [
         f"- held-out loss on {data}: teacher {end['teacher_loss']:.4f}, pruned "
         f"{start['student_loss']:.4f}, distilled {end['student_loss']:.4f}",
-        _recovery_line(closed, start, end),
+        _recovery_line(distilled),
         *(_accuracy_line(name, teacher, student, fraction) for name, fraction in kept.items()),
     ]
     return [*lines, ""]
@@ -205,10 +205,14 @@ def _accuracy_line(name: str, teacher: dict, student: dict, fraction: float) -> 
             f"{verdict})")
 
 
-def _recovery_line(closed: float | None, start: dict, end: dict) -> str:
-    if closed is None:  # the pruned student was already at the teacher's held-out loss
-        return (f"- **pruning cost no held-out loss here** (pruned {start['student_loss']:.4f} "
-                f"<= teacher {end['teacher_loss']:.4f}): compare the task metrics below")
+def _recovery_line(distilled: dict) -> str:
+    closed, start = distilled["gap_closed"], distilled["start"]
+    if closed is None:  # a gap under the distill report's minimum: no fraction is measurable
+        gap = start["student_loss"] - start["teacher_loss"]
+        return (f"- **pruning cost too little held-out loss to measure its recovery** (pruned "
+                f"{start['student_loss']:.4f} vs teacher {start['teacher_loss']:.4f}: a gap of "
+                f"{gap:.4f} nats, under {distilled.get('min_gap', 0.0)}): compare the task "
+                f"metrics below")
     return (f"- **the student recovered {_percent(closed)} of the held-out loss that pruning "
             f"cost** (gap to the teacher closed by distillation)")
 

@@ -26,8 +26,8 @@ from megatron_hybrid.context_parallel import (  # noqa: E402
 )
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
-# The tiny 9B (the model the long-context stage continues) at a small size of batch and run.
-SMALL = ["model.flavor=tiny-nano-v2-9b", "train.seq_length=128", "train.micro_batch_size=2",
+# The tiny 12B base (the model the long-context stage continues) at a small size of batch and run.
+SMALL = ["model.flavor=tiny-nano-v2-12b", "train.seq_length=128", "train.micro_batch_size=2",
          "train.global_batch_size=4", "train.log_interval=1", "train.eval_batches=1",
          "scheduler.warmup_steps=1", "logging.progress_bar=off", "logging.tensorboard=false",
          "logging.plot=false"]

@@ -280,3 +280,21 @@ def test_compression_section_states_the_fraction_of_the_teacher_kept_and_the_noi
     assert lines[6].endswith(": the student is worse)")  # 26 of 256 is more than the noise
     assert lines[7].endswith("student - teacher +0.0% (95% CI -13.3% to +13.3%: within the "
                              "noise)")
+    gap_too_small = {**distilled, "gap_closed": None, "min_gap": 0.01,
+                     "start": {"student_loss": 0.505, "teacher_loss": 0.5}}
+    lines = report.compression_lines("dpo", "distill", teacher, student, gap_too_small)
+    assert lines[5] == ("- **pruning cost too little held-out loss to measure its recovery** "
+                        "(pruned 0.5050 vs teacher 0.5000: a gap of 0.0050 nats, under 0.01): "
+                        "compare the task metrics below")
+
+
+@pytest.mark.parametrize("budget, nproc, per_rank", [("2", 2, "1"), ("4", 2, "2"), ("1", 4, "1")])
+def test_a_stages_ranks_share_the_pipelines_threads(tmp_path, monkeypatch, budget, nproc,
+                                                    per_rank):
+    monkeypatch.setenv("OMP_NUM_THREADS", budget)
+    stage = pipeline.Stage(name="first", kind="train", recipe=RECIPE)
+    plan = pipeline.StagePlan(stage=stage, run_dir=tmp_path, overrides=[], cfg=None,
+                              nproc=nproc, status="run")
+    pipeline._launch(plan, [sys.executable, "-c",
+                            "import os; print('threads', os.environ['OMP_NUM_THREADS'])"])
+    assert (tmp_path / pipeline.LOG).read_text().splitlines()[-1] == f"threads {per_rank}"

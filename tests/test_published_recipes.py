@@ -47,13 +47,13 @@ LAYOUTS = {
     "nemotron_h/pretrain_47b.yaml": ("nemotron-h-47b", 8, "fp8-hybrid", 8192),
     "nemotron_h/pretrain_56b.yaml": ("nemotron-h-56b", 8, "fp8-hybrid", 8192),
 }
-STAGE_GRAPH = [  # the published 12B -> 9B pipeline, by stage name
+STAGE_GRAPH = [  # the published 12B -> 9B pipeline, by stage name, in the paper's order
     ("pretrain", "train", {}),
-    ("sft", "sft", {"checkpoint.load": "pretrain"}),
+    ("long_context", "train", {"checkpoint.load": "pretrain"}),  # extends the base
+    ("sft", "sft", {"checkpoint.load": "long_context"}),
     ("dpo", "dpo", {"checkpoint.load": "sft"}),
     ("prune", "prune", {"checkpoint.load": "dpo"}),
     ("distill", "distill", {"checkpoint.load": "prune", "distill.teacher": "dpo"}),
-    ("long_context", "train", {"checkpoint.load": "distill", "model": "distill"}),
 ]
 
 
@@ -120,7 +120,7 @@ def test_prune_and_distill_hold_the_12b_to_9b_numbers():
 def test_long_context_extends_to_128k_with_context_parallel():
     cfg = recipe("nemotron_nano_v2/long_context_128k.yaml")
     assert cfg.seq_length == 131072 and cfg.parallel.cp > 1
-    assert tuple(getattr(cfg.model, key) for key in SHAPE_KEYS) == SHAPES["nano-v2-9b"]
+    assert tuple(getattr(cfg.model, key) for key in SHAPE_KEYS) == SHAPES["nano-v2-12b"]
     cfg.validate(world_size=NODE_GPUS)
 
 
@@ -134,7 +134,7 @@ def test_published_pipeline_chains_the_stages_and_plans_8_gpu_nodes(tmp_path):
     assert graph(path) == STAGE_GRAPH
     loaded = pipeline.load_pipeline(path, output_dir=str(tmp_path / "out"))
     plans = [pipeline.plan_stage(loaded, stage, selected=True) for stage in loaded.stages]
-    assert [plan.nproc for plan in plans] == [NODE_GPUS, NODE_GPUS, NODE_GPUS, 1, NODE_GPUS,
+    assert [plan.nproc for plan in plans] == [NODE_GPUS, NODE_GPUS, NODE_GPUS, NODE_GPUS, 1,
                                               NODE_GPUS]
     assert all(plan.cfg.parallel.backend == "cuda" for plan in plans)
     text = pipeline.describe_plan(loaded, plans)
