@@ -85,12 +85,12 @@ def complete_sharded_gradients(ddp_model) -> None:
     if not ddp_model.ddp_config.use_distributed_optimizer:
         return
     for bucket_group in ddp_model.bucket_groups:
+        group = bucket_group.intra_distributed_optimizer_instance_group
         shards = bucket_group.intra_distributed_optimizer_instance_size
         rank = bucket_group.intra_distributed_optimizer_instance_rank
         for bucket in bucket_group.buckets:
             local = bucket.grad_data.chunk(shards)[rank].clone()
-            dist.all_gather_into_tensor(bucket.grad_data, local,
-                                        group=bucket_group.intra_distributed_optimizer_instance_group)
+            dist.all_gather_into_tensor(bucket.grad_data, local, group=group)
 
 
 @contextlib.contextmanager
