@@ -71,7 +71,8 @@ def test_torchrun_cp2_reproduces_cp1_losses(cp1_run, tmp_path):
     meta = json.loads((tmp_path / "checkpoints" / "step_000004" / "meta.json").read_text())
     assert meta["layout"] == {"tp": 1, "pp": 1, "cp": 2, "dp": 1}
     reference = step_losses(cp1_run)
-    assert len(reference) == 4 and reference[-1] < reference[0]
+    # Measured over 4 steps (seeds 1234, 1, 2; 1 thread too): the loss falls 0.30-0.40.
+    assert len(reference) == 4 and reference[-1] < reference[0] - 0.15
     assert step_losses(tmp_path) == pytest.approx(reference, rel=1e-5)
 
 
@@ -83,8 +84,11 @@ def test_long_context_stage_continues_from_loaded_weights_at_cp2(cp1_run, tmp_pa
     assert f"initial weights from {start}" in result.stdout
     meta = json.loads((tmp_path / "checkpoints" / "step_000002" / "meta.json").read_text())
     assert meta["layout"]["cp"] == 2 and meta["train_state"]["tokens"] == 2 * 4 * 1024
-    # Fresh weights start at ln(vocab); the loaded ones already predict better (at 8x the
-    # sequence length they were trained on).
-    first = step_losses(tmp_path)[0]
-    assert first < math.log(1024) - 0.3
-    assert first == pytest.approx(step_losses(cp1_run)[-1], abs=0.3)
+    # The control is the same model before its 4 steps: fresh weights start near ln(vocab);
+    # the loaded ones predict better at 8x the sequence length they were trained on, about as
+    # well as at their own. Measured (seeds 1234, 1, 2; 1 thread too): first 6.43-6.48, 0.47-0.53
+    # under the fresh weights' first loss (6.95-6.96) and 0.13-0.19 under the loaded run's last.
+    first, cp1_losses = step_losses(tmp_path)[0], step_losses(cp1_run)
+    assert cp1_losses[0] == pytest.approx(math.log(1024), abs=0.1)
+    assert first < cp1_losses[0] - 0.25
+    assert first < cp1_losses[-1] + 0.1
