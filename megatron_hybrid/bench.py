@@ -401,8 +401,10 @@ class _Mallinfo2(ctypes.Structure):
 
 
 def large_allocations_stay_in_heap() -> bool | None:
-    """Whether a 64 MiB tensor comes from glibc's heap rather than a fresh ``mmap`` (glibc
-    maps anything above 32 MiB by default); None without glibc's ``mallinfo2``."""
+    """Whether a large tensor comes from glibc's heap rather than a fresh ``mmap`` (glibc maps
+    anything above 32 MiB by default); None without glibc's ``mallinfo2``. The tensor is 64 MiB
+    larger than all the heap's free space, so no freed chunk can serve it and glibc has to
+    choose between growing the heap and mapping; it is never touched, so it costs no memory."""
     import torch
 
     try:
@@ -410,9 +412,9 @@ def large_allocations_stay_in_heap() -> bool | None:
     except (OSError, AttributeError):
         return None
     mallinfo2.restype = _Mallinfo2
-    mapped = mallinfo2().hblkhd
-    block = torch.empty(2**26, dtype=torch.uint8)
-    stayed = mallinfo2().hblkhd == mapped
+    before = mallinfo2()
+    block = torch.empty(before.fordblks + 2**26, dtype=torch.uint8)
+    stayed = mallinfo2().hblkhd == before.hblkhd
     del block
     return stayed
 
