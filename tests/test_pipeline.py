@@ -12,6 +12,7 @@
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,14 +168,13 @@ def test_report_opens_with_the_final_model(resumed):
         "## Latest model: sft (the last stage, distill, has not finished)")
 
 
-def test_a_stage_summary_and_report_give_its_heldout_loss_data_and_task_metrics(resumed):
-    out = resumed["out"]
+def test_a_stage_summary_and_report_give_its_heldout_loss_data_and_task_metrics(resumed,
+                                                                                 tmp_path):
+    out = tmp_path / "out"  # a copy: the other tests read the run as the pipeline left it
+    shutil.copytree(resumed["out"], out, symlinks=True)
     report.write_summary(out / "second", heldout_loss=1.5, task_metrics={"accuracy": 0.25})
     (out / "second" / "train_report.json").write_text(json.dumps({"heldout_data": "poems"}))
-    try:
-        text = report.write_report(pipeline.load_pipeline(resumed["path"], str(out))).read_text()
-    finally:
-        (out / "second" / "train_report.json").unlink()
+    text = report.write_report(pipeline.load_pipeline(resumed["path"], str(out))).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| second |"))
     assert "| 1.5000 | poems | accuracy 0.25, accuracy /think " in row
     assert "- held-out loss: 1.5000 on poems" in text
