@@ -40,8 +40,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_hybrid.config import ModelConfig
+
+if TYPE_CHECKING:
+    from megatron_hybrid import metrics
 
 HELP = "training throughput of ours vs HF transformers' NemotronH on the same model (fp32)"
 
@@ -159,7 +163,7 @@ def benchmark(settings: BenchSettings, progress=None) -> dict:
                     runs[side].update(process.call("report"),
                                       parameters=process.started["parameters"])
     flops = metrics.flops_per_token(settings.model, settings.model.seq_length)["total"]
-    return summarise(settings, runs, peaks.probes, flops, metrics.cpu_device_name())
+    return summarise(settings, runs, peaks, flops, metrics.cpu_device_name())
 
 
 def _alternate(sides: dict, settings: BenchSettings, peaks, progress) -> dict:
@@ -183,12 +187,13 @@ def _alternate(sides: dict, settings: BenchSettings, peaks, progress) -> dict:
     return runs
 
 
-def summarise(settings: BenchSettings, runs: dict, peak_probes: list[dict],
+def summarise(settings: BenchSettings, runs: dict, peaks: metrics.PeakProbes,
               flops_per_token: float, device: str) -> dict:
     """The results as a JSON-ready dict; medians over the timed steps. ``runs`` holds per
     side its parameter count, every step's loss and seconds, peak RSS bytes and settings;
-    ``peak_probes`` the matmul probes (``after_step``, ``time``, ``flops``) of the run."""
-    peak = max(peak_probes, key=lambda probe: probe["flops"])
+    ``peaks`` the run's matmul probes (``after_step``, ``time``, ``flops``); MFU is against
+    their best."""
+    peak = peaks.best()
     per_side = {}
     for side in SIDES:
         timed = runs[side]["seconds"][settings.warmup:]
@@ -212,7 +217,7 @@ def summarise(settings: BenchSettings, runs: dict, peak_probes: list[dict],
         "tokens_per_step": settings.tokens_per_step, "warmup": settings.warmup,
         "steps": settings.steps, "threads": settings.threads, "adamw": settings.adamw,
         "peer_without": list(settings.peer_without), "device": device,
-        "peak_flops": peak["flops"], "peak_probe": peak, "peak_probes": peak_probes,
+        "peak_flops": peak["flops"], "peak_probe": peak, "peak_probes": peaks.probes,
         "flops_per_token": flops_per_token,
         "ours": per_side["ours"], "hf": per_side["hf"], "ratio": ratio,
         "settings_unequal": unequal,
