@@ -33,11 +33,12 @@ def build_layers(max_length: int):
     from megatron_hybrid import backends
 
     backends.install("cpu")
-    from megatron_hybrid import bench, parallel
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.parallel import process_groups
+    from megatron_hybrid.planning import bench
 
-    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
-    parallel.seed_everything(1234)
+    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
+    process_groups.seed_everything(1234)
     cfg = bench.DEFAULT_MODEL.replace(pattern="M*", seq_length=max_length)
     model = build_model(cfg, ModelLayout(), backend="cpu").train()
     return {kind: model.decoder.layers[index] for kind, index in KINDS.items()}, cfg.hidden_size
@@ -81,7 +82,7 @@ def summarise(per_token: dict) -> dict:
 
 
 def plot(per_token: dict, out_png: Path) -> Path:
-    from megatron_hybrid.metrics import plot_curves
+    from megatron_hybrid.engine.metrics import plot_curves
 
     curves = {f"{kind} layer": [(length, 1e6 * value) for length, value in by_length.items()]
               for kind, by_length in per_token.items()}

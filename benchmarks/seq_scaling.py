@@ -38,7 +38,7 @@ MODELS = {"Mamba-only (MMMM)": "MMMM", "attention-only (****)": "****"}
 
 
 def model_config(pattern: str, seq_length: int):
-    from megatron_hybrid.config import ModelConfig
+    from megatron_hybrid.model.config import ModelConfig
 
     return ModelConfig(
         pattern=pattern, hidden_size=128, ffn_hidden_size=512, num_attention_heads=8,
@@ -54,13 +54,14 @@ def forward_backward(model, tokens: torch.Tensor) -> None:
 
 def measure(pattern: str, seq_length: int, repeats: int) -> tuple[float, float]:
     """(seconds, peak bytes) per token of one sequence's forward and backward."""
-    from megatron_hybrid import parallel, plan
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.parallel import process_groups
+    from megatron_hybrid.planning import planner
 
-    parallel.seed_everything(0)
+    process_groups.seed_everything(0)
     model = build_model(model_config(pattern, seq_length), ModelLayout(), backend="cpu")
     tokens = torch.randint(0, 1024, (1, seq_length))
-    _, peak = plan.measure_cpu_peak(lambda: forward_backward(model, tokens))
+    _, peak = planner.measure_cpu_peak(lambda: forward_backward(model, tokens))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -70,7 +71,7 @@ def measure(pattern: str, seq_length: int, repeats: int) -> tuple[float, float]:
 
 
 def results_markdown(results: dict, command: str) -> str:
-    from megatron_hybrid import metrics
+    from megatron_hybrid.engine import metrics
 
     names = list(MODELS)
     lines = [f"Measured {datetime.date.today().isoformat()} on {metrics.cpu_model_name()} "
@@ -106,9 +107,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per point (best)")
     args = parser.parse_args()
     backends.install("cpu")
-    from megatron_hybrid import metrics, parallel
+    from megatron_hybrid.engine import metrics
+    from megatron_hybrid.parallel import process_groups
 
-    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
     try:
         results = {name: {} for name in MODELS}
         for length in LENGTHS:
@@ -118,7 +120,7 @@ def main() -> None:
                 print(f"{length:>6} {name:<24} {seconds * 1e6:8.0f} us/token "
                       f"{peak / 1024:8.1f} KiB/token", flush=True)
     finally:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()
     for column, name, label in ((0, "time", "microseconds per token"),
                                 (1, "memory", "peak KiB per token")):
         scale = 1e6 if column == 0 else 1 / 1024

@@ -20,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import types
 import typing
 from pathlib import Path
 
 import yaml
 
-from megatron_hybrid import flavors
-from megatron_hybrid.config import ConfigError, ModelConfig, RunConfig
+from megatron_hybrid import sections
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model import flavors
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.run_config import RunConfig
 
 BASE_KEY = "base"
 """Top-level recipe key listing the recipes this one extends."""
@@ -71,7 +73,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise ConfigError(f"override {text!r}: expected key=value with a dotted key, e.g. "
                           f"{OVERRIDE_EXAMPLE}")
     try:
-        value = yaml.load(value_text, Loader=_RecipeLoader)
+        value = yaml.load(value_text, Loader=sections.RecipeLoader)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"override {text!r}: cannot parse the value {value_text!r} as YAML "
@@ -82,27 +84,6 @@ def parse_override(text: str) -> tuple[list[str], object]:
 def from_dict(raw: dict) -> RunConfig:
     """A ``RunConfig`` from a nested mapping (recipe keys, ``base`` resolved)."""
     return _build(RunConfig, raw, "")
-
-
-def to_dict(cfg) -> dict:
-    """The config as plain nested dicts / lists / scalars (the model fully expanded)."""
-    return _plain(dataclasses.asdict(cfg))
-
-
-def dump_yaml(cfg) -> str:
-    """The resolved config as YAML that ``load_recipe`` reads back to an equal config."""
-    return yaml.dump(to_dict(cfg), Dumper=_RecipeDumper, sort_keys=False,
-                     default_flow_style=False, allow_unicode=True)
-
-
-def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
-    """Write ``dump_yaml(cfg)`` to ``path`` atomically (parents created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(dump_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def non_default_items(cfg: RunConfig) -> list[tuple[str, object]]:
@@ -154,7 +135,7 @@ def _read_yaml(path: Path, included_by: Path | None) -> dict:
         origin = f" ({BASE_KEY} of {included_by})" if included_by else ""
         raise RecipeNotFoundError(f"recipe file not found: {path}{origin}")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=sections.RecipeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -359,16 +340,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _plain(value):
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
 # -- non-default values -----------------------------------------------------------------------
 
 def _changed(value, reference) -> dict:
@@ -378,7 +349,7 @@ def _changed(value, reference) -> dict:
         mine = getattr(value, f.name)
         theirs = getattr(reference, f.name) if reference is not None else _default_of(f)
         if mine != theirs:
-            changed[f.name] = _plain(mine)
+            changed[f.name] = sections.plain(mine)
     return changed
 
 
@@ -403,50 +374,3 @@ def _closest_flavor(model: ModelConfig) -> tuple[str | None, ModelConfig | None]
         if best_changes is None or changes < best_changes:
             best, best_changes = (name, candidate), changes
     return best
-
-
-# -- YAML dialect -----------------------------------------------------------------------------
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-_FLOAT_RE = re.compile(r"""^(?:
-    [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-  | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-  | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-  | [-+]?\.(?:inf|Inf|INF)
-  | \.(?:nan|NaN|NAN)
-)$""", re.VERBOSE)
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans and floats, refusing duplicate keys."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, typing.Hashable):
-                continue  # SafeConstructor reports unhashable keys itself
-            if key in seen:
-                mark = key_node.start_mark
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (a later one would silently win)", mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_RecipeLoader.add_implicit_resolver(_BOOL_TAG, _BOOL_RE, list("tTfF"))
-_RecipeLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))
-
-
-class _RecipeDumper(yaml.SafeDumper):
-    """SafeDumper that also quotes strings ``_RecipeLoader`` would read as floats (``1e5``),
-    keeping YAML 1.1's quoting of ``on`` / ``yes`` so other readers agree."""
-
-
-_RecipeDumper.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))

@@ -8,12 +8,22 @@ ranks with ``rank_environment``.
 """
 
 import os
+import sys
+from pathlib import Path
 
 SESSION_THREADS = 2
 """The CI machine's cores: a fixed number, so a bigger machine runs the same numerics."""
 
 os.environ.setdefault("OMP_NUM_THREADS", str(SESSION_THREADS))
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
+
+TESTS = Path(__file__).resolve().parent
+# tests/ mirrors the package, one folder per room; some tests reuse another room's helpers and
+# fixtures by module name (test basenames are unique), so every room is importable from any.
+for room in sorted(path for path in TESTS.iterdir() if path.is_dir() and any(path.glob("test_*.py"))):
+    if str(room) not in sys.path:
+        sys.path.append(str(room))
 
 
 def rank_environment(nproc: int) -> dict[str, str]:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid import flavors, pipeline
+from megatron_hybrid.model import flavors
+from megatron_hybrid.pipeline import runner
 from megatron_hybrid.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -126,18 +127,18 @@ def test_long_context_extends_to_128k_with_context_parallel():
 
 def graph(path: Path) -> list:
     return [(stage.name, stage.kind, stage.inputs)
-            for stage in pipeline.load_pipeline(path).stages]
+            for stage in runner.load_pipeline(path).stages]
 
 
 def test_published_pipeline_chains_the_stages_and_plans_8_gpu_nodes(tmp_path):
     path = RECIPES / "nemotron_nano_v2" / "pipeline.yaml"
     assert graph(path) == STAGE_GRAPH
-    loaded = pipeline.load_pipeline(path, output_dir=str(tmp_path / "out"))
-    plans = [pipeline.plan_stage(loaded, stage, selected=True) for stage in loaded.stages]
+    loaded = runner.load_pipeline(path, output_dir=str(tmp_path / "out"))
+    plans = [runner.plan_stage(loaded, stage, selected=True) for stage in loaded.stages]
     assert [plan.nproc for plan in plans] == [NODE_GPUS, NODE_GPUS, NODE_GPUS, NODE_GPUS, 1,
                                               NODE_GPUS]
     assert all(plan.cfg.parallel.backend == "cuda" for plan in plans)
-    text = pipeline.describe_plan(loaded, plans)
+    text = runner.describe_plan(loaded, plans)
     pretrain = text.split("\n2. ")[0]
     assert "tp 4 x pp 1 x cp 1 x dp 2 = world size 8, sequence parallel on" in pretrain
     assert "20T tokens, fp8-hybrid" in pretrain

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid import flavors
-from megatron_hybrid.config import (
-    ConfigError, OptimizerConfig, ParallelConfig, RunConfig, TrainConfig,
-)
+from megatron_hybrid.engine.config import OptimizerConfig, TrainConfig
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model import flavors
+from megatron_hybrid.parallel.config import ParallelConfig
 from megatron_hybrid.recipe import (
-    RecipeNotFoundError, dump_yaml, load_recipe, non_default_items, save_resolved, to_dict,
+    RecipeNotFoundError,
+    load_recipe,
+    non_default_items,
 )
+from megatron_hybrid.run_config import RunConfig
+from megatron_hybrid.sections import dump_yaml, save_resolved, to_dict
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = sorted(p for p in RECIPES_DIR.rglob("*") if p.suffix in (".yaml", ".yml")

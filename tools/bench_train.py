@@ -3,7 +3,7 @@
     python tools/bench_train.py                         # the default 22.7M hybrid, 1024 x 2
     python tools/bench_train.py --seq-length 2048 --steps 4 --json
 
-The same as ``megatron-hybrid bench``; the logic lives in ``megatron_hybrid.bench``.
+The same as ``megatron-hybrid bench``; the logic lives in ``megatron_hybrid.planning.bench``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_hybrid import bench
+from megatron_hybrid.planning import bench
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from megatron_hybrid import checkpoint, convert, sharded_io
-from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.convert import ConversionError, preview
+from megatron_hybrid.checkpoint import dist_checkpoint, sharded_io
 from megatron_hybrid.data.cache import sha256_bytes, temporary_sibling
+from megatron_hybrid.model import hf_mapping
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.hf_mapping import ConversionError, preview
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -122,14 +123,14 @@ class HFCheckpoint:
     def __init__(self, directory):
         self.directory = Path(directory)
         self.hf_config = read_hf_config(self.directory)
-        self.model_config = convert.model_config_from_hf(self.hf_config)
+        self.model_config = hf_mapping.model_config_from_hf(self.hf_config)
         self.files = _tensor_files(self.directory)
         self.specs = _read_specs(self.files)
-        self.prefix = convert.detect_prefix(self.specs)
+        self.prefix = hf_mapping.detect_prefix(self.specs)
         _check_against_config(self.specs, hf_model_shapes(self.hf_config, self.prefix),
                               self.directory)
         self.maps = {entry.mcore: entry
-                     for entry in convert.weight_map(self.model_config, self.prefix)}
+                     for entry in hf_mapping.weight_map(self.model_config, self.prefix)}
 
     def read(self, name: str) -> torch.Tensor:
         with safe_open(self.files[name], framework="pt") as shard:
@@ -247,7 +248,7 @@ def hf_model_shapes(hf_config, prefix: str) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = NemotronHForCausalLM(hf_config)
-    return {re.sub(f"^{re.escape(convert.HF_PREFIX)}", prefix, name): tuple(tensor.shape)
+    return {re.sub(f"^{re.escape(hf_mapping.HF_PREFIX)}", prefix, name): tuple(tensor.shape)
             for name, tensor in model.state_dict().items()}
 
 
@@ -268,9 +269,9 @@ def _write_meta(directory: Path, cfg: ModelConfig, tokenizer: dict | None) -> No
     """meta.json as a training run writes it (checkpoint.py), at step 0 and layout TP1/PP1."""
     meta = {"model": cfg.to_dict(), "tokenizer": tokenizer,
             "layout": {"tp": 1, "pp": 1, "cp": 1, "dp": 1},
-            "train_state": asdict(checkpoint.TrainState()), "scheduler": None, "world_size": 1,
+            "train_state": asdict(dist_checkpoint.TrainState()), "scheduler": None, "world_size": 1,
             "converted_from": "hf"}
-    (directory / checkpoint.META).write_text(json.dumps(meta, indent=2))
+    (directory / dist_checkpoint.META).write_text(json.dumps(meta, indent=2))
 
 
 def _tokenizer_identity(directory: Path) -> dict | None:
@@ -295,12 +296,12 @@ def export_hf(checkpoint_dir, out, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_B
               ) -> Converted:
     """Convert checkpoint ``checkpoint_dir`` into a new HF NemotronH directory ``out``."""
     checkpoint_dir = Path(checkpoint_dir)
-    cfg = ModelConfig(**checkpoint.read_meta(checkpoint_dir)["model"])
+    cfg = ModelConfig(**dist_checkpoint.read_meta(checkpoint_dir)["model"])
     cfg.validate()
-    maps = convert.weight_map(cfg, convert.HF_CHECKPOINT_PREFIX)
+    maps = hf_mapping.weight_map(cfg, hf_mapping.HF_CHECKPOINT_PREFIX)
     with sharded_io.open_checkpoint(checkpoint_dir, cfg) as reader:
         specs = _hf_specs(maps, reader)
-        hf_config = convert.hf_config_from_model(
+        hf_config = hf_mapping.hf_config_from_model(
             cfg, architectures=["NemotronHForCausalLM"], dtype=_main_dtype(specs))
         with staged_directory(out) as staging:
             write_safetensors(staging, specs, _hf_tensors(maps, reader), max_shard_bytes)

@@ -11,16 +11,14 @@ TP/PP/CP layout loads any checkpoint directly (``checkpoint.load=CKPT`` with new
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 from collections import Counter
 
-from megatron_hybrid import flavors, pattern
-from megatron_hybrid.config import ModelConfig
+from megatron_hybrid import pattern
+from megatron_hybrid.model import flavors
+from megatron_hybrid.model.config import ModelConfig
 
-HELP = "inspect checkpoints: flavor, pattern, shapes, layout, step, tokens, diff vs a recipe"
 ORIGIN_KEYS = ("converted_from", "pruned_from")
 """meta.json keys saying where a checkpoint's weights came from (conversion, pruning)."""
 SHAPE_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig)
@@ -28,29 +26,17 @@ SHAPE_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig)
 """The model fields a flavor is defined by (the pattern compared without stage marks)."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", required=True)
-    inspect = actions.add_parser("inspect", help="summarise a checkpoint (a step_* folder)")
-    inspect.add_argument("checkpoint", help="checkpoint directory (with meta.json)")
-    inspect.add_argument("--recipe", help="recipe YAML to compare the model config with")
-    inspect.add_argument("--json", action="store_true", help="print JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = inspect_checkpoint(args.checkpoint, recipe=args.recipe)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
-
-
-def inspect_checkpoint(directory, *, recipe: str | None = None) -> dict:
-    """The facts ``ckpt inspect`` prints, as plain JSON-ready values."""
+def inspect_checkpoint(directory, *, recipe: str | None = None,
+                       recipe_model: ModelConfig | None = None) -> dict:
+    """The facts ``ckpt inspect`` prints, as plain JSON-ready values; with ``recipe_model`` (the
+    model of the recipe at ``recipe``) also how the checkpoint's model differs from it."""
     from megatron_hybrid import backends
 
     if backends.active() is None:
         backends.install("cpu")  # checkpoint.py reads through Megatron-Core
-    from megatron_hybrid import checkpoint
+    from megatron_hybrid.checkpoint import dist_checkpoint
 
-    meta = checkpoint.read_meta(directory)
+    meta = dist_checkpoint.read_meta(directory)
     model = ModelConfig(**meta["model"])
     flavor, flavor_differences = closest_flavor(model)
     report = {
@@ -60,18 +46,16 @@ def inspect_checkpoint(directory, *, recipe: str | None = None) -> dict:
         "tokenizer": meta["tokenizer"],
         **{key: meta[key] for key in ORIGIN_KEYS if key in meta},
     }
-    if recipe is not None:
-        from megatron_hybrid.recipe import load_recipe
-
+    if recipe_model is not None:
         report["recipe"] = str(recipe)
-        report["recipe_differences"] = model_differences(model, load_recipe(recipe).model)
+        report["recipe_differences"] = model_differences(model, recipe_model)
     return report
 
 
 def _saved_tensors(directory) -> dict:
     """Parameters saved (optimizer state excluded), per dtype, and whether optimizer state is."""
     from megatron_hybrid import mcore
-    from megatron_hybrid.sharded_io import OPTIMIZER_KEY_PREFIX
+    from megatron_hybrid.checkpoint.sharded_io import OPTIMIZER_KEY_PREFIX
 
     saved = mcore.dist_checkpointing.load_tensors_metadata(str(directory))
     by_dtype = Counter()

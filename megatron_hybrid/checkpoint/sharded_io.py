@@ -31,9 +31,10 @@ from torch.distributed import checkpoint as torch_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from megatron_hybrid import mcore, params
-from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.convert import ConversionError, preview
+from megatron_hybrid import mcore
+from megatron_hybrid.model import params
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.hf_mapping import ConversionError, preview
 
 OPTIMIZER_KEY_PREFIX = "optimizer."
 """Megatron-Core names optimizer-state tensors ``optimizer.state.<moment>.<parameter key>``."""

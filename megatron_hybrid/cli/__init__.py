@@ -1,121 +1,49 @@
-"""``megatron-hybrid`` command line: one small function per subcommand."""
+"""``megatron-hybrid`` command line: parsing only; each command group has its own module.
+
+A group module lists its commands in ``COMMANDS``: name -> :class:`Command`. Modules keep heavy
+imports inside the handlers, so building the parser stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
-from megatron_hybrid import flavors, pattern, pipeline
+from megatron_hybrid.errors import USER_ERRORS
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
-"""Errors raised for bad input; printed as one line instead of a traceback."""
-
-
-def cmd_params(args: argparse.Namespace) -> int:
-    from megatron_hybrid import backends
-
-    model_cfg = flavors.get_flavor(args.flavor)
-    layer_pattern = model_cfg.layer_pattern
-    layer_pattern.stages(args.pp)  # refuse an impossible split before building anything
-    backends.install("cpu")  # counting builds on the meta device: no GPU needed
-    from megatron_hybrid.params import count_parameters
-
-    counts = count_parameters(model_cfg)
-    if args.json:
-        print(json.dumps({"flavor": args.flavor, **counts}, indent=2))
-        return 0
-    print(f"{args.flavor}: {counts['total']:,} parameters "
-          f"(embedding {counts['embedding']:,}, output layer {counts['output_layer']:,})")
-    for kind in ("mamba", "attention", "mlp", "moe"):
-        if counts[kind]:
-            print(f"  {kind:<9} {counts[kind]:>16,}")
-    print(pattern.describe(layer_pattern, args.pp, counts["per_layer"]))
-    return 0
+COMMAND_GROUPS = ("model", "train", "pipeline", "launch", "checkpoint", "stages", "planning")
+"""The modules of ``megatron_hybrid.cli`` that define commands, in the order of ``--help``."""
 
 
-DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pipeline.yaml"
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
-def _print_run_header(cfg) -> None:
-    from megatron_hybrid import recipe
-
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    print(f"run {cfg.name} -> {cfg.resolved_output_dir}")
-    for key, value in recipe.non_default_items(cfg):
-        print(f"  {key} = {value}")
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from megatron_hybrid import backends, recipe
-
-    cfg = recipe.load_recipe(args.recipe, args.overrides)
-    backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
-    from megatron_hybrid import train
-
-    _print_run_header(cfg)
-    state = train.run(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"done: {state.step} steps, {state.tokens:,} tokens -> {cfg.resolved_output_dir}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    args.pipeline = str(DEMO_PIPELINE)
-    return pipeline.run(args)
-
-
-COMMAND_MODULES = {
-    # subcommand -> module with HELP, add_arguments(parser) and run(args) -> exit code.
-    # Each module keeps heavy imports inside run(), so building the parser stays fast.
-    "launch": "megatron_hybrid.launch",
-    "convert": "megatron_hybrid.convert",
-    "ckpt": "megatron_hybrid.ckpt",
-    "prune": "megatron_hybrid.prune",
-    "distill": "megatron_hybrid.distill",
-    "sft": "megatron_hybrid.sft",
-    "dpo": "megatron_hybrid.dpo",
-    "pipeline": "megatron_hybrid.pipeline",
-    "plan": "megatron_hybrid.plan",
-    "bench": "megatron_hybrid.bench",
-}
-
-
-def _add_module_commands(commands) -> None:
-    for name, module_name in COMMAND_MODULES.items():
-        module = importlib.import_module(module_name)
-        command = commands.add_parser(name, help=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(handler=module.run)
+def recipe_arguments(example_recipe: str, example_override: str) -> Callable:
+    """``add_arguments`` for a command that takes a recipe and dotted overrides."""
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("recipe", help=f"recipe YAML, e.g. {example_recipe}")
+        parser.add_argument("overrides", nargs="*", metavar="key=value",
+                            help=f"dotted overrides, applied last (e.g. {example_override})")
+    return add_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__)
+    parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-
-    params = commands.add_parser(
-        "params", help="parameter counts of a flavor, from the real model built on meta")
-    params.add_argument("--flavor", required=True, help=f"one of: {', '.join(flavors.FLAVORS)}")
-    params.add_argument("--pp", type=int, default=1, help="pipeline stages to describe")
-    params.add_argument("--json", action="store_true", help="print JSON")
-    params.set_defaults(handler=cmd_params)
-
-    train = commands.add_parser("train", help="train from a recipe (torchrun for several ranks)")
-    train.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/pretrain.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted overrides, applied last (e.g. parallel.tp=2)")
-    train.set_defaults(handler=cmd_train)
-
-    demo = commands.add_parser(
-        "demo", help="the main job: the 12B -> 9B pipeline at tiny scale on the CPU "
-                     "(recipes/tiny/pipeline.yaml)")
-    pipeline.add_run_options(demo)
-    demo.set_defaults(handler=cmd_demo)
-    _add_module_commands(commands)
+    for group in COMMAND_GROUPS:
+        module = importlib.import_module(f"megatron_hybrid.cli.{group}")
+        for name, command in module.COMMANDS.items():
+            subparser = commands.add_parser(name, help=command.help)
+            command.add_arguments(subparser)
+            subparser.set_defaults(handler=command.run)
     return parser
 
 

@@ -20,11 +20,11 @@ from typing import Iterator
 import numpy
 import torch
 
-from megatron_hybrid.config import ConfigError
 from megatron_hybrid.data import DataError, corpus
 from megatron_hybrid.data.cache import resolve_cache_dir
 from megatron_hybrid.data.preprocess import preprocess_jsonl
 from megatron_hybrid.data.tokenizer import Tokenizer
+from megatron_hybrid.errors import ConfigError
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 """What each micro-batch holds (labels are the tokens shifted left by one)."""

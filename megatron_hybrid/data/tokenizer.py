@@ -15,9 +15,9 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from megatron_hybrid.config import ConfigError
 from megatron_hybrid.data import DataError, corpus
 from megatron_hybrid.data.cache import atomic_write_bytes, resolve_cache_dir, sha256_bytes
+from megatron_hybrid.errors import ConfigError
 
 KINDS = ("default-bpe", "hf")
 SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<think>", "</think>", "<|im_start|>", "<|im_end|>")

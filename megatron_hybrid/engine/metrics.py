@@ -27,6 +27,9 @@ FLOP conventions (the model FLOPs of MFU, PaLM arXiv 2204.02311 appendix B):
   in Megatron-LM / Megatron-Bridge ``hybrid_flops``), so MFU here compares with Megatron's
   published hybrid MFU; Megatron-LM's older GPT formula, PaLM and torch's FlopCounterMode count
   the full square (2x our attention core).
+
+One module because the FLOP counts, the device peaks and the tracker that divides one by
+the other are one formula read three ways; the plots are its outputs.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.convert import MEGATRON_CONV_KERNEL
-from megatron_hybrid.params import KIND_KEYS
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.hf_mapping import MEGATRON_CONV_KERNEL
+from megatron_hybrid.model.params import KIND_KEYS
 
 TRAINING_FLOPS_FACTOR = 3
 """Forward + backward (data and weight gradients) per GEMM."""

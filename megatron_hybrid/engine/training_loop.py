@@ -13,22 +13,32 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from megatron_hybrid import backends, engine, metrics, parallel, recipe, reliability
-from megatron_hybrid.checkpoint import Checkpointer, TrainState, check_matches, load_weights
-from megatron_hybrid.config import RunConfig
+from megatron_hybrid import backends, reliability, sections
+from megatron_hybrid.checkpoint.dist_checkpoint import (
+    Checkpointer,
+    TrainState,
+    check_matches,
+    load_weights,
+)
 from megatron_hybrid.data.datasets import build_datasets, microbatch_iterator
 from megatron_hybrid.data.tokenizer import load_tokenizer
-from megatron_hybrid.model import ModelLayout, build_model
+from megatron_hybrid.engine import metrics, training_step
+from megatron_hybrid.model.build import ModelLayout, build_model
+from megatron_hybrid.parallel import process_groups
+
+if TYPE_CHECKING:
+    from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
 
 
 @dataclass
 class Trainer:
     cfg: RunConfig
     run_dir: Path
-    dims: parallel.ParallelDims
+    dims: process_groups.ParallelDims
     model_chunks: list
     optimizer: object
     scheduler: object
@@ -36,7 +46,7 @@ class Trainer:
     train_data: object
     valid_data: object
     state: TrainState
-    forward_step: Callable = engine.lm_forward_step
+    forward_step: Callable = training_step.lm_forward_step
     """(data iterator, model) -> (output, loss function), for training and evaluation."""
 
     @property
@@ -59,7 +69,7 @@ class Trainer:
         teacher) through its forward step (or ``forward_step``); None without validation data."""
         if self.valid_data is None:
             return None
-        return engine.eval_loss(
+        return training_step.eval_loss(
             model_chunks or self.model_chunks, self.batches(self.valid_data, 0),
             num_microbatches=self.num_microbatches * self.cfg.train.eval_batches,
             micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.seq_length,
@@ -73,7 +83,7 @@ class Trainer:
                                   loss_spike_factor=cfg.train.loss_spike_factor) as watchdog:
             while state.step < total and not watchdog.stopping:
                 started = time.perf_counter()
-                result = engine.train_step(
+                result = training_step.train_step(
                     self.model_chunks, self.optimizer, data,
                     num_microbatches=self.num_microbatches,
                     micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.seq_length,
@@ -107,23 +117,23 @@ def run(cfg: RunConfig) -> TrainState:
 
 
 @contextlib.contextmanager
-def session(cfg: RunConfig) -> Iterator[tuple[str, parallel.ParallelDims]]:
+def session(cfg: RunConfig) -> Iterator[tuple[str, process_groups.ParallelDims]]:
     """Backend and process groups for ``cfg``, torn down on exit: (backend, dims)."""
     backend = backends.install(cfg.parallel.backend)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg.validate(world_size)
     cfg.validate_for_backend(backend)
-    dims = parallel.ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
+    dims = process_groups.ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
                                  world_size=world_size)
-    parallel.init_distributed(dims, backend=backend,
+    process_groups.init_distributed(dims, backend=backend,
                               timeout_minutes=cfg.parallel.timeout_minutes)
     try:
         yield backend, dims
     finally:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()
 
 
-def run_stage(cfg: RunConfig, stage: Callable[[str, parallel.ParallelDims], dict],
+def run_stage(cfg: RunConfig, stage: Callable[[str, process_groups.ParallelDims], dict],
               summary: Callable[[dict], str]) -> int:
     """Run a stage (prune, distill, SFT, DPO: ``stage(backend, dims) -> report``) in a session
     of ``cfg``; rank 0 prints ``summary(report)``."""
@@ -145,9 +155,9 @@ def fit(trainer: Trainer) -> TrainState:
     return state
 
 
-def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
+def build_trainer(cfg: RunConfig, backend: str, dims: process_groups.ParallelDims, *,
                   wrap_model: Callable | None = None,
-                  forward_step: Callable = engine.lm_forward_step,
+                  forward_step: Callable = training_step.lm_forward_step,
                   datasets: tuple | None = None) -> Trainer:
     """The trainer of ``cfg``; ``wrap_model`` (e.g. attaching a distillation teacher) gets the
     model after its initial weights are loaded and before DDP wraps it. ``datasets``
@@ -158,24 +168,24 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
         run_dir, save_interval=cfg.checkpoint.save_interval, keep_last=cfg.checkpoint.keep_last,
         meta={"model": cfg.model.to_dict(), "tokenizer": tokenizer.unique_identifiers,
               "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp}},
-        config_yaml=recipe.dump_yaml(cfg))
+        config_yaml=sections.dump_yaml(cfg))
     latest = _starting_checkpoint(cfg, checkpointer)
     # Data before the model: a bad data file is refused before anything heavy is built.
     train_data, valid_data = datasets if datasets is not None else build_datasets(
         cfg.data, tokenizer, seq_length=cfg.seq_length,
         train_samples=cfg.total_steps * cfg.train.global_batch_size,
         valid_samples=cfg.train.eval_batches * cfg.train.global_batch_size)
-    parallel.seed_everything(cfg.train.seed)
+    process_groups.seed_everything(cfg.train.seed)
     model = build_model(cfg.model, model_layout(cfg, dims), backend=backend)
     if latest is None and cfg.checkpoint.load:
         _print0(f"initial weights from {cfg.checkpoint.load}")
         load_weights([model], cfg.checkpoint.load)
     if wrap_model is not None:
         model = wrap_model(model)
-    chunks = [engine.wrap_ddp(model, use_distributed_optimizer=cfg.parallel.distributed_optimizer)]
+    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=cfg.parallel.distributed_optimizer)]
     optimizer = reliability.SkipNonFinite(
-        engine.build_optimizer(chunks, _optimizer_settings(cfg)), chunks)
-    scheduler = engine.build_scheduler(
+        training_step.build_optimizer(chunks, _optimizer_settings(cfg)), chunks)
+    scheduler = training_step.build_scheduler(
         optimizer, kind=cfg.scheduler.kind, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
         warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.total_steps,
         decay_fraction=cfg.scheduler.decay_fraction,
@@ -186,7 +196,7 @@ def build_trainer(cfg: RunConfig, backend: str, dims: parallel.ParallelDims, *,
         state = checkpointer.resume(latest, chunks, optimizer, scheduler)
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save_resolved(cfg, run_dir / "config.yaml")
+        sections.save_resolved(cfg, run_dir / "config.yaml")
     return Trainer(cfg, run_dir, dims, chunks, optimizer, scheduler, checkpointer, train_data,
                    valid_data, state, forward_step)
 
@@ -203,16 +213,16 @@ def _starting_checkpoint(cfg: RunConfig, checkpointer: Checkpointer) -> Path | N
     return latest
 
 
-def model_layout(cfg: RunConfig, dims: parallel.ParallelDims) -> ModelLayout:
+def model_layout(cfg: RunConfig, dims: process_groups.ParallelDims) -> ModelLayout:
     """How this run lays its model out across ranks."""
     return ModelLayout(tp=dims.tp, pp=dims.pp, cp=dims.cp,
                        sequence_parallel=cfg.parallel.sequence_parallel,
                        precision=cfg.train.precision, recompute=cfg.train.recompute)
 
 
-def _optimizer_settings(cfg: RunConfig) -> engine.OptimizerSettings:
+def _optimizer_settings(cfg: RunConfig) -> training_step.OptimizerSettings:
     opt = cfg.optimizer
-    return engine.OptimizerSettings(
+    return training_step.OptimizerSettings(
         lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
         adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, clip_grad=opt.clip_grad,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)

@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_hybrid import context_parallel, mcore
+from megatron_hybrid import mcore
+from megatron_hybrid.parallel import context_parallel
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,8 +13,8 @@ from collections.abc import Collection
 
 import torch
 
-from megatron_hybrid import engine
-from megatron_hybrid.checkpoint import unwrap
+from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
+from megatron_hybrid.engine import training_step
 
 
 def check_single_rank(model) -> None:
@@ -55,7 +55,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *,
             tokens = torch.tensor([[token for row in rows for token in row]], device=device)
             positions = torch.cat([torch.arange(len(row), device=device) for row in rows])
             logits = module(tokens, None, None,
-                            packed_seq_params=engine.packed_seq_params(positions))
+                            packed_seq_params=training_step.packed_seq_params(positions))
             last = torch.tensor([len(row) for row in rows], device=device).cumsum(0) - 1
             for index, next_id in zip(running, logits[0, last].argmax(-1).tolist()):
                 new[index].append(next_id)

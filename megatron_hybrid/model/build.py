@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_hybrid import mcore, specs
-from megatron_hybrid.config import ModelConfig
+from megatron_hybrid import mcore
+from megatron_hybrid.model import specs
+from megatron_hybrid.model.config import ModelConfig
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ import difflib
 from collections.abc import Callable
 
 from megatron_hybrid import pattern as pattern_lib
-from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig
 
 NEMOTRON_VOCAB_SIZE = 131072
 PUBLISHED_TIME_STEP_MIN = 0.001

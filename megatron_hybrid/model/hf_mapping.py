@@ -39,7 +39,7 @@ Numerics that a config cannot carry and what is done about them:
   ``layer_norm_epsilon == 1e-5`` (every published Nemotron-H config) converts exactly.
 - MoE (``E``) layers are not converted: HF NemotronH's MoE (sigmoid group-limited router with a
   score-correction bias, a shared expert, optional latent projections) is a different
-  architecture from the ``E`` layers ``megatron_hybrid.model`` builds.
+  architecture from the ``E`` layers ``megatron_hybrid.model.build`` builds.
 
 State dicts are the full, unsharded TP=1/PP=1 ones (Megatron's ``model.state_dict()`` names;
 ``*._extra_state`` entries are skipped on export and not produced on import, see
@@ -48,7 +48,6 @@ State dicts are the full, unsharded TP=1/PP=1 ones (Megatron's ``model.state_dic
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import re
@@ -56,7 +55,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -404,34 +403,4 @@ def load_mcore_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tens
 # The ``megatron-hybrid convert`` command (the tensor streaming lives in hf_checkpoint.py)
 # ---------------------------------------------------------------------------------------------
 
-HELP = "convert checkpoints: Hugging Face NemotronH <-> Megatron (tensor by tensor)"
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    directions = parser.add_subparsers(dest="direction", required=True)
-    to_mcore = directions.add_parser(
-        "hf-to-mcore", help="HF model directory -> Megatron checkpoint (checkpoint.load=OUT)")
-    to_mcore.add_argument("hf_dir", help="directory with config.json and *.safetensors")
-    to_mcore.add_argument("out", help="checkpoint directory to create (must not exist)")
-    to_hf = directions.add_parser(
-        "mcore-to-hf", help="Megatron checkpoint (a step_* folder) -> HF model directory")
-    to_hf.add_argument("checkpoint", help="checkpoint directory (with meta.json)")
-    to_hf.add_argument("out", help="HF directory to create (must not exist)")
-    to_hf.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                       help="largest safetensors file, e.g. 5GB or 500MB (default 5GB)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from megatron_hybrid import backends
-
-    backends.install("cpu")  # conversion builds models on the meta device: CPU work
-    from megatron_hybrid import hf_checkpoint
-
-    if args.direction == "hf-to-mcore":
-        converted = hf_checkpoint.import_hf(args.hf_dir, args.out)
-    else:
-        converted = hf_checkpoint.export_hf(
-            args.checkpoint, args.out,
-            max_shard_bytes=hf_checkpoint.parse_size(args.max_shard_size))
-    print(converted)
-    return 0

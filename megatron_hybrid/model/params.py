@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig
 
 KIND_KEYS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 """Pattern symbol -> the key of its per-kind sum in :func:`count_parameters`."""
@@ -42,7 +42,7 @@ def hf_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of HF ``NemotronHForCausalLM`` for ``cfg``, built on the meta device."""
     from transformers import NemotronHForCausalLM
 
-    from megatron_hybrid.convert import hf_config_from_model
+    from megatron_hybrid.model.hf_mapping import hf_config_from_model
 
     with torch.device("meta"):
         model = NemotronHForCausalLM(hf_config_from_model(cfg))
@@ -72,7 +72,7 @@ def _tally(model: torch.nn.Module, cfg: ModelConfig) -> dict:
 
 def build_on_meta(cfg: ModelConfig):
     from megatron_hybrid.backends.cpu import cuda_device_is
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid.model.build import ModelLayout, build_model
 
     with _rng_tracker_seeded(), torch.device("meta"), cuda_device_is("meta"):
         return build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
@@ -90,7 +90,8 @@ def single_process_model_parallel():
         raise RuntimeError(f"whole-model builds (parameter counts, planner probes) run on the "
                            f"cpu backend; this process runs backend={backends.active()!r}: "
                            f"run them in a separate process")
-    from megatron_hybrid import mcore, parallel
+    from megatron_hybrid import mcore
+    from megatron_hybrid.parallel import process_groups
 
     state = mcore.parallel_state
     if state.model_parallel_is_initialized():
@@ -101,11 +102,11 @@ def single_process_model_parallel():
                                f"rank); this process has TP, PP = {sizes}")
         yield
         return
-    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
     try:
         yield
     finally:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()
 
 
 @contextlib.contextmanager

@@ -19,9 +19,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_hybrid import context_parallel, mcore
+from megatron_hybrid import mcore
 
 # Local norm names -> the names of Transformer Engine's fused norm+linear parameters.
+from megatron_hybrid.parallel import context_parallel
+
 MAMBA_TE_KEY_MAP = {"norm.": "mixer.in_proj.layer_norm_"}
 TRANSFORMER_TE_KEY_MAP = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_hybrid.config import ConfigError
+from megatron_hybrid.errors import ConfigError
 
 
 @dataclass(frozen=True)

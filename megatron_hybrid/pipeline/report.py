@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SUMMARY = "summary.json"
+from megatron_hybrid.stages.common import SUMMARY
+
 TASK_METRICS = "task_metrics.json"
 """The task accuracies of a stage's final model (the pipeline runner writes them)."""
 REPORT = "report.md"
@@ -39,15 +40,6 @@ PUBLISHED_PAIR = ("nano-v2-12b", "nano-v2-9b")
 HELDOUT_DATA = {"train": "held-out text of its training data", "sft": "held-out conversations, "
                 "assistant tokens", "dpo": "held-out preference pairs (DPO loss)"}
 """What a stage kind's held-out loss is measured on when its report does not say."""
-
-
-def write_summary(run_dir: str | Path, *, heldout_loss: float | None = None,
-                  task_metrics: dict[str, float] | None = None) -> Path:
-    """A stage's summary for the pipeline report (call it on rank 0 at the end of the stage)."""
-    path = Path(run_dir) / SUMMARY
-    path.write_text(json.dumps({"heldout_loss": heldout_loss,
-                                "task_metrics": task_metrics or {}}, indent=2) + "\n")
-    return path
 
 
 def write_report(pipeline) -> Path:
@@ -100,8 +92,8 @@ def _json_or_empty(path: Path) -> dict:
 
 
 def count_parameters(model: dict) -> int:
-    from megatron_hybrid.config import ModelConfig
-    from megatron_hybrid.params import count_parameters as count
+    from megatron_hybrid.model.config import ModelConfig
+    from megatron_hybrid.model.params import count_parameters as count
 
     return count(ModelConfig(**model))["total"]
 
@@ -137,7 +129,7 @@ def final_model_section(row: dict, *, last_stage: str) -> list[str]:
 def metric_text(row: dict, name: str) -> str:
     """A task metric: an accuracy from a tally with its right answers and 95% interval, or the
     value a stage reported."""
-    from megatron_hybrid.task import wilson_interval
+    from megatron_hybrid.stages.task import wilson_interval
 
     if name not in row["tally"]:
         return f"{row['task_metrics'][name]:.4g}"
@@ -192,7 +184,7 @@ def compression_lines(teacher_name: str, student_name: str, teacher: dict, stude
 def _accuracy_line(name: str, teacher: dict, student: dict, fraction: float) -> str:
     """Teacher and student on one task metric; with both tallies, the difference and its 95%
     interval, which says whether the gap is more than the noise of the problems asked."""
-    from megatron_hybrid.task import difference_interval
+    from megatron_hybrid.stages.task import difference_interval
 
     line = (f"- {name}: teacher {metric_text(teacher, name)}, student "
             f"{metric_text(student, name)} ({fraction:.1%} of the teacher)")
@@ -218,7 +210,7 @@ def _recovery_line(distilled: dict) -> str:
 
 
 def published_ratio() -> float:
-    from megatron_hybrid import flavors
+    from megatron_hybrid.model import flavors
 
     big, small = (count_parameters(flavors.get_flavor(name).to_dict()) for name in PUBLISHED_PAIR)
     return small / big
@@ -260,7 +252,7 @@ def stage_outputs(pipeline, finished) -> list[str]:
 
 def _plot(rows: list[dict], out: Path) -> list[tuple[str, str]]:
     """The loss curves of all stages, one after another, and the parameters per stage."""
-    from megatron_hybrid import metrics
+    from megatron_hybrid.engine import metrics
 
     curves, offset = {}, 0
     for row in rows:
@@ -282,7 +274,7 @@ def _plot(rows: list[dict], out: Path) -> list[tuple[str, str]]:
 def _bar_chart(values: dict[str, int], out_png: Path) -> None:
     from matplotlib.figure import Figure
 
-    from megatron_hybrid.metrics import DPI, FIGSIZE, format_si
+    from megatron_hybrid.engine.metrics import DPI, FIGSIZE, format_si
 
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()

@@ -27,24 +27,25 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
                                      # model: the shape and pattern saved in prune's checkpoint
 
 Stage NAME writes to OUTPUT/NAME (its recipe's output_dir is replaced) and logs to
-``stage.log`` there. It runs as ``python -m megatron_hybrid.pipeline KIND RECIPE key=value...``
+``stage.log`` there. It runs as ``python -m megatron_hybrid.pipeline.runner KIND RECIPE key=value...``
 (under torchrun when it has several ranks), so a failure stays in its process and is reported
 in one line with the log's path. With ``task_samples``, the stage's final checkpoint then
-answers that many held-out task problems (``task.py``; ``python -m megatron_hybrid.pipeline
+answers that many held-out task problems (``task.py``; ``python -m megatron_hybrid.pipeline.runner
 evaluate CHECKPOINT N OUT.json``, one process); the right answers per mode and the seconds it
 took go to ``task_metrics.json``.
 When a stage exits well the runner writes ``DONE`` (JSON: the
 final checkpoint, the seconds of the finishing attempt, the command): a finished stage is
 skipped on the next run. An unfinished stage starts again and its run resumes from its own
 ``checkpoints/latest``. Every run ends by writing OUTPUT/report.md (``report.py``).
+
+One module because reading a pipeline file, planning its stages and running them share
+the ``Stage`` / ``StagePlan`` records and the checks that name keys in the file.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import importlib
 import json
 import os
 import shlex
@@ -52,27 +53,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import yaml
 
-from megatron_hybrid import report
+from megatron_hybrid.pipeline import report
 
 if TYPE_CHECKING:
-    from megatron_hybrid.config import RunConfig
+    from megatron_hybrid.run_config import RunConfig
 
-HELP = "run a pipeline of stages (pretrain, SFT, DPO, prune, distill, ...) and write a report"
 
-STAGE_KINDS = {
-    # kind -> "module:function" that runs one stage: function(Namespace(recipe, overrides))
-    # returns an exit code. Imported only inside the stage's own process.
-    "train": "megatron_hybrid.cli:cmd_train",
-    "sft": "megatron_hybrid.sft:run",
-    "dpo": "megatron_hybrid.dpo:run",
-    "prune": "megatron_hybrid.prune:run",
-    "distill": "megatron_hybrid.distill:run",
-}
+STAGE_KINDS = ("train", "sft", "dpo", "prune", "distill")
+"""What a stage's ``kind`` may be; ``megatron-hybrid KIND`` runs it (``cli.pipeline``)."""
 PIPELINE_KEY = "pipeline"
 TOP_KEYS = (PIPELINE_KEY, "output_dir", "task_samples", "stages")
 STAGE_KEYS = ("name", "kind", "recipe", "overrides", "inputs", "nproc", "task_samples")
@@ -150,36 +142,6 @@ class Pipeline:
 
 # -- command line -----------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pipeline", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
-    add_run_options(parser)
-
-
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The options of a pipeline run (shared with ``megatron-hybrid demo``)."""
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (stages, inputs, layouts, estimates); run nothing")
-    selection = parser.add_mutually_exclusive_group()
-    selection.add_argument("--only", metavar="STAGE", help="run only this stage")
-    selection.add_argument("--from", dest="start", metavar="STAGE",
-                           help="run this stage and the ones after it")
-    parser.add_argument("--output", metavar="DIR",
-                        help="output folder (default: the file's output_dir, runs/{pipeline})")
-
-
-def run(args: argparse.Namespace) -> int:
-    pipeline = load_pipeline(args.pipeline, output_dir=args.output)
-    selected = select(pipeline, only=args.only, start=args.start)
-    plans = [plan_stage(pipeline, stage, stage.name in selected) for stage in pipeline.stages]
-    check_inputs_ready(pipeline, selected)
-    if args.dry_run:
-        print(describe_plan(pipeline, plans))
-        return 0
-    for plan in plans:
-        run_planned(pipeline, plan)
-    print(f"report: {report.write_report(pipeline)}")
-    return 0
-
 
 # -- reading a pipeline file ------------------------------------------------------------------
 
@@ -204,7 +166,7 @@ def load_pipeline(path: str | os.PathLike, output_dir: str | None = None) -> Pip
 
 
 def _task_samples(value, where: str) -> int:
-    from megatron_hybrid.task import HELDOUT
+    from megatron_hybrid.stages.task import HELDOUT
 
     if not (type(value) is int and 0 <= value <= HELDOUT):
         raise PipelineError(f"{where}: give a whole number from 0 (no task metric) to "
@@ -341,7 +303,7 @@ class StagePlan:
 
     @property
     def command(self) -> list[str]:
-        entry = ["-m", "megatron_hybrid.pipeline", self.stage.kind, str(self.stage.recipe),
+        entry = ["-m", "megatron_hybrid.cli.pipeline", self.stage.kind, str(self.stage.recipe),
                  *self.overrides]
         if self.nproc == 1:
             return [sys.executable, *entry]
@@ -462,16 +424,16 @@ def _work_text(cfg: RunConfig, kind: str) -> str:
 
 def _estimate_text(cfg: RunConfig, kind: str, nproc: int) -> str:
     """The planner's memory per device and, for GPU stages, time of the stage's work."""
-    from megatron_hybrid import plan
+    from megatron_hybrid.planning import planner
 
-    gpu = plan.GPUS[PLAN_GPU]
+    gpu = planner.GPUS[PLAN_GPU]
     if kind == "prune":  # a forward pass of the whole model in bf16 on one device
-        memory = plan.inference_memory(cfg.model, context=cfg.seq_length,
+        memory = planner.inference_memory(cfg.model, context=cfg.seq_length,
                                        batch=cfg.train.micro_batch_size)
         return f"{_gib(memory.total)} per device (bf16 weights, calibration forward)"
-    layout = plan.TrainingLayout.from_run(cfg, nproc)
+    layout = planner.TrainingLayout.from_run(cfg, nproc)
     on_gpu = cfg.parallel.backend == "cuda"
-    memory = plan.training_memory(cfg.model, layout, kernels="cuda" if on_gpu else "cpu")
+    memory = planner.training_memory(cfg.model, layout, kernels="cuda" if on_gpu else "cpu")
     student = " (the student; the teacher adds its weights)" if kind == "distill" else ""
     if not on_gpu:
         return f"{_gib(memory.total)} per rank{student}; the planner times GPU runs only"
@@ -481,7 +443,7 @@ def _estimate_text(cfg: RunConfig, kind: str, nproc: int) -> str:
             f"({_gib(gpu.usable_bytes)} usable)")
     if peak is None:
         return text
-    step = plan.step_estimate(cfg.model, layout, peak)
+    step = planner.step_estimate(cfg.model, layout, peak)
     return (f"{text}; step ~{step.seconds:.3g} s at MFU ~{step.mfu:.0%}, "
             f"{cfg.total_steps:,} steps ~{_duration(step.seconds * cfg.total_steps)} on "
             f"{nproc} GPUs")
@@ -529,7 +491,7 @@ def run_planned(pipeline: Pipeline, plan: StagePlan) -> None:
     _launch(plan, plan.command)
     samples = pipeline.task_samples_of(plan.stage)
     if samples:
-        _launch(plan, [sys.executable, "-m", "megatron_hybrid.pipeline", EVALUATE,
+        _launch(plan, [sys.executable, "-m", "megatron_hybrid.cli.pipeline", EVALUATE,
                        str(plan.run_dir / _final_checkpoint(plan)), str(samples),
                        str(plan.run_dir / report.TASK_METRICS)])
     seconds = time.monotonic() - started
@@ -579,42 +541,3 @@ def _mark_done(plan: StagePlan, seconds: float) -> None:
     partial.write_text(json.dumps(done, indent=2) + "\n")
     os.replace(partial, plan.run_dir / DONE)  # a DONE is whole or absent
 
-
-# -- inside a stage's process -----------------------------------------------------------------
-
-def run_stage(argv: list[str]) -> int:
-    """``KIND RECIPE [key=value ...]``: run one stage in this process (one rank); or
-    ``evaluate CHECKPOINT N OUT.json``: score a stage's checkpoint on the task."""
-    from megatron_hybrid import cli
-
-    kind, *arguments = argv
-    try:
-        if kind == EVALUATE:
-            return _evaluate(*arguments)
-        recipe_path, *overrides = arguments
-        module_name, function_name = STAGE_KINDS[kind].split(":")
-        function = getattr(importlib.import_module(module_name), function_name)
-        return function(argparse.Namespace(recipe=recipe_path, overrides=overrides))
-    except cli.USER_ERRORS as err:
-        print(f"megatron-hybrid {kind}: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _evaluate(checkpoint: str, samples: str, output: str) -> int:
-    """Score ``checkpoint`` on the held-out task; write the right answers per mode (with the
-    problems asked) and the seconds it took to ``output``."""
-    from megatron_hybrid import task
-
-    started = time.monotonic()
-    tally = task.tally(task.checkpoint_answers(checkpoint, samples=int(samples)))
-    seconds = time.monotonic() - started
-    Path(output).write_text(json.dumps({"tally": tally, "seconds": round(seconds, 1)},
-                                       indent=2) + "\n")
-    print("task: " + ", ".join(f"{name} {correct}/{asked}"
-                               for name, (correct, asked) in tally.items())
-          + f" ({seconds:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_stage(sys.argv[1:]))

@@ -27,14 +27,15 @@ compared step by step against :data:`LOSS_TOLERANCE`.
 FLOPs per token come from :func:`metrics.flops_per_token`. MFU is against the fp32 matmul
 peak of this run: the parent probes the matmul throughput before the first step and after
 every round while both sides wait, and takes the best probe (:class:`metrics.PeakProbes`).
+
+One module because the two sides (ours and HF's) must be built, stepped and timed by
+the same code, with the same settings, to make the ratio fair.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -42,12 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig
 
 if TYPE_CHECKING:
-    from megatron_hybrid import metrics
+    from megatron_hybrid.engine import metrics
 
-HELP = "training throughput of ours vs HF transformers' NemotronH on the same model (fp32)"
 
 DEFAULT_MODEL = ModelConfig(
     pattern="M-M*M-M-", hidden_size=512, ffn_hidden_size=2048,
@@ -104,41 +104,6 @@ class BenchSettings:
         return self.batch_size * self.model.seq_length
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for name in SHAPE_FIELDS:
-        default = getattr(DEFAULT_MODEL, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(default),
-                            default=default, help=f"model.{name} (default {default})")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per step")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per side (default: torch's, i.e. the cores)")
-    parser.add_argument("--adamw", choices=ADAMW_IMPLEMENTATIONS, default="fused",
-                        help="torch AdamW implementation of both sides (default fused)")
-    parser.add_argument("--peer-without", action="append", choices=PROCESS_SETTINGS,
-                        default=[], help="withhold this process setting from the HF side "
-                        "(ablation; repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-
-
-def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    model = DEFAULT_MODEL.replace(**{name: getattr(args, name) for name in SHAPE_FIELDS})
-    model.validate()
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 0:
-        raise ValueError("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --threads >= 0")
-    return BenchSettings(model=model, batch_size=args.batch_size, warmup=args.warmup,
-                         steps=args.steps, threads=args.threads, adamw=args.adamw,
-                         peer_without=tuple(sorted(set(args.peer_without))))
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    result = benchmark(settings, progress=None if args.json else sys.stderr)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # The parent: start both sides, alternate their steps, summarise
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +112,7 @@ def benchmark(settings: BenchSettings, progress=None) -> dict:
     """Run the benchmark and return its results (see :func:`format_report` for the fields)."""
     import torch
 
-    from megatron_hybrid import metrics
+    from megatron_hybrid.engine import metrics
 
     threads = settings.threads or torch.get_num_threads()
     settings = dataclasses.replace(settings, threads=threads)
@@ -325,7 +290,7 @@ def _serve(side: str, settings: BenchSettings, weights: Path, optimizer: dict | 
 
     import torch
 
-    from megatron_hybrid import metrics
+    from megatron_hybrid.engine import metrics
 
     try:
         torch.set_num_threads(settings.threads)
@@ -462,17 +427,19 @@ class OursTrainer:
         backends.install("cpu")
         import torch
 
-        from megatron_hybrid import convert, engine, parallel
-        from megatron_hybrid.model import ModelLayout, build_model
+        from megatron_hybrid.engine import training_step
+        from megatron_hybrid.model import hf_mapping
+        from megatron_hybrid.model.build import ModelLayout, build_model
+        from megatron_hybrid.parallel import process_groups
 
-        parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
-        parallel.seed_everything(settings.seed)
+        process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
+        process_groups.seed_everything(settings.seed)
         model = build_model(settings.model, ModelLayout(), backend="cpu")
-        torch.save(convert.mcore_to_hf_state_dict(model.state_dict(), settings.model), weights)
+        torch.save(hf_mapping.mcore_to_hf_state_dict(model.state_dict(), settings.model), weights)
         self.parameters = sum(p.numel() for p in model.parameters())
-        self.chunks = [engine.wrap_ddp(model, use_distributed_optimizer=False)]
-        optimizer_settings = engine.OptimizerSettings()
-        self.optimizer = engine.build_optimizer(self.chunks, optimizer_settings)
+        self.chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False)]
+        optimizer_settings = training_step.OptimizerSettings()
+        self.optimizer = training_step.build_optimizer(self.chunks, optimizer_settings)
         self.torch_optimizers = [part.optimizer for part in
                                  getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
         self.optimizer_settings = dataclasses.asdict(optimizer_settings)
@@ -487,12 +454,12 @@ class OursTrainer:
         return f"Megatron-Core MambaMixer + {scan.__module__}.{scan.__name__}"
 
     def step(self, index: int) -> float:
-        from megatron_hybrid import engine
+        from megatron_hybrid.engine import training_step
 
         tokens = token_batch(self.settings, index)
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
                  "loss_mask": tokens.new_ones(tokens[:, 1:].shape, dtype=float)}
-        result = engine.train_step(
+        result = training_step.train_step(
             self.chunks, self.optimizer, iter([batch]), num_microbatches=1,
             micro_batch_size=self.settings.batch_size, seq_length=self.settings.model.seq_length)
         return result.loss
@@ -552,11 +519,11 @@ def _hf_model(cfg: ModelConfig, weights: Path):
     from transformers import NemotronHForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from megatron_hybrid import convert
+    from megatron_hybrid.model import hf_mapping
 
     hf_logging.set_verbosity_error()  # not its notes on falling back to the torch kernels
     with torch.device("meta"):  # HF's own init refuses time_step_min=0 (see convert)
-        model = NemotronHForCausalLM(convert.hf_config_from_model(cfg))
+        model = NemotronHForCausalLM(hf_mapping.hf_config_from_model(cfg))
     model = model.to_empty(device="cpu")
     model.load_state_dict(torch.load(weights), strict=True)
     return model.train()

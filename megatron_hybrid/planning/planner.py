@@ -26,18 +26,21 @@ as vLLM serves long prompts).
 Step time: model FLOPs per GPU (:func:`metrics.flops_per_token`, counted by layer kind) plus
 recompute FLOPs, over the GPU's dense peak at :data:`KERNEL_EFFICIENCY`, stretched by the 1F1B
 pipeline bubble ``(m + pp - 1) / m``. Communication is assumed hidden.
+
+One module because the memory model, the step-time model and the per-GPU verdicts all read
+the same widths of one layer kind at a time (``Widths``); split, each would re-derive them.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from megatron_hybrid.config import ModelConfig, RunConfig
+from megatron_hybrid.model.config import ModelConfig
 
-HELP = "per-GPU memory and step time of a recipe or flavor (training), and inference memory"
+if TYPE_CHECKING:
+    from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
 
 GIB = 2**30
 MIB = 2**20
@@ -80,7 +83,7 @@ class Gpu:
         return self.memory_mib * MIB - RUNTIME_RESERVE_BYTES
 
     def peak_flops(self, precision: str) -> float | None:
-        from megatron_hybrid import metrics
+        from megatron_hybrid.engine import metrics
 
         return metrics.gpu_peak_flops(self.device_name,
                                       "fp8" if precision == "fp8-hybrid" else "bf16")
@@ -245,10 +248,10 @@ def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length
 
     kinds = "".join(dict.fromkeys(cfg.layer_pattern.layers))
     probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length))
-    from megatron_hybrid.params import single_process_model_parallel
+    from megatron_hybrid.model.params import single_process_model_parallel
 
     with single_process_model_parallel(), _rng_state_kept():
-        from megatron_hybrid.model import ModelLayout, build_model  # after the backend
+        from megatron_hybrid.model.build import ModelLayout, build_model  # after the backend
 
         layout = ModelLayout(recompute="selective" if recompute == "selective" else "none")
         model = build_model(probe_cfg, layout, backend="cpu")
@@ -463,7 +466,7 @@ class StepEstimate:
 
 def step_estimate(cfg: ModelConfig, layout: TrainingLayout, peak_flops: float) -> StepEstimate:
     """Time of one optimizer step and its MFU on GPUs of ``peak_flops`` (dense, per GPU)."""
-    from megatron_hybrid import metrics
+    from megatron_hybrid.engine import metrics
 
     flops = metrics.flops_per_token(cfg, layout.seq_length)
     tokens_per_gpu = (layout.dp * layout.num_microbatches * layout.micro_batch_size
@@ -599,53 +602,6 @@ def _rng_state_kept():
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", help="recipe YAML (or give --flavor)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. parallel.tp=4 train.recompute=full")
-    parser.add_argument("--flavor", help="a model flavor instead of a recipe (bf16, tp=pp=cp=1 "
-                        "unless overridden)")
-    parser.add_argument("--seq", type=int, help="sequence length of training and context of "
-                        "inference (default: the recipe's / the model's)")
-    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the GPU to plan for")
-    parser.add_argument("--gpus", type=int, help="GPUs of the training job (default: tp*pp*cp, "
-                        "one model replica)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences served at once")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = _run_config(args)
-    gpu = GPUS[args.gpu]
-    world_size = args.gpus or cfg.parallel.model_parallel_size
-    cfg.validate(world_size)
-    layout = TrainingLayout.from_run(cfg, world_size)
-    report = plan_report(cfg.model, layout, gpu, context=args.seq or cfg.model.seq_length,
-                         batch=args.batch)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
-
-
-def _run_config(args: argparse.Namespace) -> RunConfig:
-    from megatron_hybrid import recipe
-
-    positional = ([args.recipe] if args.recipe else []) + args.overrides
-    if args.flavor is not None:
-        if positional and "=" not in positional[0]:
-            raise PlanError(f"plan: give a recipe ({positional[0]}) or --flavor "
-                            f"{args.flavor}, not both")
-        cfg = recipe.load_recipe(None, [f"model.flavor={args.flavor}", "train.precision=bf16",
-                                        "data.mock=true",
-                                        *positional])
-    elif not positional:
-        raise PlanError("plan: give a recipe or --flavor NAME")
-    else:
-        cfg = recipe.load_recipe(positional[0], positional[1:])
-    if args.seq is not None:
-        cfg.train.seq_length = args.seq
-        cfg.model = cfg.model.replace(seq_length=max(args.seq, cfg.model.seq_length))
-    return cfg
 
 
 def plan_report(cfg: ModelConfig, layout: TrainingLayout, gpu: Gpu, *, context: int,

@@ -23,10 +23,16 @@ import warnings
 from functools import partial
 from pathlib import Path
 from types import MethodType
+from typing import TYPE_CHECKING
 
-from megatron_hybrid.config import ConfigError, DistillConfig, ModelConfig, RunConfig
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.stages.common import describe_heldout, task_dataset
+from megatron_hybrid.stages.config import DistillConfig
 
-HELP = "distill a student checkpoint from a frozen teacher (ModelOpt KD, the training loop)"
+if TYPE_CHECKING:
+    from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
+
 REPORT = "distill_report"
 LOGITS_LOSS = "Logits"
 """ModelOpt names each loss by its class: the logits KL's name contains this."""
@@ -36,28 +42,13 @@ gap closed is reported as n/a: there it is mostly noise (a 0.0095-nat gap read a
 on one machine and 135% on another)."""
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/distill.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, applied last (e.g. train.max_steps=50)")
-
-
-def run(args) -> int:
-    from megatron_hybrid import recipe
-
-    cfg, teacher = check_request(recipe.load_recipe(args.recipe, args.overrides))
-    from megatron_hybrid import train
-
-    return train.run_stage(cfg, partial(distill, cfg, teacher), format_summary)
-
-
 # -- checks before anything is loaded ---------------------------------------------------------
 
 def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
     """(``cfg`` with the student's saved model, the teacher's model) after refusing, in one
     line each, a missing teacher or student, and a teacher that cannot share the student's
     layout (TP, PP, CP, sequence length, vocabulary)."""
-    from megatron_hybrid.prune import checkpoint_model, require_heldout_data
+    from megatron_hybrid.stages.common import checkpoint_model, require_heldout_data
 
     cfg.validate()
     if not cfg.distill.task_data:
@@ -70,7 +61,9 @@ def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
                           "yet pass ModelOpt's teacher+student tensor shapes to the pipeline "
                           "schedule): set parallel.pp=1")
     student = checkpoint_model(cfg, role="student (e.g. the prune stage's checkpoint)")
-    from megatron_hybrid.checkpoint import read_meta  # after checkpoint_model installed a backend
+    from megatron_hybrid.checkpoint.dist_checkpoint import (
+        read_meta,  # after checkpoint_model installed a backend
+    )
 
     teacher = ModelConfig(**read_meta(cfg.distill.teacher)["model"])
     if teacher.vocab_size != student.vocab_size:
@@ -90,20 +83,21 @@ def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
 
 def distill(cfg: RunConfig, teacher_cfg: ModelConfig, backend: str, dims) -> dict:
     """Train the student of ``cfg`` against its teacher; return (and write) the report."""
-    from megatron_hybrid import parallel, train
-    from megatron_hybrid.checkpoint import load_weights
-    from megatron_hybrid.model import build_model
+    from megatron_hybrid.checkpoint.dist_checkpoint import load_weights
+    from megatron_hybrid.engine import training_loop
+    from megatron_hybrid.model.build import build_model
+    from megatron_hybrid.parallel import process_groups
 
-    parallel.seed_everything(cfg.train.seed)
-    teacher = build_model(teacher_cfg, train.model_layout(cfg, dims), backend=backend,
+    process_groups.seed_everything(cfg.train.seed)
+    teacher = build_model(teacher_cfg, training_loop.model_layout(cfg, dims), backend=backend,
                           perform_initialization=False)
     load_weights([teacher], cfg.distill.teacher)
     loss = DistillationLoss(cfg.distill, teacher)
-    trainer = train.build_trainer(cfg, backend, dims, wrap_model=loss.attach_teacher,
+    trainer = training_loop.build_trainer(cfg, backend, dims, wrap_model=loss.attach_teacher,
                                   forward_step=loss.forward_step,
                                   datasets=task_datasets(cfg) if cfg.distill.task_data else None)
     start = measure(trainer, loss)
-    train.fit(trainer)
+    training_loop.fit(trainer)
     end = measure(trainer, loss)
     heldout = describe_heldout(trainer.valid_data, cfg.train.eval_batches
                                * cfg.train.global_batch_size, task=cfg.distill.task_data)
@@ -117,25 +111,6 @@ def task_datasets(cfg: RunConfig) -> tuple:
     """(Training, held-out) datasets of the task's conversations for a training run."""
     return (task_dataset(cfg, "train", cfg.total_steps * cfg.train.global_batch_size),
             task_dataset(cfg, "valid", cfg.train.eval_batches * cfg.train.global_batch_size))
-
-
-def task_dataset(cfg: RunConfig, split: str, num_samples: int):
-    """``num_samples`` samples of the task's ``split`` conversations, unpacked (teacher and
-    student see one conversation per sequence; no packed-sequence boundaries needed), with
-    the assistant's tokens in the loss."""
-    from megatron_hybrid import task
-    from megatron_hybrid.data.tokenizer import load_tokenizer
-    from megatron_hybrid.sft import chat_dataset
-
-    return chat_dataset(cfg, task.conversations(split), load_tokenizer(cfg.tokenizer), False,
-                        num_samples)
-
-
-def describe_heldout(dataset, num_samples: int, *, task: bool) -> str:
-    """What a held-out loss was measured on, for reports: the data and its loss tokens."""
-    tokens = sum(int(dataset[sample]["loss_mask"].sum()) for sample in range(num_samples))
-    data = "task conversations, assistant tokens" if task else "corpus text"
-    return f"{data}, {tokens:,} tokens"
 
 
 class DistillationLoss:
@@ -175,10 +150,10 @@ class DistillationLoss:
         """Student (and teacher) forward for Megatron-Core's schedules. The engine's "lm loss"
         report carries the KD objective when training, the student's LM loss in evaluation,
         or the KL with ``report="kl"``."""
-        from megatron_hybrid import engine
-        from megatron_hybrid.checkpoint import unwrap
+        from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
+        from megatron_hybrid.engine import training_step
 
-        batch = engine.get_batch(data_iterator)
+        batch = training_step.get_batch(data_iterator)
         per_token_lm = model(batch["tokens"], None, None, labels=batch["labels"])
         return per_token_lm, partial(self.loss, batch["loss_mask"], unwrap(model), report)
 
@@ -216,12 +191,12 @@ def _student_lm_loss(model, labels, logits, *, needed_in_training: bool):
 def teacher_forward_step(data_iterator, teacher):
     """LM forward step of the bare teacher, whose own LM loss the KD model stubs out (it
     would overwrite the teacher logits the KL loss reads)."""
-    from megatron_hybrid import engine
+    from megatron_hybrid.engine import training_step
 
-    batch = engine.get_batch(data_iterator)
+    batch = training_step.get_batch(data_iterator)
     logits = teacher(batch["tokens"], None, None).transpose(0, 1).contiguous()  # [s, b, v]
     per_token = type(teacher).compute_language_model_loss(teacher, batch["labels"], logits)
-    return per_token, partial(engine.lm_loss_func, batch["loss_mask"])
+    return per_token, partial(training_step.lm_loss_func, batch["loss_mask"])
 
 
 def _masked_sum(mask, loss):

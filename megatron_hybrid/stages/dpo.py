@@ -31,28 +31,16 @@ import json
 import os
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_hybrid.config import ConfigError, DPOConfig, RunConfig
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.stages.config import DPOConfig
 
-HELP = "direct preference optimisation (DPO) of a chat checkpoint on preference pairs"
+if TYPE_CHECKING:
+    from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
+
 REPORT = "dpo_report"
 REFERENCE = "dpo_reference.pt"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/dpo.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, applied last (e.g. dpo.beta=0.2)")
-
-
-def run(args) -> int:
-    from megatron_hybrid import backends, recipe
-
-    cfg = recipe.load_recipe(args.recipe, args.overrides)
-    backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
-    from megatron_hybrid import train
-
-    return train.run_stage(cfg, partial(optimize, cfg, cfg.dpo), format_summary)
 
 
 def check_request(cfg: RunConfig, dpo: DPOConfig) -> None:
@@ -104,9 +92,9 @@ def forward_step(beta: float, sft_loss_weight: float, data_iterator, model):
     """DPO forward step for Megatron-Core's schedules (``engine.train_step(forward_step=...)``
     with ``partial(forward_step, beta, sft_loss_weight)``): batches carry ``ref_logp`` per
     sequence."""
-    from megatron_hybrid import engine
+    from megatron_hybrid.engine import training_step
 
-    batch = engine.get_batch(data_iterator)
+    batch = training_step.get_batch(data_iterator)
     per_token_nll = model(batch["tokens"], None, None, labels=batch["labels"])
     return per_token_nll, partial(loss_func, beta, sft_loss_weight, batch["loss_mask"],
                                   batch["ref_logp"])
@@ -114,9 +102,9 @@ def forward_step(beta: float, sft_loss_weight: float, data_iterator, model):
 
 def logp_step(data_iterator, model):
     """Forward step whose report is each sequence's response log-probability (no loss)."""
-    from megatron_hybrid import engine
+    from megatron_hybrid.engine import training_step
 
-    batch = engine.get_batch(data_iterator)
+    batch = training_step.get_batch(data_iterator)
     per_token_nll = model(batch["tokens"], None, None, labels=batch["labels"])
     return per_token_nll, partial(_logp_report, batch["loss_mask"])
 
@@ -178,14 +166,14 @@ def pair_metrics(policy_logps, ref_logps, beta: float) -> dict:
 
 def optimize(cfg: RunConfig, dpo: DPOConfig, backend: str, dims) -> dict:
     """DPO-train ``cfg``'s model on ``dpo``'s pairs; return (and write) the report."""
-    from megatron_hybrid import train
+    from megatron_hybrid.engine import training_loop
 
     check_request(cfg, dpo)
     num_samples = cfg.total_steps * cfg.train.global_batch_size
     train_pairs, heldout_pairs = pairs_of(dpo, cfg.data.seed, num_samples // 2)
     train_seqs, heldout_seqs = _sequences(cfg, train_pairs, heldout_pairs)
     # The datasets carry reference log-probabilities, scored by the model built here.
-    trainer = train.build_trainer(
+    trainer = training_loop.build_trainer(
         cfg, backend, dims, forward_step=partial(forward_step, dpo.beta, dpo.sft_loss_weight),
         datasets=(None, None))
     score = partial(sequence_logps, trainer.model_chunks, seq_length=cfg.seq_length,
@@ -193,7 +181,7 @@ def optimize(cfg: RunConfig, dpo: DPOConfig, backend: str, dims) -> dict:
     reference = reference_logps(trainer, cfg, score, train_seqs, heldout_seqs)
     trainer = dataclasses.replace(trainer, **_datasets(cfg, num_samples, train_seqs,
                                                        heldout_seqs, reference))
-    train.fit(trainer)
+    training_loop.fit(trainer)
     heldout_ref = reference["heldout"]
     report = {"checkpoint": cfg.checkpoint.load, "beta": dpo.beta,
               "output": str(Path(cfg.resolved_output_dir) / "checkpoints"),
@@ -235,8 +223,8 @@ def pairs_of(dpo: DPOConfig, seed: int, needed: int) -> tuple[list, list]:
     when it visits more), so the reference pass scores no pair the run never sees."""
     import numpy
 
-    from megatron_hybrid import task
     from megatron_hybrid.data import chat
+    from megatron_hybrid.stages import task
 
     train = (chat.read_pairs(dpo.train_path) if dpo.train_path
              else task.preference_pairs("train"))
@@ -276,7 +264,6 @@ def _identity(cfg: RunConfig, *sequences) -> str:
     return digest.hexdigest()
 
 
-
 # -- report -----------------------------------------------------------------------------------
 
 METRICS = (("preference accuracy", "preference_accuracy", "{:.1%}"),
@@ -286,7 +273,7 @@ METRICS = (("preference accuracy", "preference_accuracy", "{:.1%}"),
 
 def write_report(report: dict, run_dir: Path) -> None:
     """``dpo_report.{json,md}``, and the pipeline report's summary of the stage."""
-    from megatron_hybrid.report import write_summary
+    from megatron_hybrid.stages.common import write_summary
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))

@@ -23,28 +23,18 @@ import contextlib
 import dataclasses
 import json
 import os
-from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_hybrid.config import PRUNABLE, ConfigError, ModelConfig, PruneConfig, RunConfig
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.stages.common import checkpoint_model, require_heldout_data
+from megatron_hybrid.stages.config import PRUNABLE, PruneConfig
 
-HELP = "prune a checkpoint with ModelOpt Minitron (given sizes or a parameter budget)"
+if TYPE_CHECKING:
+    from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
+
 REPORT = "prune_report"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/prune.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, applied last (e.g. prune.max_params=2e6)")
-
-
-def run(args) -> int:
-    from megatron_hybrid import recipe
-
-    cfg = check_request(recipe.load_recipe(args.recipe, args.overrides))
-    from megatron_hybrid import train
-
-    return train.run_stage(cfg, partial(prune, cfg), format_summary)
 
 
 # -- checks before anything is loaded ---------------------------------------------------------
@@ -77,51 +67,21 @@ def check_request(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=source)
 
 
-def require_heldout_data(cfg: RunConfig, stage: str) -> None:
-    """Refuse a data blend without a validation share: the stage reports held-out loss."""
-    from megatron_hybrid.data.datasets import parse_split
-
-    if cfg.data.blend and parse_split(cfg.data.split)[1] == 0:
-        raise ConfigError(f"{stage} measures held-out loss: give data.split a validation "
-                          f"share (e.g. data.split='98,2,0'), got {cfg.data.split!r}")
-
-
-def checkpoint_model(cfg: RunConfig, *, role: str) -> ModelConfig:
-    """The model saved with ``checkpoint.load``; its pattern may differ from the recipe's (a
-    depth prune chose the layers) but nothing else may."""
-    from megatron_hybrid import backends
-
-    if not cfg.checkpoint.load:
-        raise ConfigError(f"set checkpoint.load to the {role} (a checkpoints/step_* folder)")
-    backends.install(cfg.parallel.backend)  # reading a checkpoint imports Megatron-Core
-    from megatron_hybrid.checkpoint import read_meta
-
-    saved = ModelConfig(**read_meta(cfg.checkpoint.load)["model"])
-    saved.validate()
-    differing = [f"model.{name}: recipe {value!r}, checkpoint {getattr(saved, name)!r}"
-                 for name, value in cfg.model.to_dict().items()
-                 if name != "pattern" and value != getattr(saved, name)]
-    if saved.num_layers != cfg.model.num_layers:
-        differing.append(f"layers: recipe {cfg.model.num_layers}, checkpoint {saved.num_layers}")
-    if differing:
-        raise ConfigError(f"the recipe's model is not the one in {cfg.checkpoint.load} "
-                          f"({'; '.join(differing)}): make the recipe's model section match")
-    return saved
-
-
 # -- pruning ----------------------------------------------------------------------------------
 
 def prune(cfg: RunConfig, backend: str, dims) -> dict:
     """Prune ``checkpoint.load`` as ``cfg.prune`` asks; save the pruned checkpoint and the
     report in the run directory; return the report."""
-    from megatron_hybrid import checkpoint, parallel, train
-    from megatron_hybrid.model import build_model
+    from megatron_hybrid.checkpoint import dist_checkpoint
+    from megatron_hybrid.engine import training_loop
+    from megatron_hybrid.model.build import build_model
+    from megatron_hybrid.parallel import process_groups
 
-    parallel.seed_everything(cfg.train.seed)
+    process_groups.seed_everything(cfg.train.seed)
     data = CalibrationData(cfg)
-    layout = train.model_layout(cfg, dims)
+    layout = training_loop.model_layout(cfg, dims)
     model = build_model(cfg.model, layout, backend=backend, perform_initialization=False)
-    checkpoint.load_weights([model], cfg.checkpoint.load)
+    dist_checkpoint.load_weights([model], cfg.checkpoint.load)
     before = {"params": param_count(model), "heldout_loss": data.heldout_loss(model)}
     layer_numbers = {id(layer): layer.layer_number for layer in model.decoder.layers}
     search = run_minitron(model, cfg, data, backend)
@@ -143,7 +103,7 @@ class CalibrationData:
     def __init__(self, cfg: RunConfig):
         from megatron_hybrid.data.datasets import build_datasets
         from megatron_hybrid.data.tokenizer import load_tokenizer
-        from megatron_hybrid.distill import describe_heldout, task_dataset
+        from megatron_hybrid.stages.common import describe_heldout, task_dataset
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
@@ -159,13 +119,13 @@ class CalibrationData:
 
     def forward(self, model, dataset, samples: int) -> float:
         """Mean per-token loss of ``model`` over the first ``samples`` of ``dataset``."""
-        from megatron_hybrid import engine
         from megatron_hybrid.data.datasets import microbatch_iterator
+        from megatron_hybrid.engine import training_step
 
         micro = self.cfg.train.micro_batch_size
         batches = microbatch_iterator(dataset, start_sample=0, micro_batch_size=micro,
                                       num_microbatches=samples // micro, dp_rank=0, dp_size=1)
-        return engine.eval_loss([model], batches, num_microbatches=samples // micro,
+        return training_step.eval_loss([model], batches, num_microbatches=samples // micro,
                                 micro_batch_size=micro, seq_length=self.cfg.seq_length)
 
     def calibrate(self, model) -> None:
@@ -208,9 +168,9 @@ def parameter_budget(options: PruneConfig, model: ModelConfig) -> float | None:
     counts them for the unpruned ``model`` (an upper bound of the pruned model's)."""
     if options.serve_gpu is None:
         return options.max_params
-    from megatron_hybrid import plan
+    from megatron_hybrid.planning import planner
 
-    gpu, memory = plan.GPUS[options.serve_gpu], plan.inference_memory(
+    gpu, memory = planner.GPUS[options.serve_gpu], planner.inference_memory(
         model, context=options.serve_context)
     budget = (gpu.usable_bytes - (memory.total - memory.weights)) / 2
     if budget <= 0:
@@ -259,7 +219,7 @@ def register_norm() -> None:
     from modelopt.torch.nas.modules.norm import _DynamicLayerNorm
     from modelopt.torch.nas.registry import DMRegistry
 
-    from megatron_hybrid.specs import TorchRMSNorm
+    from megatron_hybrid.model.specs import TorchRMSNorm
 
     if TorchRMSNorm in DMRegistry:
         return
@@ -269,7 +229,7 @@ def register_norm() -> None:
             self._register_hparam("num_features", num_features)
             self._register_dynamic_attribute("weight", self._cut_to_active_features)
 
-    DMRegistry.register({TorchRMSNorm: "megatron_hybrid.specs.TorchRMSNorm"})(
+    DMRegistry.register({TorchRMSNorm: "megatron_hybrid.model.specs.TorchRMSNorm"})(
         _DynamicTorchRMSNorm)
 
 
@@ -338,8 +298,8 @@ def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], se
 def save_outputs(cfg: RunConfig, pruned_cfg: ModelConfig, pruned, tokenizer, report: dict,
                  dims) -> Path:
     """The pruned checkpoint (every rank), then config, model section and report (rank 0)."""
-    from megatron_hybrid import recipe
-    from megatron_hybrid.checkpoint import Checkpointer, TrainState
+    from megatron_hybrid import sections
+    from megatron_hybrid.checkpoint.dist_checkpoint import Checkpointer, TrainState
 
     run_dir = Path(cfg.resolved_output_dir)
     pruned_run = dataclasses.replace(cfg, model=pruned_cfg)
@@ -348,11 +308,11 @@ def save_outputs(cfg: RunConfig, pruned_cfg: ModelConfig, pruned, tokenizer, rep
         meta={"model": pruned_cfg.to_dict(), "tokenizer": tokenizer.unique_identifiers,
               "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp},
               "pruned_from": cfg.checkpoint.load},
-        config_yaml=recipe.dump_yaml(pruned_run))
+        config_yaml=sections.dump_yaml(pruned_run))
     saved = checkpointer.save(TrainState(), [pruned], None, None)
     if _is_rank_zero():
         report["output"] = str(saved)
-        recipe.save_resolved(pruned_run, run_dir / "config.yaml")
+        sections.save_resolved(pruned_run, run_dir / "config.yaml")
         write_model_section(pruned_cfg, run_dir / "model.yaml")
         write_report(report, run_dir)
     return saved
@@ -366,8 +326,8 @@ def write_model_section(model: ModelConfig, path: Path) -> None:
 
 
 def write_report(report: dict, run_dir: Path) -> None:
-    from megatron_hybrid import metrics
-    from megatron_hybrid.report import write_summary
+    from megatron_hybrid.engine import metrics
+    from megatron_hybrid.stages.common import write_summary
 
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
     write_summary(run_dir, heldout_loss=report["heldout_loss"][1])

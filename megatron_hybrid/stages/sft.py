@@ -18,29 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_hybrid.config import ConfigError, RunConfig, SFTConfig
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.stages.common import chat_dataset
+from megatron_hybrid.stages.config import SFTConfig
 
-HELP = "supervised fine-tuning on chat data with the /think /no_think reasoning toggle"
+if TYPE_CHECKING:
+    from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
+
 REPORT = "sft_report"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/sft.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, applied last (e.g. sft.pack=false)")
-
-
-def run(args) -> int:
-    from megatron_hybrid import backends, recipe
-
-    cfg = recipe.load_recipe(args.recipe, args.overrides)
-    backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
-    from megatron_hybrid import train
-
-    return train.run_stage(cfg, partial(finetune, cfg, cfg.sft), format_summary)
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -61,21 +49,21 @@ def check_request(cfg: RunConfig, sft: SFTConfig) -> None:
 
 def finetune(cfg: RunConfig, sft: SFTConfig, backend: str, dims) -> dict:
     """Fine-tune ``cfg``'s model on ``sft``'s conversations; return (and write) the report."""
-    from megatron_hybrid import engine, train
     from megatron_hybrid.data.tokenizer import load_tokenizer
+    from megatron_hybrid.engine import training_loop, training_step
 
     check_request(cfg, sft)
     tokenizer = load_tokenizer(cfg.tokenizer)
     conversations, heldout = conversations_of(sft)
     probe = HeldOut(cfg, sft, heldout, tokenizer)
-    step = engine.packed_forward_step if sft.pack else engine.lm_forward_step
-    trainer = train.build_trainer(
+    step = training_step.packed_forward_step if sft.pack else training_step.lm_forward_step
+    trainer = training_loop.build_trainer(
         cfg, backend, dims, forward_step=step,
         datasets=(chat_dataset(cfg, conversations, tokenizer, sft.pack,
                                cfg.total_steps * cfg.train.global_batch_size),
                   probe.datasets["all"]))
     start = probe.measure(trainer)
-    train.fit(trainer)
+    training_loop.fit(trainer)
     end = probe.measure(trainer)
     report = {"checkpoint": cfg.checkpoint.load,
               "output": str(Path(cfg.resolved_output_dir) / "checkpoints"),
@@ -90,24 +78,14 @@ def finetune(cfg: RunConfig, sft: SFTConfig, backend: str, dims) -> dict:
 
 def conversations_of(sft: SFTConfig) -> tuple[list, list]:
     """(training, held-out) conversations: the JSONL files, or the task's splits."""
-    from megatron_hybrid import task
     from megatron_hybrid.data import chat
+    from megatron_hybrid.stages import task
 
     train = (chat.read_conversations(sft.train_path) if sft.train_path
              else task.conversations("train"))
     heldout = (chat.read_conversations(sft.valid_path) if sft.valid_path
                else task.conversations("valid"))
     return train, heldout
-
-
-def chat_dataset(cfg: RunConfig, conversations: list, tokenizer, packed: bool,
-                 num_samples: int):
-    """``num_samples`` samples of ``conversations``, packed in a seeded shuffle (data.seed)."""
-    from megatron_hybrid.data import chat
-
-    sequences = chat.pack_conversations(conversations, tokenizer, seq_length=cfg.seq_length,
-                                        packed=packed, seed=cfg.data.seed)
-    return chat.ChatDataset(sequences, num_samples=num_samples, seed=cfg.data.seed)
 
 
 def heldout_dataset(cfg: RunConfig, conversations: list, tokenizer, packed: bool):
@@ -129,10 +107,10 @@ class HeldOut:
                               for mode, group in by_mode.items() if group})
 
     def measure(self, trainer) -> dict:
-        from megatron_hybrid import engine
+        from megatron_hybrid.engine import training_step
 
         train = self.cfg.train
-        losses = {mode: engine.eval_loss(
+        losses = {mode: training_step.eval_loss(
             trainer.model_chunks, trainer.batches(dataset, 0),
             num_microbatches=trainer.num_microbatches * train.eval_batches,
             micro_batch_size=train.micro_batch_size, seq_length=self.cfg.seq_length,
@@ -142,7 +120,7 @@ class HeldOut:
     def task(self, trainer) -> dict:
         """The task accuracies (None when not measured or the layout cannot decode) and the
         greedy answers behind them."""
-        from megatron_hybrid import task
+        from megatron_hybrid.stages import task
 
         if trainer.dims.model_parallel != 1 or not self.sft.task_samples:
             return {"accuracy": None, "answers": []}
@@ -160,7 +138,7 @@ MODES = ("/think", "/no_think")
 def write_report(report: dict, run_dir: Path) -> None:
     """``sft_report.{json,md}``, and the pipeline report's summary of the stage: the held-out
     task accuracies with reasoning on and off, at the start and the end."""
-    from megatron_hybrid.report import write_summary
+    from megatron_hybrid.stages.common import write_summary
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))

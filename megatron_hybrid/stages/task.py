@@ -147,7 +147,7 @@ def answers(model, tokenizer, heldout: list[Problem], *,
             max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Greedy answers of ``model`` to each problem with /think and with /no_think (decoded
     together, stopping at ``<|im_end|>``): question, mode, generated text, correct."""
-    from megatron_hybrid.generate import generate_batch
+    from megatron_hybrid.inference.generate import generate_batch
 
     asked = [(problem, think) for think in (True, False) for problem in heldout]
     prompts = [chat.prompt_ids(problem.prompt(think), tokenizer) for problem, think in asked]
@@ -230,28 +230,29 @@ def checkpoint_answers(checkpoint_dir: str | Path, *, samples: int = 64, seed: i
                        ) -> list[dict]:
     """:func:`heldout_answers` of a saved checkpoint, in this process alone (TP = PP = 1): the
     model from its ``meta.json``, the tokenizer from the ``config.yaml`` saved with it."""
-    from megatron_hybrid import backends, recipe
+    from megatron_hybrid import backends, sections
 
     directory = Path(checkpoint_dir)
     backend = backends.install(backend)  # before Megatron-Core is imported
-    from megatron_hybrid import parallel
-    from megatron_hybrid.checkpoint import CheckpointError, load_weights, read_meta
-    from megatron_hybrid.config import ModelConfig
-    from megatron_hybrid.data.tokenizer import load_tokenizer
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid.checkpoint.dist_checkpoint import CheckpointError, load_weights, read_meta
+    from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.model.config import ModelConfig
+    from megatron_hybrid.parallel import process_groups
 
     meta = read_meta(directory)
-    tokenizer = load_tokenizer(recipe.load_recipe(directory / "config.yaml").tokenizer)
+    tokenizer = load_tokenizer(sections.read_section(directory / "config.yaml", "tokenizer",
+                                                     TokenizerConfig))
     if tokenizer.identity != meta["tokenizer"]:
         raise CheckpointError(f"{directory}: its config.yaml's tokenizer {tokenizer.identity} is "
                               f"not the one it was trained with ({meta['tokenizer']}): restore "
                               f"the tokenizer section of its config.yaml")
-    parallel.init_distributed(parallel.ParallelDims(), backend=backend)
+    process_groups.init_distributed(process_groups.ParallelDims(), backend=backend)
     try:
-        parallel.seed_everything(seed)  # Megatron-Core's layers fork its RNG tracker on build
+        process_groups.seed_everything(seed)  # Megatron-Core's layers fork its RNG tracker on build
         model = build_model(ModelConfig(**meta["model"]), ModelLayout(), backend=backend)
         load_weights([model], directory)
         return heldout_answers(model, tokenizer, samples=samples, seed=seed,
                                max_new_tokens=max_new_tokens)
     finally:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()

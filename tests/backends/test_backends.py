@@ -38,7 +38,7 @@ def test_forced_choices():
 def test_importing_the_package_patches_nothing():
     out = run_python(
         "import sys, megatron_hybrid, megatron_hybrid.backends, megatron_hybrid.pattern, "
-        "megatron_hybrid.flavors, megatron_hybrid.cli\n"
+        "megatron_hybrid.model.flavors, megatron_hybrid.cli\n"
         "import torch\n"
         "print('megatron.core' in sys.modules, 'mamba_ssm' in sys.modules, "
         "torch.overrides._get_current_function_mode_stack() == [], "

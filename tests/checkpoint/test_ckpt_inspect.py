@@ -17,12 +17,15 @@ backends.install("cpu")
 from test_convert_tools import save_hf_checkpoint  # noqa: E402
 from test_hf_parity import load_hf_torch_reference  # noqa: E402
 
-from megatron_hybrid import checkpoint, ckpt, hf_checkpoint, mcore, parallel  # noqa: E402
-from megatron_hybrid.flavors import get_flavor  # noqa: E402
-from megatron_hybrid.model import ModelLayout, build_model  # noqa: E402
-from megatron_hybrid.params import count_parameters  # noqa: E402
+from megatron_hybrid import mcore  # noqa: E402
+from megatron_hybrid.checkpoint import dist_checkpoint, hf_checkpoint, inspection
+from megatron_hybrid.model.build import ModelLayout, build_model  # noqa: E402
+from megatron_hybrid.model.flavors import get_flavor  # noqa: E402
+from megatron_hybrid.model.params import count_parameters  # noqa: E402
+from megatron_hybrid.parallel import process_groups
+from megatron_hybrid.recipe import load_recipe  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml"
 LAYOUT = {"tp": 2, "pp": 2, "cp": 1, "dp": 1}
 
 
@@ -30,11 +33,11 @@ LAYOUT = {"tp": 2, "pp": 2, "cp": 1, "dp": 1}
 def model_parallel():
     started = not mcore.parallel_state.model_parallel_is_initialized()
     if started:
-        parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
-    parallel.seed_everything(0)
+        process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
+    process_groups.seed_everything(0)
     yield
     if started:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +50,10 @@ def imported(tmp_path_factory):
     return root
 
 
-def save_trained(directory: Path, cfg, state: checkpoint.TrainState) -> Path:
+def save_trained(directory: Path, cfg, state: dist_checkpoint.TrainState) -> Path:
     """A checkpoint written by the training code's Checkpointer, as if saved at LAYOUT."""
     model = build_model(cfg, ModelLayout(), backend="cpu")
-    saver = checkpoint.Checkpointer(
+    saver = dist_checkpoint.Checkpointer(
         directory, save_interval=None, keep_last=1, config_yaml="",
         meta={"model": cfg.to_dict(), "tokenizer": None, "layout": LAYOUT})
     return saver.save(state, [model], None, None)
@@ -60,12 +63,12 @@ def save_trained(directory: Path, cfg, state: checkpoint.TrainState) -> Path:
 def custom(tmp_path_factory):
     """A model of no named flavor's shape, at step 5."""
     cfg = get_flavor("tiny-nano-v2-9b").replace(hidden_size=96)
-    state = checkpoint.TrainState(step=5, consumed_samples=20, tokens=5120)
+    state = dist_checkpoint.TrainState(step=5, consumed_samples=20, tokens=5120)
     return cfg, save_trained(tmp_path_factory.mktemp("custom"), cfg, state)
 
 
 def test_imported_checkpoint(imported):
-    report = ckpt.inspect_checkpoint(imported / "ckpt")
+    report = inspection.inspect_checkpoint(imported / "ckpt")
     cfg = get_flavor("tiny-nano-v2-12b")
     assert report["flavor"] == "tiny-nano-v2-12b" and report["differences_from_flavor"] == {}
     assert report["model"]["pattern"] == cfg.layer_pattern.layers  # the flavor's marks it lacks
@@ -79,12 +82,12 @@ def test_imported_checkpoint(imported):
 
 def test_checkpoint_of_no_named_flavor(custom):
     cfg, path = custom
-    report = ckpt.inspect_checkpoint(path)
+    report = inspection.inspect_checkpoint(path)
     assert report["flavor"] is None
     assert report["parameters"] == count_parameters(cfg)["total"]
     assert (report["step"], report["consumed_samples"], report["tokens"]) == (5, 20, 5120)
     assert report["layout"] == LAYOUT and report["model"]["hidden_size"] == 96
-    text = ckpt.format_report(report)
+    text = inspection.format_report(report)
     assert "flavor      none (no named flavor has these layers and shapes)" in text
     assert "stage 1: layers 14-30" in text  # the saved stage marks
     assert "trained     step 5, 5,120 tokens, 20 samples" in text
@@ -94,32 +97,32 @@ def test_closest_flavor_names_what_differs():
     base = get_flavor("tiny-nemotron-h-8b")
     marked = base.pattern[:8] + "|" + base.pattern[8:]  # a stage mark changes no layer
     cfg = base.replace(pattern=marked, seq_length=512)
-    assert ckpt.closest_flavor(cfg) == ("tiny-nemotron-h-8b", {"seq_length": [512, 256]})
-    assert ckpt.closest_flavor(cfg.replace(pattern="M-" + base.pattern)) == (None, {})
+    assert inspection.closest_flavor(cfg) == ("tiny-nemotron-h-8b", {"seq_length": [512, 256]})
+    assert inspection.closest_flavor(cfg.replace(pattern="M-" + base.pattern)) == (None, {})
 
 
 def test_recipe_diff(imported, custom):
-    same = ckpt.inspect_checkpoint(imported / "ckpt", recipe=str(RECIPE))
+    same = inspection.inspect_checkpoint(imported / "ckpt", recipe=str(RECIPE), recipe_model=load_recipe(RECIPE).model)
     assert same["recipe_differences"] == {}  # the recipe's pattern has a stage mark: same layers
-    assert "recipe      " + str(RECIPE) + ": same model" in ckpt.format_report(same)
-    other = ckpt.inspect_checkpoint(custom[1], recipe=str(RECIPE))["recipe_differences"]
+    assert "recipe      " + str(RECIPE) + ": same model" in inspection.format_report(same)
+    other = inspection.inspect_checkpoint(custom[1], recipe=str(RECIPE), recipe_model=load_recipe(RECIPE).model)["recipe_differences"]
     assert set(other) == {"pattern", "hidden_size", "ffn_hidden_size"}
     assert other["hidden_size"] == [96, 128]
 
 
 def test_cli_prints_json_and_text(imported, capsys):
     parser = argparse.ArgumentParser()
-    ckpt.add_arguments(parser)
-    assert ckpt.run(parser.parse_args(["inspect", str(imported / "ckpt"), "--json"])) == 0
-    assert json.loads(capsys.readouterr().out) == ckpt.inspect_checkpoint(imported / "ckpt")
-    assert ckpt.run(parser.parse_args(["inspect", str(imported / "ckpt")])) == 0
+    inspection.add_arguments(parser)
+    assert inspection.run(parser.parse_args(["inspect", str(imported / "ckpt"), "--json"])) == 0
+    assert json.loads(capsys.readouterr().out) == inspection.inspect_checkpoint(imported / "ckpt")
+    assert inspection.run(parser.parse_args(["inspect", str(imported / "ckpt")])) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "flavor      tiny-nano-v2-12b"
     assert lines[2].startswith("pattern     M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M- (35 layers")
 
 
 def test_not_a_checkpoint_is_one_line(imported):
-    with pytest.raises(checkpoint.CheckpointError, match="is not a complete dist_checkpointing "
+    with pytest.raises(dist_checkpoint.CheckpointError, match="is not a complete dist_checkpointing "
                                                          "checkpoint") as error:
-        ckpt.inspect_checkpoint(imported / "hf")
+        inspection.inspect_checkpoint(imported / "hf")
     assert "\n" not in str(error.value)

@@ -43,11 +43,14 @@ from test_hf_parity import (  # noqa: E402  (the parity test's reference and wei
     random_tensor,
 )
 
-from megatron_hybrid import checkpoint, convert, hf_checkpoint, mcore, parallel  # noqa: E402
+from megatron_hybrid import mcore  # noqa: E402
+from megatron_hybrid.checkpoint import dist_checkpoint, hf_checkpoint
 from megatron_hybrid.cli import USER_ERRORS  # noqa: E402
-from megatron_hybrid.config import ModelConfig  # noqa: E402
-from megatron_hybrid.flavors import FLAVORS, get_flavor  # noqa: E402
-from megatron_hybrid.model import ModelLayout, build_model  # noqa: E402
+from megatron_hybrid.model import hf_mapping
+from megatron_hybrid.model.build import ModelLayout, build_model  # noqa: E402
+from megatron_hybrid.model.config import ModelConfig  # noqa: E402
+from megatron_hybrid.model.flavors import FLAVORS, get_flavor  # noqa: E402
+from megatron_hybrid.parallel import process_groups
 
 TINY_FLAVORS = sorted(name for name in FLAVORS if name.startswith("tiny-"))
 
@@ -56,11 +59,11 @@ TINY_FLAVORS = sorted(name for name in FLAVORS if name.startswith("tiny-"))
 def model_parallel():
     started = not mcore.parallel_state.model_parallel_is_initialized()
     if started:
-        parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
-    parallel.seed_everything(0)
+        process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
+    process_groups.seed_everything(0)
     yield
     if started:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def save_hf_checkpoint(hf_module, directory: Path, cfg: ModelConfig, *, dtype=to
     """Random weights saved by transformers' own save_pretrained in ``shards`` or more
     safetensors files (``backbone.`` names, an index), plus a tokenizer; returns their bytes.
     ``hf_fields`` set fields of the HF config last."""
-    hf_config = convert.hf_config_from_model(cfg, **hf_fields)
+    hf_config = hf_mapping.hf_config_from_model(cfg, **hf_fields)
     empty = build_hf(hf_module, hf_config, None)
     shapes = {name: tensor.shape for name, tensor in empty.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
@@ -107,7 +110,7 @@ def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def megatron_logits(cfg: ModelConfig, checkpoint_dir: Path) -> torch.Tensor:
     model = build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
-    checkpoint.load_weights([model], checkpoint_dir)
+    dist_checkpoint.load_weights([model], checkpoint_dir)
     with torch.no_grad():
         return megatron_logits_and_loss(model.eval(), ids())[0]
 
@@ -144,7 +147,7 @@ def test_input_has_several_shards(converted):
 def test_imported_checkpoint_gives_the_hf_logits(converted, hf_module):
     cfg, root = converted
     reference = hf_logits(hf_module, root / "hf")
-    saved_cfg = ModelConfig(**checkpoint.read_meta(root / "mcore")["model"])
+    saved_cfg = ModelConfig(**dist_checkpoint.read_meta(root / "mcore")["model"])
     logits = megatron_logits(saved_cfg, root / "mcore")
     assert reference.std() > 0.5  # a meaningful signal
     assert max_diff(logits, reference) <= TOLERANCE
@@ -166,7 +169,7 @@ def test_exported_directory_gives_the_same_logits_in_transformers(converted, hf_
 
 def test_round_trip_keeps_the_model_config_and_tokenizer(converted):
     cfg, root = converted
-    meta = checkpoint.read_meta(root / "mcore")
+    meta = dist_checkpoint.read_meta(root / "mcore")
     assert ModelConfig(**meta["model"]) == cfg.replace(pattern=cfg.layer_pattern.layers)
     assert meta["train_state"]["step"] == 0 and meta["tokenizer"]["kind"] == "hf"
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -207,8 +210,8 @@ def test_bf16_stays_bf16(bf16_round_trip):
 def test_bf16_checkpoint_loads_into_an_fp32_model(bf16_round_trip):
     cfg, root = bf16_round_trip
     model = build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
-    checkpoint.load_weights([model], root / "mcore")
-    expected = convert.hf_to_mcore_state_dict(hf_tensors(root / "hf"), cfg)
+    dist_checkpoint.load_weights([model], root / "mcore")
+    expected = hf_mapping.hf_to_mcore_state_dict(hf_tensors(root / "hf"), cfg)
     loaded = model.state_dict()
     assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float())
                for k, v in expected.items())
@@ -220,8 +223,8 @@ def test_streamed_checkpoint_is_what_save_weights_writes(good_hf_dir, tmp_path):
     hf_checkpoint.import_hf(good_hf_dir, tmp_path / "streamed")
     model = build_model(get_flavor("tiny-hybrid"), ModelLayout(), backend="cpu",
                         perform_initialization=False)
-    checkpoint.load_weights([model], tmp_path / "streamed")
-    checkpoint.save_weights([model], tmp_path / "saved")
+    dist_checkpoint.load_weights([model], tmp_path / "streamed")
+    dist_checkpoint.save_weights([model], tmp_path / "saved")
     streamed = FileSystemReader(str(tmp_path / "streamed")).read_metadata()
     saved = FileSystemReader(str(tmp_path / "saved")).read_metadata()
     assert streamed.state_dict_metadata == saved.state_dict_metadata
@@ -232,7 +235,7 @@ def test_streamed_checkpoint_is_what_save_weights_writes(good_hf_dir, tmp_path):
 
 # --- pruned checkpoints from the training code ------------------------------------------------
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +257,7 @@ def pruned_checkpoint(tmp_path_factory):
 
 def test_pruned_checkpoint_exports_its_own_pattern(pruned_checkpoint, hf_module, tmp_path):
     cfg, path, logits = pruned_checkpoint
-    assert "|" in checkpoint.read_meta(path)["model"]["pattern"] and cfg.num_layers == 31
+    assert "|" in dist_checkpoint.read_meta(path)["model"]["pattern"] and cfg.num_layers == 31
     saved = mcore.dist_checkpointing.load_tensors_metadata(str(path))
     assert any(key.startswith("optimizer.") for key in saved)  # ignored by the export
     hf_checkpoint.export_hf(path, tmp_path / "hf")
@@ -273,7 +276,7 @@ def test_config_that_disagrees_with_the_tensors_is_refused(pruned_checkpoint, tm
     meta = json.loads((unpruned / "meta.json").read_text())
     meta["model"]["pattern"] = get_flavor("tiny-nano-v2-12b").pattern  # weights stay pruned
     (unpruned / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(convert.ConversionError, match=r"does not hold the model its config "
+    with pytest.raises(hf_mapping.ConversionError, match=r"does not hold the model its config "
                                                       r"describes \(.*35 layers\): missing \["):
         hf_checkpoint.export_hf(unpruned, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -299,7 +302,8 @@ from megatron_hybrid import backends
 backends.install("cpu")
 import argparse
 from safetensors.torch import load_file
-from megatron_hybrid import convert, hf_checkpoint  # noqa: F401  (imports before the baseline)
+from megatron_hybrid.model import hf_mapping  # noqa: F401  (imports before the baseline)
+from megatron_hybrid.checkpoint import hf_checkpoint
 import transformers.models.nemotron_h.modeling_nemotron_h  # noqa: F401
 
 def status(key):
@@ -435,7 +439,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(good_hf_dir, tmp_path, damage)
 def test_existing_output_is_never_touched(good_hf_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(convert.ConversionError, match="already exists"):
+    with pytest.raises(hf_mapping.ConversionError, match="already exists"):
         hf_checkpoint.import_hf(good_hf_dir, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
@@ -443,10 +447,10 @@ def test_existing_output_is_never_touched(good_hf_dir, tmp_path):
 def test_failure_while_writing_removes_the_partial_output(good_hf_dir, tmp_path, monkeypatch):
     """A shard that breaks after the checks passed (here: every read fails) leaves nothing."""
     def broken(self, name):
-        raise convert.ConversionError(f"{name}: read failed")
+        raise hf_mapping.ConversionError(f"{name}: read failed")
 
     monkeypatch.setattr(hf_checkpoint.HFCheckpoint, "read", broken)
-    with pytest.raises(convert.ConversionError, match="read failed"):
+    with pytest.raises(hf_mapping.ConversionError, match="read failed"):
         hf_checkpoint.import_hf(good_hf_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

@@ -15,7 +15,7 @@ import pytest
 
 from megatron_hybrid import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = "recipes/tiny/pretrain.yaml"
 PRUNE = "recipes/tiny/prune.yaml"
 DOCS = ROOT / "docs" / "bad_inputs.md"

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_hybrid.cli import build_parser
 
-RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml")
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml")
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from megatron_hybrid import backends
-from megatron_hybrid.config import ConfigError
 from megatron_hybrid.data import DataError, corpus
 from megatron_hybrid.data.datasets import DataConfig, build_datasets, microbatch_iterator
 from megatron_hybrid.data.preprocess import preprocess_jsonl
 from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer, train_bpe
+from megatron_hybrid.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 1024
 
 backends.install("cpu")  # before Megatron-Core (the dataset modules) is imported

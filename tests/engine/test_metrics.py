@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_hybrid import metrics
-from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.convert import MEGATRON_CONV_KERNEL
+from megatron_hybrid.engine import metrics
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.hf_mapping import MEGATRON_CONV_KERNEL
 
 
 def small_config(pattern: str = "M*-E", **changes) -> ModelConfig:
@@ -365,7 +365,7 @@ def test_plot_curves_of_several_runs(tmp_path):
 
 
 def test_importing_metrics_loads_neither_megatron_core_nor_the_heavy_writers():
-    code = ("import sys, megatron_hybrid.metrics; "
+    code = ("import sys, megatron_hybrid.engine.metrics; "
             "print(sorted({m.split('.')[0] + '.' + m.split('.')[1] if m.startswith('megatron.') "
             "else m.split('.')[0] for m in sys.modules}))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

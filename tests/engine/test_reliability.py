@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-
 from conftest import rank_environment
-from megatron_hybrid import reliability
 from test_train import RECIPE, SMALL, cli, step_losses, train
 
-WORKERS = Path(__file__).resolve().parent / "workers"
+from megatron_hybrid import reliability
+
+WORKERS = Path(__file__).resolve().parents[1] / "workers"
 SAVE_CRASH_WORKER = WORKERS / "save_crash.py"
 SAVE_PHASES = {
     "started": "before the shard writes",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import rank_environment
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml"
 SMALL = ["train.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4",
          "train.log_interval=1", "train.eval_interval=1000", "scheduler.warmup_steps=2",
          "logging.progress_bar=off"]

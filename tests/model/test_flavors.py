@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from megatron_hybrid import flavors
-from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.flavors import FLAVORS, get_flavor
+from megatron_hybrid.model import flavors
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.flavors import FLAVORS, get_flavor
 from megatron_hybrid.pattern import parse
 
 SHAPE_FIELDS = (
@@ -118,7 +118,7 @@ def test_published_flavors_clamp_dt_with_their_hf_configs_time_step_min(name):
     from megatron_hybrid import backends
 
     backends.install("cpu")
-    from megatron_hybrid.convert import hf_config_from_model
+    from megatron_hybrid.model.hf_mapping import hf_config_from_model
 
     cfg = get_flavor(name)
     assert cfg.mamba_dt_clamp_min == 0.001
@@ -158,5 +158,5 @@ def test_unknown_flavor_lists_names_and_suggests():
 
 
 def test_pattern_and_flavors_do_not_import_torch():
-    code = "import sys, megatron_hybrid.flavors; assert 'torch' not in sys.modules"
+    code = "import sys, megatron_hybrid.model.flavors; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

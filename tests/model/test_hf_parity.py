@@ -34,10 +34,12 @@ from megatron_hybrid import backends
 
 backends.install("cpu")
 
-from megatron_hybrid import convert, mcore, parallel, specs  # noqa: E402
+from megatron_hybrid import mcore  # noqa: E402
 from megatron_hybrid.backends import kernels  # noqa: E402
-from megatron_hybrid.flavors import FLAVORS, get_flavor  # noqa: E402
-from megatron_hybrid.model import ModelLayout, build_model  # noqa: E402
+from megatron_hybrid.model import hf_mapping, specs
+from megatron_hybrid.model.build import ModelLayout, build_model  # noqa: E402
+from megatron_hybrid.model.flavors import FLAVORS, get_flavor  # noqa: E402
+from megatron_hybrid.parallel import process_groups
 
 PATTERN = "M-M*-M-"
 BATCH, SEQ = 2, 40  # SEQ is not a multiple of the chunk size (16): padding paths run too
@@ -118,11 +120,11 @@ def ran_our_kernels(calls) -> bool:
 def model_parallel():
     started = not mcore.parallel_state.model_parallel_is_initialized()
     if started:
-        parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
-    parallel.seed_everything(0)
+        process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
+    process_groups.seed_everything(0)
     yield
     if started:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def hf_config():
 
 @pytest.fixture(scope="module")
 def cfg(hf_config):
-    return convert.model_config_from_hf(hf_config)
+    return hf_mapping.model_config_from_hf(hf_config)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +189,7 @@ def build_hf(hf_module, hf_config, weights):
 
 def converted_model(cfg, hf_weights):
     model = build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
-    convert.load_mcore_state_dict(model, convert.hf_to_mcore_state_dict(hf_weights, cfg))
+    hf_mapping.load_mcore_state_dict(model, hf_mapping.hf_to_mcore_state_dict(hf_weights, cfg))
     return model.train()
 
 
@@ -247,9 +249,11 @@ FRESH_PROCESS_CHECK = """
 import inspect, json, sys
 from megatron_hybrid import backends
 backends.install("cpu")
-from megatron_hybrid import mcore, model, specs
+from megatron_hybrid import mcore
+from megatron_hybrid.model import build
+from megatron_hybrid.model import specs
 from megatron_hybrid.backends import kernels
-from megatron_hybrid.flavors import get_flavor
+from megatron_hybrid.model.flavors import get_flavor
 from transformers.models.nemotron_h import modeling_nemotron_h as ordinary
 import modelopt.torch.nas.plugins.megatron  # registers ModelOpt's Megatron dynamic modules
 from modelopt.torch.nas.registry import DMRegistry
@@ -323,7 +327,7 @@ def test_logits_and_loss_match(runs):
 
 def test_gradients_match_for_every_parameter(cfg, megatron_model, runs):
     ours = {name: p.grad for name, p in megatron_model.named_parameters()}
-    ours = convert.mcore_to_hf_state_dict(ours, cfg)
+    ours = hf_mapping.mcore_to_hf_state_dict(ours, cfg)
     reference = {name: p.grad for name, p in runs["hf_model"].named_parameters()}
     assert set(ours) == set(reference) and set(GRADIENT_SAMPLES) <= set(reference)
     worst = {}
@@ -338,8 +342,8 @@ def test_gradients_match_for_every_parameter(cfg, megatron_model, runs):
 
 def test_exported_config_and_weights_load_in_hf(tmp_path, hf_module, cfg, megatron_model, runs):
     """The export path: Megatron weights + hf_config_from_model -> save -> from_pretrained."""
-    state = convert.mcore_to_hf_state_dict(megatron_model.state_dict(), cfg)
-    exported = build_hf(hf_module, convert.hf_config_from_model(cfg), state)
+    state = hf_mapping.mcore_to_hf_state_dict(megatron_model.state_dict(), cfg)
+    exported = build_hf(hf_module, hf_mapping.hf_config_from_model(cfg), state)
     exported.save_pretrained(tmp_path)
     loaded = hf_module.NemotronHForCausalLM.from_pretrained(tmp_path).train()
     with torch.no_grad():
@@ -455,7 +459,7 @@ def mutations(cfg):
         "swap two query heads of a group": (qkv, lambda w: swap_rows(w, 0, d, d)),
         "swap the key heads of two groups": (
             qkv, lambda w: swap_rows(w, hpg * d, group_rows + hpg * d, d)),
-        "ungrouped [q, k, v] layout": (qkv, lambda w: torch.cat(convert._split_qkv(w, cfg))),
+        "ungrouped [q, k, v] layout": (qkv, lambda w: torch.cat(hf_mapping._split_qkv(w, cfg))),
         "in_proj z <-> x": (in_proj, lambda w: swap_rows(w, 0, d_inner, d_inner)),
         "in_proj B <-> C": (in_proj, lambda w: swap_rows(w, 2 * d_inner, 2 * d_inner + gn, gn)),
     }
@@ -467,10 +471,10 @@ def mutations(cfg):
                                       "in_proj B <-> C"])
 def test_a_wrong_mapping_is_detected(mutation, cfg, hf_weights, runs):
     name, mutate = mutations(cfg)[mutation]
-    state = convert.hf_to_mcore_state_dict(hf_weights, cfg)
+    state = hf_mapping.hf_to_mcore_state_dict(hf_weights, cfg)
     state[name] = mutate(state[name])
     model = build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
-    convert.load_mcore_state_dict(model, state)
+    hf_mapping.load_mcore_state_dict(model, state)
     with torch.no_grad():
         logits, _ = megatron_logits_and_loss(model, ids())
     assert max_diff(logits, runs["hf_logits"]) > 100 * TOLERANCE
@@ -479,51 +483,51 @@ def test_a_wrong_mapping_is_detected(mutation, cfg, hf_weights, runs):
 # --- the mapping itself ----------------------------------------------------------------------
 
 def test_round_trips_are_identical(cfg, hf_weights, megatron_model):
-    mcore_state = convert.hf_to_mcore_state_dict(hf_weights, cfg)
-    back = convert.mcore_to_hf_state_dict(mcore_state, cfg)
+    mcore_state = hf_mapping.hf_to_mcore_state_dict(hf_weights, cfg)
+    back = hf_mapping.mcore_to_hf_state_dict(mcore_state, cfg)
     assert back.keys() == hf_weights.keys()
     assert all(torch.equal(back[k], hf_weights[k]) for k in hf_weights)
 
     ours = {k: v for k, v in megatron_model.state_dict().items()
             if not k.endswith("._extra_state")}
-    again = convert.hf_to_mcore_state_dict(convert.mcore_to_hf_state_dict(ours, cfg), cfg)
+    again = hf_mapping.hf_to_mcore_state_dict(hf_mapping.mcore_to_hf_state_dict(ours, cfg), cfg)
     assert again.keys() == ours.keys()
     assert all(torch.equal(again[k], ours[k]) for k in ours)
 
 
 def test_published_checkpoint_prefix_is_accepted(cfg, hf_weights):
-    published = convert.mcore_to_hf_state_dict(
-        convert.hf_to_mcore_state_dict(hf_weights, cfg), cfg,
-        prefix=convert.HF_CHECKPOINT_PREFIX)
+    published = hf_mapping.mcore_to_hf_state_dict(
+        hf_mapping.hf_to_mcore_state_dict(hf_weights, cfg), cfg,
+        prefix=hf_mapping.HF_CHECKPOINT_PREFIX)
     assert all(k.startswith(("backbone.", "lm_head.")) for k in published)
-    via_published = convert.hf_to_mcore_state_dict(published, cfg)
-    direct = convert.hf_to_mcore_state_dict(hf_weights, cfg)
+    via_published = hf_mapping.hf_to_mcore_state_dict(published, cfg)
+    direct = hf_mapping.hf_to_mcore_state_dict(hf_weights, cfg)
     assert all(torch.equal(via_published[k], direct[k]) for k in direct)
 
 
 def test_incomplete_or_extra_tensors_are_refused(cfg, hf_weights):
     missing = {k: v for k, v in hf_weights.items()
                if not k.endswith("layers.3.mixer.k_proj.weight")}
-    with pytest.raises(convert.ConversionError, match="k_proj|linear_qkv"):
-        convert.hf_to_mcore_state_dict(missing, cfg)
-    with pytest.raises(convert.ConversionError, match="layers.9"):
-        convert.hf_to_mcore_state_dict({**hf_weights, "model.layers.9.norm.weight": None}, cfg)
+    with pytest.raises(hf_mapping.ConversionError, match="k_proj|linear_qkv"):
+        hf_mapping.hf_to_mcore_state_dict(missing, cfg)
+    with pytest.raises(hf_mapping.ConversionError, match="layers.9"):
+        hf_mapping.hf_to_mcore_state_dict({**hf_weights, "model.layers.9.norm.weight": None}, cfg)
 
 
 @pytest.mark.parametrize("name", sorted(FLAVORS))
 def test_config_round_trip(name):
     for cfg in (get_flavor(name), get_flavor(name).replace(mamba_dt_clamp_min=0.001)):
-        hf = convert.hf_config_from_model(cfg)
+        hf = hf_mapping.hf_config_from_model(cfg)
         assert hf.hybrid_override_pattern == cfg.layer_pattern.layers
         clamp = cfg.mamba_dt_clamp_min
         assert (hf.time_step_min, tuple(hf.time_step_limit)) == (clamp, (clamp, math.inf))
-        assert convert.model_config_from_hf(hf) == cfg.replace(pattern=cfg.layer_pattern.layers)
+        assert hf_mapping.model_config_from_hf(hf) == cfg.replace(pattern=cfg.layer_pattern.layers)
 
 
 def test_published_config_converts_with_its_clamp(hf_config, cfg):
     assert (cfg.mamba_dt_clamp_min, cfg.mamba_dt_min, cfg.mamba_dt_max) == (0.001, 0.001, 0.1)
     assert (cfg.mamba_num_groups, cfg.num_query_groups) == (8, 8)
-    back = convert.hf_config_from_model(cfg)
+    back = hf_mapping.hf_config_from_model(cfg)
     assert (back.time_step_min, back.time_step_max) == (0.001, 0.1)
 
 
@@ -534,13 +538,13 @@ def test_hf_configs_that_cannot_convert_exactly_are_refused(hf_config):
                    {"mlp_hidden_act": "silu"}, {"layer_norm_epsilon": 1e-6},
                    {"layers_block_type": ["linear_attention", "moe"]}):
         bad = NemotronHConfig(**{**hf_config.to_dict(), **change})
-        with pytest.raises(convert.ConversionError):
-            convert.model_config_from_hf(bad)
-    with pytest.raises(convert.ConversionError, match="MoE"):
-        convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(
+        with pytest.raises(hf_mapping.ConversionError):
+            hf_mapping.model_config_from_hf(bad)
+    with pytest.raises(hf_mapping.ConversionError, match="MoE"):
+        hf_mapping.hf_config_from_model(get_flavor("tiny-hybrid").replace(
             pattern="M-E*", num_moe_experts=4))
-    with pytest.raises(convert.ConversionError, match="norm_eps"):
-        convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(norm_eps=1e-6))
+    with pytest.raises(hf_mapping.ConversionError, match="norm_eps"):
+        hf_mapping.hf_config_from_model(get_flavor("tiny-hybrid").replace(norm_eps=1e-6))
     for inexact in ({"mamba_dt_clamp_min": 0.002}, {"mamba_dt_min": 0.002}):
-        with pytest.raises(convert.ConversionError, match="time_step_min is"):
-            convert.hf_config_from_model(get_flavor("tiny-hybrid").replace(**inexact))
+        with pytest.raises(hf_mapping.ConversionError, match="time_step_min is"):
+            hf_mapping.hf_config_from_model(get_flavor("tiny-hybrid").replace(**inexact))

@@ -9,9 +9,14 @@ from megatron_hybrid import backends
 
 backends.install("cpu")
 
-from megatron_hybrid import mcore, parallel  # noqa: E402
-from megatron_hybrid.flavors import FLAVORS, get_flavor  # noqa: E402
-from megatron_hybrid.params import KIND_KEYS, count_parameters, hf_parameter_count  # noqa: E402
+from megatron_hybrid import mcore  # noqa: E402
+from megatron_hybrid.model.flavors import FLAVORS, get_flavor  # noqa: E402
+from megatron_hybrid.model.params import (  # noqa: E402
+    KIND_KEYS,
+    count_parameters,
+    hf_parameter_count,
+)
+from megatron_hybrid.parallel import process_groups
 from megatron_hybrid.pattern import describe  # noqa: E402
 
 NANO_V2_12B_PARAMETERS = 12_310_001_152
@@ -23,10 +28,10 @@ def model_parallel():
     """One 1-process gloo group for the module (count_parameters would start one per call)."""
     started = not mcore.parallel_state.model_parallel_is_initialized()
     if started:
-        parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+        process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
     yield
     if started:
-        parallel.destroy_distributed()
+        process_groups.destroy_distributed()
 
 
 @pytest.mark.parametrize("name", sorted(FLAVORS))

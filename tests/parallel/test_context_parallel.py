@@ -20,12 +20,12 @@ from megatron_hybrid import backends
 
 backends.install("cpu")
 
-from megatron_hybrid.context_parallel import (  # noqa: E402
+from megatron_hybrid.parallel.context_parallel import (  # noqa: E402
     ContextParallelError,
     load_balanced_positions,
 )
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
 # The tiny 12B base (the model the long-context stage continues) at a small size of batch and run.
 SMALL = ["model.flavor=tiny-nano-v2-12b", "train.seq_length=128", "train.micro_batch_size=2",
          "train.global_batch_size=4", "train.log_interval=1", "train.eval_batches=1",

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import rank_environment
 
-WORKER = Path(__file__).parent / "workers" / "layout_parity.py"
+WORKER = Path(__file__).parents[1] / "workers" / "layout_parity.py"
 PATTERN = "M-M*-M-|M*-"  # stages of 7 and 3 layers (uneven, honoured exactly); attention in both
 LAYOUTS = ["tp2", "pp2", "tp2pp2", "tp2sp", "tp2sp_distopt", "cp2", "tp2cp2", "tp2cp2sp",
            "pp2cp2"]

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid import pipeline, report, task
-from megatron_hybrid.pipeline import PipelineError
+from megatron_hybrid.pipeline import report, runner
+from megatron_hybrid.pipeline.runner import PipelineError
+from megatron_hybrid.stages import task
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml"
 SMALL = ["model.flavor=tiny", "model.vocab_size=1024", "train.seq_length=64",
          "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=3",
          "train.log_interval=1", "scheduler.warmup_steps=0", "logging.progress_bar=off"]
@@ -59,8 +60,8 @@ def command(path: Path, out: Path, *flags: str) -> list[str]:
 
 def run_in_process(path: Path, out: Path, *flags: str) -> int:
     parser = argparse.ArgumentParser()
-    pipeline.add_arguments(parser)
-    return pipeline.run(parser.parse_args([str(path), "--output", str(out), *flags]))
+    runner.add_arguments(parser)
+    return runner.run(parser.parse_args([str(path), "--output", str(out), *flags]))
 
 
 def one_line_error(path: Path, out: Path, *flags: str) -> str:
@@ -87,7 +88,7 @@ def resumed(tmp_path_factory):
     os.killpg(process.pid, signal.SIGKILL)  # the runner and its stage process
     process.wait()
     killed_at = latest.read_text()
-    first_log = (out / "first" / pipeline.LOG).read_text()
+    first_log = (out / "first" / runner.LOG).read_text()
     again = subprocess.run(command(path, out), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     return {"path": path, "out": out, "killed_at": killed_at, "first_log": first_log,
@@ -99,8 +100,8 @@ def test_killed_stage_resumes_and_finished_stage_is_skipped(resumed):
     assert killed_at < f"step_{SECOND_STEPS:06d}", "killed too late to test a resume"
     assert f"first: finished ({out / 'first' / 'DONE'}), skipped" in resumed["stdout"]
     assert f"second: will resume from {killed_at}" in resumed["stdout"]
-    assert (out / "first" / pipeline.LOG).read_text() == resumed["first_log"]  # not run again
-    second_log = (out / "second" / pipeline.LOG).read_text()
+    assert (out / "first" / runner.LOG).read_text() == resumed["first_log"]  # not run again
+    second_log = (out / "second" / runner.LOG).read_text()
     assert f"resuming from {out / 'second' / 'checkpoints' / killed_at}" in second_log
     steps = {json.loads(line)["step"] for line in
              (out / "second" / "metrics.jsonl").read_text().splitlines()}
@@ -113,7 +114,7 @@ def test_stage_reads_its_input_by_stage_name(resumed):
     second = json.loads((out / "second" / "DONE").read_text())
     assert first["checkpoint"] == "checkpoints/step_000003"
     assert second["checkpoint"] == f"checkpoints/step_{SECOND_STEPS:06d}"
-    second_log = (out / "second" / pipeline.LOG).read_text()
+    second_log = (out / "second" / runner.LOG).read_text()
     assert f"initial weights from {out / 'first' / 'checkpoints' / 'step_000003'}" in second_log
     assert f"checkpoint.load={out / 'first' / 'checkpoints' / 'step_000003'}" in " ".join(
         second["command"])
@@ -141,12 +142,12 @@ def test_report_has_every_stage_with_parameters_losses_and_plots(resumed):
 def test_a_stage_model_answers_its_count_of_task_problems(resumed):
     out = resumed["out"]
     assert not (out / "first" / report.TASK_METRICS).exists()  # its task_samples: 0
-    assert "evaluate" not in (out / "first" / pipeline.LOG).read_text()
+    assert "evaluate" not in (out / "first" / runner.LOG).read_text()
     scored = json.loads((out / "second" / report.TASK_METRICS).read_text())
     assert set(scored["tally"]) == {"accuracy /think", "accuracy /no_think"}
     assert all(asked == 2 and 0 <= correct <= 2 for correct, asked in scored["tally"].values())
     assert scored["seconds"] > 0
-    assert f"evaluate {out / 'second' / 'checkpoints'}" in (out / "second" / pipeline.LOG
+    assert f"evaluate {out / 'second' / 'checkpoints'}" in (out / "second" / runner.LOG
                                                           ).read_text()
     text = (out / "report.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| second |"))
@@ -174,7 +175,7 @@ def test_a_stage_summary_and_report_give_its_heldout_loss_data_and_task_metrics(
     shutil.copytree(resumed["out"], out, symlinks=True)
     report.write_summary(out / "second", heldout_loss=1.5, task_metrics={"accuracy": 0.25})
     (out / "second" / "train_report.json").write_text(json.dumps({"heldout_data": "poems"}))
-    text = report.write_report(pipeline.load_pipeline(resumed["path"], str(out))).read_text()
+    text = report.write_report(runner.load_pipeline(resumed["path"], str(out))).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| second |"))
     assert "| 1.5000 | poems | accuracy 0.25, accuracy /think " in row
     assert "- held-out loss: 1.5000 on poems" in text
@@ -292,9 +293,9 @@ def test_compression_section_states_the_fraction_of_the_teacher_kept_and_the_noi
 def test_a_stages_ranks_share_the_pipelines_threads(tmp_path, monkeypatch, budget, nproc,
                                                     per_rank):
     monkeypatch.setenv("OMP_NUM_THREADS", budget)
-    stage = pipeline.Stage(name="first", kind="train", recipe=RECIPE)
-    plan = pipeline.StagePlan(stage=stage, run_dir=tmp_path, overrides=[], cfg=None,
+    stage = runner.Stage(name="first", kind="train", recipe=RECIPE)
+    plan = runner.StagePlan(stage=stage, run_dir=tmp_path, overrides=[], cfg=None,
                               nproc=nproc, status="run")
-    pipeline._launch(plan, [sys.executable, "-c",
+    runner._launch(plan, [sys.executable, "-c",
                             "import os; print('threads', os.environ['OMP_NUM_THREADS'])"])
-    assert (tmp_path / pipeline.LOG).read_text().splitlines()[-1] == f"threads {per_rank}"
+    assert (tmp_path / runner.LOG).read_text().splitlines()[-1] == f"threads {per_rank}"

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from megatron_hybrid import bench
+from megatron_hybrid.planning import bench
 
 SMALL = ["--pattern", "M*-", "--hidden-size", "64", "--ffn-hidden-size", "128",
          "--num-attention-heads", "4", "--num-query-groups", "2", "--kv-channels", "16",

@@ -20,19 +20,20 @@ from pathlib import Path
 import pytest
 from conftest import rank_environment
 
-from megatron_hybrid import backends, plan, recipe
-from megatron_hybrid.flavors import get_flavor
+from megatron_hybrid import backends, recipe
+from megatron_hybrid.model.flavors import get_flavor
+from megatron_hybrid.planning import planner
 
 GIB = 2**30
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-A10G = plan.GPUS["a10g"]
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+A10G = planner.GPUS["a10g"]
 CONTEXT_128K = 131072
 
 
 def run_cli(*argv: str, capsys) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
-    plan.add_arguments(parser)
-    code = plan.run(parser.parse_args(list(argv)))
+    planner.add_arguments(parser)
+    code = planner.run(parser.parse_args(list(argv)))
     return code, capsys.readouterr().out
 
 
@@ -48,7 +49,7 @@ COUNTED["moe"] = MOE_HYBRID
 @pytest.fixture(scope="module")
 def counted():
     backends.install("cpu")
-    from megatron_hybrid.params import count_parameters
+    from megatron_hybrid.model.params import count_parameters
 
     return {name: count_parameters(cfg) for name, cfg in COUNTED.items()}
 
@@ -56,25 +57,25 @@ def counted():
 @pytest.mark.parametrize("name", sorted(COUNTED))
 def test_parameter_counts_match_the_megatron_model(counted, name):
     cfg, counts = COUNTED[name], counted[name]
-    assert plan.total_parameters(cfg) == counts["total"]
-    per_layer = [sum(plan.layer_parameters(cfg, s)) for s in cfg.layer_pattern.layers]
+    assert planner.total_parameters(cfg) == counts["total"]
+    per_layer = [sum(planner.layer_parameters(cfg, s)) for s in cfg.layer_pattern.layers]
     assert per_layer == counts["per_layer"]
 
 
 def test_pipeline_stages_hold_their_layers_and_the_ends(counted):
     cfg = get_flavor("tiny-nano-v2-12b")  # '|' marks stages of 18 and 17 layers
-    first, last = plan.stage_parameters(cfg, tp=1, pp=2)
+    first, last = planner.stage_parameters(cfg, tp=1, pp=2)
     per_layer = counted["tiny-nano-v2-12b"]["per_layer"]
     embedding = cfg.vocab_size * cfg.hidden_size
     assert first == sum(per_layer[:18]) + embedding
     assert last == sum(per_layer[18:]) + embedding + cfg.hidden_size
-    assert first + last == plan.total_parameters(cfg)
+    assert first + last == planner.total_parameters(cfg)
 
 
 # -- the published claims ----------------------------------------------------------------------
 
 def test_nano_v2_9b_serves_128k_on_one_a10g_and_12b_does_not():
-    nine, twelve = (plan.inference_memory(get_flavor(name), context=CONTEXT_128K)
+    nine, twelve = (planner.inference_memory(get_flavor(name), context=CONTEXT_128K)
                     for name in ("nano-v2-9b", "nano-v2-12b"))
     # Nemotron Nano 2 (arXiv 2508.14444): bf16 weights ~16.6 GiB (9B) and ~22.9 GiB (12B), ~2 GiB
     # of KV cache at 128k (4 attention layers).
@@ -99,10 +100,10 @@ def test_plan_cli_answers_the_a10g_question(capsys):
 
 def test_nemotron_h_8b_kv_cache_is_a_small_fraction_of_an_all_attention_models():
     hybrid = get_flavor("nemotron-h-8b")
-    twin = plan.all_attention_counterpart(hybrid)
+    twin = planner.all_attention_counterpart(hybrid)
     assert twin.layer_pattern.counts["*"] == 28 and twin.num_layers == hybrid.num_layers
-    ratio = (plan.inference_memory(hybrid, context=CONTEXT_128K).kv_cache
-             / plan.inference_memory(twin, context=CONTEXT_128K).kv_cache)
+    ratio = (planner.inference_memory(hybrid, context=CONTEXT_128K).kv_cache
+             / planner.inference_memory(twin, context=CONTEXT_128K).kv_cache)
     assert ratio == pytest.approx(4 / 28)  # 4 attention layers where the twin has 28
 
 
@@ -120,9 +121,9 @@ def test_long_context_recipe_fits_one_h100_node(capsys):
 
 
 def test_plan_needs_one_model_source(capsys):
-    with pytest.raises(plan.PlanError, match="give a recipe or --flavor"):
+    with pytest.raises(planner.PlanError, match="give a recipe or --flavor"):
         run_cli(capsys=capsys)
-    with pytest.raises(plan.PlanError, match="not both"):
+    with pytest.raises(planner.PlanError, match="not both"):
         run_cli(str(RECIPES / "tiny" / "pretrain.yaml"), "--flavor", "nano-v2-9b",
                 capsys=capsys)
 
@@ -131,17 +132,17 @@ def test_plan_needs_one_model_source(capsys):
 
 def test_step_estimate_pays_for_the_pipeline_bubble_and_recompute():
     cfg = get_flavor("nemotron-h-8b")
-    peak = plan.GPUS["h100"].peak_flops("bf16")
-    base = plan.TrainingLayout(seq_length=8192, tp=2, pp=2, num_microbatches=6)
-    step = plan.step_estimate(cfg, base, peak)
-    assert step.mfu == pytest.approx(plan.KERNEL_EFFICIENCY * 6 / 7)
-    recomputed = plan.step_estimate(cfg, dataclasses.replace(base, recompute="full"), peak)
+    peak = planner.GPUS["h100"].peak_flops("bf16")
+    base = planner.TrainingLayout(seq_length=8192, tp=2, pp=2, num_microbatches=6)
+    step = planner.step_estimate(cfg, base, peak)
+    assert step.mfu == pytest.approx(planner.KERNEL_EFFICIENCY * 6 / 7)
+    recomputed = planner.step_estimate(cfg, dataclasses.replace(base, recompute="full"), peak)
     assert recomputed.seconds > 1.25 * step.seconds and recomputed.mfu < step.mfu
 
 
 # -- measured on the CPU -------------------------------------------------------------------------
 
-PLANNER_DOCS = Path(__file__).resolve().parent.parent / "docs" / "planner.md"
+PLANNER_DOCS = Path(__file__).resolve().parents[2] / "docs" / "planner.md"
 TINY_PRETRAIN = RECIPES / "tiny" / "pretrain.yaml"
 PEAK_TOLERANCE = 0.06
 """Planned / measured stays within 1 +- this: measured 0.991 to 1.033 over every row, in the
@@ -191,21 +192,21 @@ MEASURED_RUNS = [
 
 def run_config(run: MeasuredRun):
     cfg = recipe.load_recipe(TINY_PRETRAIN, list(run.overrides))
-    return cfg, plan.TrainingLayout.from_run(cfg, world_size=cfg.parallel.pp)
+    return cfg, planner.TrainingLayout.from_run(cfg, world_size=cfg.parallel.pp)
 
 
-def train_tiny_steps(cfg, layout: plan.TrainingLayout, steps: int = 2) -> None:
+def train_tiny_steps(cfg, layout: planner.TrainingLayout, steps: int = 2) -> None:
     """The recipe's model (this rank's stage) through the training engine (DDP, Adam, 1F1B
     schedule), two steps so the optimizer state exists."""
     import torch
 
-    from megatron_hybrid import engine
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid.engine import training_step
+    from megatron_hybrid.model.build import ModelLayout, build_model
 
     model = build_model(cfg, ModelLayout(pp=layout.pp, recompute=layout.recompute),
                         backend="cpu")
-    chunks = [engine.wrap_ddp(model, use_distributed_optimizer=False)]
-    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings())
+    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False)]
+    optimizer = training_step.build_optimizer(chunks, training_step.OptimizerSettings())
     shape = (layout.micro_batch_size, layout.seq_length)
     generator = torch.Generator().manual_seed(0)
 
@@ -219,21 +220,21 @@ def train_tiny_steps(cfg, layout: plan.TrainingLayout, steps: int = 2) -> None:
 
     data = batches()
     for _ in range(steps):
-        engine.train_step(chunks, optimizer, data, num_microbatches=layout.num_microbatches,
+        training_step.train_step(chunks, optimizer, data, num_microbatches=layout.num_microbatches,
                           micro_batch_size=layout.micro_batch_size, seq_length=layout.seq_length)
 
 
 def measure_peaks(runs: list[MeasuredRun], stage: int) -> dict[str, int]:
     """Measured peak bytes of ``runs`` that quote ``stage``, trained in this process (which
     holds that stage)."""
-    from megatron_hybrid import parallel
+    from megatron_hybrid.parallel import process_groups
 
     peaks = {}
     for run in runs:
         if run.stage == stage:
             cfg, layout = run_config(run)
-            parallel.seed_everything(0)
-            _, peaks[run.label] = plan.measure_cpu_peak(lambda: train_tiny_steps(cfg.model,
+            process_groups.seed_everything(0)
+            _, peaks[run.label] = planner.measure_cpu_peak(lambda: train_tiny_steps(cfg.model,
                                                                                  layout))
     return peaks
 
@@ -252,7 +253,7 @@ def measure_every_run(out_dir: Path) -> dict[str, tuple[int, float]]:
     rows = {}
     for run in MEASURED_RUNS:
         cfg, layout = run_config(run)
-        planned = plan.stage_memories(cfg.model, layout, kernels="cpu")[run.stage].total
+        planned = planner.stage_memories(cfg.model, layout, kernels="cpu")[run.stage].total
         rows[run.label] = (measured[run.label], planned)
     return rows
 
@@ -261,14 +262,14 @@ def pipeline_worker(out_dir: Path) -> None:
     """torchrun rank of a PP=2 world: this stage's measured peaks of the PP=2 rows."""
     import os
 
-    from megatron_hybrid import parallel
+    from megatron_hybrid.parallel import process_groups
 
     backends.install("cpu")
-    parallel.init_distributed(parallel.ParallelDims(pp=2, world_size=2), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(pp=2, world_size=2), backend="cpu")
     rank = int(os.environ["RANK"])
     peaks = measure_peaks([run for run in MEASURED_RUNS if run.pipelined], stage=rank)
     (out_dir / f"peaks-rank{rank}.json").write_text(json.dumps(peaks))
-    parallel.destroy_distributed()
+    process_groups.destroy_distributed()
 
 
 DOCS_ROW = re.compile(r"^\| (.+?) \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) \|$", re.M)
@@ -277,7 +278,7 @@ DOCS_ROW = re.compile(r"^\| (.+?) \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) \|
 def docs_table(rows: dict[str, tuple[int, float]]) -> str:
     lines = ["| run (fp32, tiny-nano-v2-12b unless named) | measured peak | planned | "
              "planned / measured |", "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {measured / plan.MIB:.2f} MiB | {planned / plan.MIB:.2f} MiB | "
+    lines += [f"| {label} | {measured / planner.MIB:.2f} MiB | {planned / planner.MIB:.2f} MiB | "
               f"{planned / measured:.3f} |" for label, (measured, planned) in rows.items()]
     return "\n".join(lines)
 
@@ -286,18 +287,18 @@ def quoted_rows() -> dict[str, tuple[float, float]]:
     """(measured, planned) bytes per row of docs/planner.md's measured table."""
     block = PLANNER_DOCS.read_text().split("<!-- measured:begin -->")[1].split(
         "<!-- measured:end -->")[0]
-    return {label: (float(measured) * plan.MIB, float(planned) * plan.MIB)
+    return {label: (float(measured) * planner.MIB, float(planned) * planner.MIB)
             for label, measured, planned, _ in DOCS_ROW.findall(block)}
 
 
 @pytest.fixture(scope="module")
 def process_group():
     backends.install("cpu")
-    from megatron_hybrid import parallel
+    from megatron_hybrid.parallel import process_groups
 
-    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
     yield
-    parallel.destroy_distributed()
+    process_groups.destroy_distributed()
 
 
 def test_every_quoted_cpu_run_is_planned_within_tolerance_of_its_measured_peak(process_group,
@@ -320,13 +321,13 @@ def write_docs() -> None:
     """Measure every quoted run and rewrite the table in docs/planner.md."""
     import tempfile
 
-    from megatron_hybrid import parallel
+    from megatron_hybrid.parallel import process_groups
 
     backends.install("cpu")
-    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
     with tempfile.TemporaryDirectory() as out_dir:
         table = docs_table(measure_every_run(Path(out_dir)))
-    parallel.destroy_distributed()
+    process_groups.destroy_distributed()
     text = PLANNER_DOCS.read_text()
     start, end = text.index("<!-- measured:begin -->\n"), text.index("<!-- measured:end -->")
     PLANNER_DOCS.write_text(text[:start] + "<!-- measured:begin -->\n" + table + "\n"

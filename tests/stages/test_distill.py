@@ -18,8 +18,9 @@ import pytest
 import torch
 from workers import prune_runs
 
-from megatron_hybrid import distill, flavors
-from megatron_hybrid.config import ConfigError
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model import flavors
+from megatron_hybrid.stages import distill
 
 RECIPE = str(prune_runs.RECIPES / "distill.yaml")
 STEPS = 32

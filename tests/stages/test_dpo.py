@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_sft import RECIPE, SMALL_MODEL, model_engine  # noqa: F401  (fixture)
 
-from megatron_hybrid import dpo, task
-from megatron_hybrid.config import ConfigError
 from megatron_hybrid.data import chat
 from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.stages import dpo, task
 
 SEQ = 128
 
@@ -68,7 +68,7 @@ def toggle_pairs(split: str, count: int) -> list:
 
 
 def test_response_logps_are_the_models_log_probabilities(model_engine):  # noqa: F811
-    from megatron_hybrid.checkpoint import unwrap
+    from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
 
     chunks, _ = model_engine
     sequences = chat.pair_sequences(toggle_pairs("valid", 2), load_tokenizer(TokenizerConfig()),
@@ -84,8 +84,8 @@ def test_response_logps_are_the_models_log_probabilities(model_engine):  # noqa:
 
 
 def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
-    from megatron_hybrid import engine
     from megatron_hybrid.data.datasets import RankMicrobatches
+    from megatron_hybrid.engine import training_step
 
     chunks, optimizer = model_engine
     tokenizer = load_tokenizer(TokenizerConfig())
@@ -97,7 +97,7 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     sampler = RankMicrobatches(num_samples=len(dataset), start_sample=0, micro_batch_size=8,
                                num_microbatches=2, dp_rank=0, dp_size=1)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler))
-    losses = [engine.train_step(chunks, optimizer, batches, num_microbatches=2,
+    losses = [training_step.train_step(chunks, optimizer, batches, num_microbatches=2,
                                 micro_batch_size=8, seq_length=SEQ,
                                 forward_step=partial(dpo.forward_step, 0.1, 0.0)).loss
               for _ in range(6)]
@@ -156,7 +156,8 @@ def test_what_dpo_cannot_train_is_refused_in_one_line(overrides, message):
 
 
 def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
-    from megatron_hybrid import recipe, train
+    from megatron_hybrid import recipe
+    from megatron_hybrid.engine import training_loop
 
     for split, count in (("train", 8), ("valid", 4)):
         lines = [json.dumps({"prompt": list(p.prompt), "chosen": p.chosen,
@@ -170,7 +171,7 @@ def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
         "logging.tensorboard=false", "logging.plot=false"])
     options = dpo.DPOConfig(train_path=str(tmp_path / "train.jsonl"),
                             valid_path=str(tmp_path / "valid.jsonl"))
-    with train.session(cfg) as (backend, dims):
+    with training_loop.session(cfg) as (backend, dims):
         report = dpo.optimize(cfg, options, backend, dims)
     assert json.loads((out / "dpo_report.json").read_text()) == report
     assert report["start"]["loss"] == pytest.approx(math.log(2))

@@ -21,10 +21,13 @@ import pytest
 from conftest import rank_environment
 from workers import prune_runs
 
-from megatron_hybrid import flavors, prune
-from megatron_hybrid.config import PRUNABLE, ConfigError, ModelConfig
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model import flavors
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.stages import prune
+from megatron_hybrid.stages.config import PRUNABLE
 
-RELOAD_WORKER = Path(__file__).parent / "workers" / "prune_reload.py"
+RELOAD_WORKER = Path(__file__).parents[1] / "workers" / "prune_reload.py"
 RECIPE = str(prune_runs.RECIPES / "prune.yaml")
 
 
@@ -211,14 +214,14 @@ def test_search_keeps_the_best_candidate_under_the_budget(searched):
 
 
 def test_a_memory_budget_is_what_an_a10g_holds_next_to_128k_tokens_of_caches():
-    from megatron_hybrid import plan
-    from megatron_hybrid.config import PruneConfig
+    from megatron_hybrid.planning import planner
+    from megatron_hybrid.stages.config import PruneConfig
 
     options = PruneConfig(serve_gpu="a10g")  # serve_context: 131072
     options.validate()
     twelve, nine = (flavors.get_flavor(name) for name in ("nano-v2-12b", "nano-v2-9b"))
     budget = prune.parameter_budget(options, twelve)
     # The published compression's goal: the 9B fits one A10G at 128k, the 12B does not.
-    assert plan.total_parameters(nine) < budget < plan.total_parameters(twelve)
+    assert planner.total_parameters(nine) < budget < planner.total_parameters(twelve)
     with pytest.raises(ConfigError, match="leaves no memory for weights"):
         prune.parameter_budget(PruneConfig(serve_gpu="a10g", serve_context=2**24), twelve)

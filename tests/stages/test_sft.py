@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_hybrid import backends, sft, task
-from megatron_hybrid.config import ConfigError, ModelConfig
+from megatron_hybrid import backends
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.stages import sft, task
 
 backends.install("cpu")  # before Megatron-Core is imported
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "sft.yaml"
 MODEL = ModelConfig(pattern="M*-M-", hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                     num_query_groups=2, kv_channels=8, mamba_num_heads=4, mamba_head_dim=8,
                     mamba_state_dim=8, mamba_num_groups=2, vocab_size=1024, seq_length=256,
@@ -26,22 +28,23 @@ SMALL_MODEL = [f"model.{key}={value}" for key, value in MODEL.to_dict().items()
 @pytest.fixture
 def model_engine():
     """One-process groups and a tiny model with its optimizer: (chunks, optimizer)."""
-    from megatron_hybrid import engine, parallel
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid.engine import training_step
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.parallel import process_groups
 
-    parallel.init_distributed(parallel.ParallelDims(), backend="cpu")
-    parallel.seed_everything(0)
-    chunks = [engine.wrap_ddp(build_model(MODEL, ModelLayout(), backend="cpu"),
+    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
+    process_groups.seed_everything(0)
+    chunks = [training_step.wrap_ddp(build_model(MODEL, ModelLayout(), backend="cpu"),
                               use_distributed_optimizer=False)]
-    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-2,
+    optimizer = training_step.build_optimizer(chunks, training_step.OptimizerSettings(lr=1e-2,
                                                                         weight_decay=0.0))
     yield chunks, optimizer
-    parallel.destroy_distributed()
+    process_groups.destroy_distributed()
 
 
 def test_generate_continues_with_the_argmax_of_the_full_forward(model_engine):
-    from megatron_hybrid.checkpoint import unwrap
-    from megatron_hybrid.generate import generate
+    from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
+    from megatron_hybrid.inference.generate import generate
 
     model = model_engine[0][0]
     prompt = list(range(5, 45))
@@ -54,7 +57,7 @@ def test_generate_continues_with_the_argmax_of_the_full_forward(model_engine):
 
 
 def test_batched_decoding_gives_each_prompt_its_own_continuation(model_engine):
-    from megatron_hybrid.generate import generate, generate_batch
+    from megatron_hybrid.inference.generate import generate, generate_batch
 
     model = model_engine[0][0]
     prompts = [list(range(5, 45)), list(range(300, 311)), list(range(700, 760, 3))]
@@ -65,7 +68,7 @@ def test_batched_decoding_gives_each_prompt_its_own_continuation(model_engine):
 
 
 def test_generate_refuses_a_model_split_over_ranks():
-    from megatron_hybrid.generate import check_single_rank
+    from megatron_hybrid.inference.generate import check_single_rank
 
     class Split(torch.nn.Module):
         config = type("Config", (), {"tensor_model_parallel_size": 2,
@@ -78,10 +81,10 @@ def test_generate_refuses_a_model_split_over_ranks():
 
 
 def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
-    from megatron_hybrid import engine
     from megatron_hybrid.data import chat
     from megatron_hybrid.data.datasets import microbatch_iterator
     from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
+    from megatron_hybrid.engine import training_step
 
     chunks, optimizer = model_engine
     tokenizer = load_tokenizer(TokenizerConfig())
@@ -96,12 +99,12 @@ def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
                                    num_microbatches=2, dp_rank=0, dp_size=1)
 
     def heldout_loss():
-        return engine.eval_loss(chunks, batches(heldout, 16), num_microbatches=4,
+        return training_step.eval_loss(chunks, batches(heldout, 16), num_microbatches=4,
                                 micro_batch_size=4, seq_length=256)
 
     before = heldout_loss()
     data = batches(train, 8 * 8)
-    losses = [engine.train_step(chunks, optimizer, data, num_microbatches=2, micro_batch_size=4,
+    losses = [training_step.train_step(chunks, optimizer, data, num_microbatches=2, micro_batch_size=4,
                                 seq_length=256).loss for _ in range(8)]
     after = heldout_loss()
     # before is the untrained model's held-out loss (the control). Measured drops, held-out /
@@ -110,7 +113,8 @@ def test_sft_steps_lower_the_heldout_assistant_loss(model_engine):
 
 
 def test_sft_stage_reports_heldout_loss_and_task_accuracy(tmp_path):
-    from megatron_hybrid import recipe, train
+    from megatron_hybrid import recipe
+    from megatron_hybrid.engine import training_loop
 
     out = tmp_path / "sft"
     cfg = recipe.load_recipe(RECIPE, [
@@ -119,7 +123,7 @@ def test_sft_stage_reports_heldout_loss_and_task_accuracy(tmp_path):
         "train.log_interval=1", "scheduler.warmup_steps=1", "logging.progress_bar=off",
         "logging.tensorboard=false", "logging.plot=false"])
     options = sft.SFTConfig(task_samples=3, max_new_tokens=6)
-    with train.session(cfg) as (backend, dims):
+    with training_loop.session(cfg) as (backend, dims):
         report = sft.finetune(cfg, options, backend, dims)
     assert json.loads((out / "sft_report.json").read_text()) == report
     start, end = report["start"], report["end"]
@@ -165,9 +169,9 @@ def document_losses(forward_step, model, sequences, rows: list[int]) -> list[flo
 def test_packed_conversations_train_exactly_as_if_alone(model_engine):
     """Same conversations, same weights: packed (two rows of one micro-batch, flattened into
     one THD row) vs one per sequence; and a control without the boundaries."""
-    from megatron_hybrid import engine
     from megatron_hybrid.data import chat
     from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
+    from megatron_hybrid.engine import training_step
 
     chunks, optimizer = model_engine
     model = chunks[0]
@@ -180,15 +184,15 @@ def test_packed_conversations_train_exactly_as_if_alone(model_engine):
     # the control below weak.
     batch = torch.utils.data.default_collate([packed.sample(0), packed.sample(1)])
     for _ in range(3):
-        engine.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
+        training_step.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
                           micro_batch_size=2, seq_length=256,
-                          forward_step=engine.packed_forward_step)
-    expected = [document_losses(engine.lm_forward_step, model, alone, [row])[0]
+                          forward_step=training_step.packed_forward_step)
+    expected = [document_losses(training_step.lm_forward_step, model, alone, [row])[0]
                 for row in range(8)]
-    isolated = document_losses(engine.packed_forward_step, model, packed, [0, 1])
+    isolated = document_losses(training_step.packed_forward_step, model, packed, [0, 1])
     assert isolated == pytest.approx(expected, rel=0, abs=1e-5)  # measured: 1e-6
     # Control: the same packed rows without boundaries (plain causal attention and scan).
-    leaky = document_losses(engine.lm_forward_step, model, packed, [0, 1])
+    leaky = document_losses(training_step.lm_forward_step, model, packed, [0, 1])
     first_of_row = {0, int((packed.sample(0)["position_ids"] == 0).sum())}
     for index, (loss, want) in enumerate(zip(leaky, expected)):
         if index in first_of_row:

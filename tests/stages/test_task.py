@@ -7,9 +7,9 @@ import re
 import pytest
 from test_sft import model_engine  # noqa: F401  (fixture)
 
-from megatron_hybrid import task
 from megatron_hybrid.data import chat
 from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
+from megatron_hybrid.stages import task
 
 
 def test_problems_are_deterministic_and_the_split_holds_problems_out():
@@ -87,7 +87,7 @@ def test_evaluate_measures_a_real_model_with_reasoning_on_and_off(model_engine):
     records = task.answers(model, tokenizer, heldout, max_new_tokens=5)
     assert [(r["question"], r["think"]) for r in records] == [
         (p.question(), think) for think in (True, False) for p in heldout]
-    from megatron_hybrid.generate import generate
+    from megatron_hybrid.inference.generate import generate
 
     for record, (problem, think) in zip(records, [(p, t) for t in (True, False) for p in heldout]):
         alone = generate(model, chat.prompt_ids(problem.prompt(think), tokenizer), 5)

@@ -97,7 +97,7 @@ def complete_sharded_gradients(ddp_model) -> None:
 def attention_without_kv_gather():
     """Within: the cpu backend's CP attention runs over a one-rank group of its own, so each
     rank attends over its local chunks alone (the bug of forgetting the K/V all-gather)."""
-    from megatron_hybrid import context_parallel
+    from megatron_hybrid.parallel import context_parallel
 
     alone, _ = dist.new_subgroups(group_size=1)
     correct = context_parallel.attention
@@ -113,25 +113,28 @@ def attention_without_kv_gather():
 
 
 def run_layout(model_cfg, name, work_dir: Path, world_size):
-    from megatron_hybrid import checkpoint, engine, mcore, parallel
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid import mcore
+    from megatron_hybrid.checkpoint import dist_checkpoint
+    from megatron_hybrid.engine import training_step
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.parallel import process_groups
 
     tp, pp, cp, sp, distopt = LAYOUTS[name]
-    dims = parallel.ParallelDims(tp=tp, pp=pp, cp=cp, world_size=world_size)
-    parallel.init_distributed(dims, backend="cpu")
-    parallel.seed_everything(0)
+    dims = process_groups.ParallelDims(tp=tp, pp=pp, cp=cp, world_size=world_size)
+    process_groups.init_distributed(dims, backend="cpu")
+    process_groups.seed_everything(0)
     model = build_model(model_cfg, ModelLayout(tp=tp, pp=pp, cp=cp, sequence_parallel=sp),
                         backend="cpu")
     if name == "tp1":
-        checkpoint.save_weights([model], work_dir / "initial_weights")
-    checkpoint.load_weights([model], work_dir / "initial_weights")
-    chunks = [engine.wrap_ddp(model, use_distributed_optimizer=distopt)]
-    optimizer = FirstStepGradients(engine.build_optimizer(
-        chunks, engine.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt)), chunks[0])
+        dist_checkpoint.save_weights([model], work_dir / "initial_weights")
+    dist_checkpoint.load_weights([model], work_dir / "initial_weights")
+    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=distopt)]
+    optimizer = FirstStepGradients(training_step.build_optimizer(
+        chunks, training_step.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt)), chunks[0])
     dp_rank = mcore.parallel_state.get_data_parallel_rank()
     losses, norms = [], []
     for tokens in global_batches(model_cfg.vocab_size, model_cfg.seq_length):
-        result = engine.train_step(
+        result = training_step.train_step(
             chunks, optimizer, microbatches(tokens, dp_rank, dims.dp),
             num_microbatches=GLOBAL_BATCH // (MICRO_BATCH * dims.dp),
             micro_batch_size=MICRO_BATCH, seq_length=model_cfg.seq_length)
@@ -140,21 +143,23 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
     with torch.no_grad():  # the gradients, written as this layout's weights
         for param_name, param in model.named_parameters():
             param.copy_(optimizer.gradients[param_name])
-    checkpoint.save_weights([model], work_dir / f"gradients_{name}")
+    dist_checkpoint.save_weights([model], work_dir / f"gradients_{name}")
     mcore.parallel_state.destroy_model_parallel()
     return {"loss": losses, "grad_norm": norms}
 
 
 def gradients_at_tp1(model_cfg, work_dir: Path, world_size) -> dict[str, dict]:
     """Every layout's saved gradients, read into a TP=1 model: {layout: {name: tensor}}."""
-    from megatron_hybrid import checkpoint, mcore, parallel
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid import mcore
+    from megatron_hybrid.checkpoint import dist_checkpoint
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.parallel import process_groups
 
-    parallel.init_distributed(parallel.ParallelDims(world_size=world_size), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(world_size=world_size), backend="cpu")
     model = build_model(model_cfg, ModelLayout(), backend="cpu")
     gradients = {}
     for name in LAYOUTS:
-        checkpoint.load_weights([model], work_dir / f"gradients_{name}")
+        dist_checkpoint.load_weights([model], work_dir / f"gradients_{name}")
         gradients[name] = {param_name: param.detach().clone()
                            for param_name, param in model.named_parameters()}
     mcore.parallel_state.destroy_model_parallel()
@@ -163,11 +168,12 @@ def gradients_at_tp1(model_cfg, work_dir: Path, world_size) -> dict[str, dict]:
 
 def cp_mismatch_error(model_cfg, world_size) -> str:
     """The error of building a model told CP=1 while the process groups have CP=2."""
-    from megatron_hybrid import mcore, parallel
-    from megatron_hybrid.context_parallel import ContextParallelError
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid import mcore
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.parallel import process_groups
+    from megatron_hybrid.parallel.context_parallel import ContextParallelError
 
-    parallel.init_distributed(parallel.ParallelDims(cp=2, world_size=world_size), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(cp=2, world_size=world_size), backend="cpu")
     try:
         build_model(model_cfg, ModelLayout(cp=1), backend="cpu")
     except ContextParallelError as err:
@@ -178,7 +184,7 @@ def cp_mismatch_error(model_cfg, world_size) -> str:
 
 
 def main():
-    from megatron_hybrid.config import ModelConfig
+    from megatron_hybrid.model.config import ModelConfig
 
     backends.install("cpu")
     out_path, pattern = Path(sys.argv[1]), sys.argv[2]

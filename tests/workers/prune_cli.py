@@ -6,6 +6,6 @@ import sys
 from megatron_hybrid import cli
 
 if __name__ == "__main__":
-    cli.COMMAND_MODULES.setdefault("prune", "megatron_hybrid.prune")
-    cli.COMMAND_MODULES.setdefault("distill", "megatron_hybrid.distill")
+    cli.COMMAND_MODULES.setdefault("prune", "megatron_hybrid.stages.prune")
+    cli.COMMAND_MODULES.setdefault("distill", "megatron_hybrid.stages.distill")
     sys.exit(cli.main())

@@ -26,18 +26,21 @@ def batches(vocab_size: int, dp_rank: int, dp_size: int):
 
 
 def loss_of(directory: str, tp: int, world_size: int) -> float:
-    from megatron_hybrid import checkpoint, engine, mcore, parallel
-    from megatron_hybrid.config import ModelConfig
-    from megatron_hybrid.model import ModelLayout, build_model
+    from megatron_hybrid import mcore
+    from megatron_hybrid.checkpoint import dist_checkpoint
+    from megatron_hybrid.engine import training_step
+    from megatron_hybrid.model.build import ModelLayout, build_model
+    from megatron_hybrid.model.config import ModelConfig
+    from megatron_hybrid.parallel import process_groups
 
-    model_cfg = ModelConfig(**checkpoint.read_meta(directory)["model"])
-    dims = parallel.ParallelDims(tp=tp, world_size=world_size)
-    parallel.init_distributed(dims, backend="cpu")
-    parallel.seed_everything(0)
+    model_cfg = ModelConfig(**dist_checkpoint.read_meta(directory)["model"])
+    dims = process_groups.ParallelDims(tp=tp, world_size=world_size)
+    process_groups.init_distributed(dims, backend="cpu")
+    process_groups.seed_everything(0)
     model = build_model(model_cfg, ModelLayout(tp=tp), backend="cpu")
-    checkpoint.load_weights([model], directory)
+    dist_checkpoint.load_weights([model], directory)
     dp_rank = mcore.parallel_state.get_data_parallel_rank()
-    loss = engine.eval_loss([model], batches(model_cfg.vocab_size, dp_rank, dims.dp),
+    loss = training_step.eval_loss([model], batches(model_cfg.vocab_size, dp_rank, dims.dp),
                             num_microbatches=SAMPLES // dims.dp, micro_batch_size=1,
                             seq_length=SEQ_LENGTH)
     mcore.parallel_state.destroy_model_parallel()

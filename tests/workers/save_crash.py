@@ -43,10 +43,10 @@ def main() -> None:
     cfg = recipe.load_recipe(recipe_path, overrides)
     backends.install("cpu")
     instrument_shard_writes()
-    from megatron_hybrid import train
+    from megatron_hybrid.engine import training_loop
 
-    with train.session(cfg) as (backend, dims):
-        trainer = train.build_trainer(cfg, backend, dims)
+    with training_loop.session(cfg) as (backend, dims):
+        trainer = training_loop.build_trainer(cfg, backend, dims)
         print(f"loaded {trainer.state.step}", flush=True)
         remaining = None if saves == "forever" else int(saves)
         while remaining is None or remaining > 0:

@@ -36,7 +36,7 @@ def torch_optimizers(optimizer) -> list:
 
 def snapshot(trainer) -> dict[str, dict]:
     """Copies of everything a skipped step must leave alone, by category and name."""
-    from megatron_hybrid.checkpoint import unwrap
+    from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
 
     (chunk,) = trainer.model_chunks
     names = {param: name for name, param in unwrap(chunk).named_parameters()}
@@ -90,10 +90,10 @@ def main() -> None:
     out, recipe_path, *overrides = sys.argv[1:]
     cfg = recipe.load_recipe(recipe_path, overrides)
     backends.install("cpu")
-    from megatron_hybrid import train
+    from megatron_hybrid.engine import training_loop
 
-    with train.session(cfg) as (backend, dims):
-        trainer = train.build_trainer(cfg, backend, dims)
+    with training_loop.session(cfg) as (backend, dims):
+        trainer = training_loop.build_trainer(cfg, backend, dims)
         tracker = StateAfterEachStep(trainer)
         trainer.train(tracker)
     with open(out, "w") as handle:

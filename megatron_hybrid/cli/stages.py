@@ -1,0 +1,67 @@
+"""``megatron-hybrid sft | dpo | prune | distill``: the stages after pretraining, each run in
+a session of its recipe (``engine.training_loop.run_stage``)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron_hybrid.cli import Command, recipe_arguments
+
+
+def run_sft(args) -> int:
+    from megatron_hybrid import backends, recipe
+
+    cfg = recipe.load_recipe(args.recipe, args.overrides)
+    backends.install(cfg.parallel.backend)  # before the loop imports Megatron-Core
+    from megatron_hybrid.engine import training_loop
+    from megatron_hybrid.stages import sft
+
+    return training_loop.run_stage(cfg, partial(sft.finetune, cfg, cfg.sft), sft.format_summary)
+
+
+def run_dpo(args) -> int:
+    from megatron_hybrid import backends, recipe
+
+    cfg = recipe.load_recipe(args.recipe, args.overrides)
+    backends.install(cfg.parallel.backend)  # before the loop imports Megatron-Core
+    from megatron_hybrid.engine import training_loop
+    from megatron_hybrid.stages import dpo
+
+    return training_loop.run_stage(cfg, partial(dpo.optimize, cfg, cfg.dpo), dpo.format_summary)
+
+
+def run_prune(args) -> int:
+    from megatron_hybrid import recipe
+    from megatron_hybrid.stages import prune
+
+    cfg = prune.check_request(recipe.load_recipe(args.recipe, args.overrides))
+    from megatron_hybrid.engine import training_loop
+
+    return training_loop.run_stage(cfg, partial(prune.prune, cfg), prune.format_summary)
+
+
+def run_distill(args) -> int:
+    from megatron_hybrid import recipe
+    from megatron_hybrid.stages import distill
+
+    cfg, teacher = distill.check_request(recipe.load_recipe(args.recipe, args.overrides))
+    from megatron_hybrid.engine import training_loop
+
+    return training_loop.run_stage(cfg, partial(distill.distill, cfg, teacher),
+                                   distill.format_summary)
+
+
+COMMANDS = {
+    "prune": Command("prune a checkpoint with ModelOpt Minitron (given sizes or a parameter budget)",
+                     recipe_arguments("recipes/tiny/prune.yaml", "prune.max_params=2e6"),
+                     run_prune),
+    "distill": Command("distill a student checkpoint from a frozen teacher (ModelOpt KD, the "
+                       "training loop)",
+                       recipe_arguments("recipes/tiny/distill.yaml", "train.max_steps=50"),
+                       run_distill),
+    "sft": Command("supervised fine-tuning on chat data with the /think /no_think reasoning toggle",
+                   recipe_arguments("recipes/tiny/sft.yaml", "sft.pack=false"), run_sft),
+    "dpo": Command("direct preference optimisation (DPO) of a chat checkpoint on preference pairs",
+                   recipe_arguments("recipes/tiny/dpo.yaml", "dpo.beta=0.2"), run_dpo),
+}
+"""Each entry is also a pipeline stage kind (``cli.pipeline.run_stage``)."""

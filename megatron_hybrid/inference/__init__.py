@@ -1,0 +1,2 @@
+"""Using a trained model: generation (``generate``).
+"""

@@ -1,0 +1,125 @@
+"""The model section: the shape of a hybrid model (``model:`` in a recipe).
+
+The hybrid pattern is the single source of depth: there is no ``num_layers`` field;
+``ModelConfig.num_layers`` is derived from the pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from megatron_hybrid import pattern as pattern_lib
+from megatron_hybrid.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    pattern: str
+    """Hybrid layer pattern: M Mamba-2, * attention, - MLP, E MoE, | pipeline-stage boundary."""
+    hidden_size: int
+    """Model width (d_model)."""
+    ffn_hidden_size: int
+    """MLP inner width (squared-ReLU, no gating)."""
+    num_attention_heads: int
+    """Query heads of the attention layers."""
+    num_query_groups: int
+    """Key/value heads (grouped-query attention)."""
+    kv_channels: int
+    """Attention head dimension."""
+    mamba_num_heads: int
+    """Mamba-2 heads; d_inner = mamba_num_heads * mamba_head_dim."""
+    mamba_head_dim: int
+    """Mamba-2 head dimension."""
+    mamba_state_dim: int
+    """SSM state size (N)."""
+    mamba_num_groups: int
+    """Groups sharing B and C (like query groups); also the gated-norm groups."""
+    vocab_size: int
+    """Vocabulary size (Nemotron: 131072)."""
+    seq_length: int = 8192
+    """Maximum sequence length the model is trained for."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    mamba_chunk_size: int = 128
+    """Chunk length of the SSD scan."""
+    init_std: float = 0.02
+    """Std of the normal initialisation of linear weights."""
+    mamba_dt_min: float = 0.001
+    """Smallest step size of the initialisation: ``softplus(dt_bias)`` is log-uniform in
+    [mamba_dt_min, mamba_dt_max] (HF ``time_step_min``, Megatron-Core ``dt_min``)."""
+    mamba_dt_max: float = 0.1
+    """Largest step size of the initialisation (HF ``time_step_max``)."""
+    mamba_dt_clamp_min: float = 0.0
+    """Every Mamba layer computes ``dt = max(softplus(. + dt_bias), mamba_dt_clamp_min)``, in
+    training, prefill and decode: HF NemotronH's clamp (transformers 5.23 clamps at
+    ``time_step_min``; NVIDIA's published configs give 0.001). 0: no clamp, as Megatron-Core
+    0.16.1's own mixer."""
+    num_moe_experts: int | None = None
+    """Experts of `E` layers (required when the pattern has `E`)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """Inner width of each expert (defaults to ffn_hidden_size)."""
+
+    @property
+    def layer_pattern(self) -> pattern_lib.Pattern:
+        return pattern_lib.parse(self.pattern)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_pattern.num_layers
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line, naming the key) if the shapes cannot build a model."""
+        try:
+            layer_pattern = self.layer_pattern
+        except pattern_lib.PatternError as err:
+            raise ConfigError(f"model.pattern: {err}") from None
+        checks = [
+            (self.num_attention_heads % self.num_query_groups == 0,
+             f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+             f"model.num_query_groups ({self.num_query_groups})"),
+            (self.mamba_num_heads % self.mamba_num_groups == 0,
+             f"model.mamba_num_heads ({self.mamba_num_heads}) must be a multiple of "
+             f"model.mamba_num_groups ({self.mamba_num_groups})"),
+        ]
+        checks += _dt_checks(self)
+        if layer_pattern.counts.get("E"):
+            checks.append((self.num_moe_experts is not None and self.num_moe_experts > 0,
+                           "model.num_moe_experts must be set when the pattern has 'E' layers"))
+        for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+                     "mamba_num_groups", "vocab_size", "seq_length", "mamba_chunk_size"):
+            value = getattr(self, name)
+            checks.insert(0, (isinstance(value, int) and value > 0,
+                              f"model.{name} must be a positive integer, got {value!r}"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _dt_checks(model: ModelConfig) -> list[tuple[bool, str]]:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return [
+        (number(model.mamba_dt_min) and number(model.mamba_dt_max)
+         and 0 < model.mamba_dt_min <= model.mamba_dt_max,
+         f"model.mamba_dt_min ({model.mamba_dt_min!r}) must be > 0 and <= model.mamba_dt_max "
+         f"({model.mamba_dt_max!r})"),
+        (number(model.mamba_dt_clamp_min) and 0 <= model.mamba_dt_clamp_min < math.inf,
+         f"model.mamba_dt_clamp_min must be a finite number >= 0 (0: no clamp), got "
+         f"{model.mamba_dt_clamp_min!r}"),
+    ]

@@ -1,0 +1,65 @@
+"""The parallel section: layout and backend (``parallel:`` in a recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_hybrid.errors import (
+    ConfigError,
+    check_choice,
+    check_positive_int,
+    divisors,
+    is_positive_int,
+)
+
+BACKENDS = ("auto", "cpu", "cuda")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: splits attention heads, Mamba heads and MLP widths."""
+    pp: int = 1
+    """Pipeline-parallel size: splits the pattern's layers into stages (``|`` marks them)."""
+    cp: int = 1
+    """Context-parallel size: splits each sequence."""
+    sequence_parallel: bool = False
+    """Shard norms and dropout activations along the sequence across the TP group (needs tp > 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (Megatron-Core distributed optimizer)."""
+    backend: str = "auto"
+    """``cpu`` (gloo, torch kernels), ``cuda`` (NCCL, TE + mamba_ssm) or ``auto`` (cuda if a GPU
+    is visible)."""
+    timeout_minutes: float = 10.0
+    """How long a collective waits for the other ranks before the run fails (a dead or hung
+    rank then stops the job instead of hanging it)."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks holding one model replica: tp * pp * cp."""
+        return self.tp * self.pp * self.cp
+
+    def check_world_size(self, world_size: int) -> int:
+        """The data-parallel size the world size leaves; ConfigError if tp*pp*cp does not
+        divide it."""
+        if not is_positive_int(world_size):
+            raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+        product = self.model_parallel_size
+        if world_size % product:
+            working = ", ".join(str(d) for d in divisors(world_size))
+            raise ConfigError(
+                f"parallel: tp({self.tp}) * pp({self.pp}) * cp({self.cp}) * dp(?) does not "
+                f"divide world size {world_size}: use a world size that is a multiple of "
+                f"tp * pp * cp = {product} (e.g. {product}, {2 * product}, {3 * product}), or "
+                f"choose tp * pp * cp among {working} (the divisors of {world_size})")
+        return world_size // product
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            check_positive_int(f"parallel.{name}", getattr(self, name))
+        check_choice("parallel.backend", self.backend, BACKENDS)
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (tp is 1): "
+                              "set parallel.tp=2 or more, or parallel.sequence_parallel=false")

@@ -1,0 +1,2 @@
+"""A pipeline of stages: reading and running it (``runner``) and its report (``report``).
+"""
