@@ -12,8 +12,12 @@ ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.06-py3
 FROM ${BASE_IMAGE}
 
 ARG MAX_JOBS=8
+# The Mamba kernels (megatron_hybrid/backends names the same versions). mamba-ssm 2.2.x cannot
+# be imported under transformers 5; 2.3.2.post1 can and declares triton >= 3.5, so a container
+# with an older triton gets 2.3.0, which declares no triton floor.
 ARG CAUSAL_CONV1D_VERSION=1.5.3.post1
-ARG MAMBA_SSM_VERSION=2.2.6.post3
+ARG MAMBA_SSM_VERSION=2.3.2.post1
+ARG MAMBA_SSM_VERSION_BEFORE_TRITON_3_5=2.3.0
 ARG USER_NAME=trainer
 ARG USER_UID=1000
 
@@ -26,8 +30,14 @@ RUN pip list --format=freeze | grep -E '^(torch|triton)==' > /etc/pip-torch-cons
 ENV PIP_CONSTRAINT=/etc/pip-torch-constraint.txt
 
 # The cuda backend's Mamba kernels, compiled against the container's torch and CUDA: the
-# projects' prebuilt wheels target PyPI's torch builds, not NVIDIA's.
-RUN MAX_JOBS="${MAX_JOBS}" CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+# projects' prebuilt wheels target PyPI's torch builds, not NVIDIA's. --no-deps keeps every
+# package the container ships at its version (2.3.2.post1 also requires triton >= 3.5 and,
+# for its Mamba-3 kernels, tilelang and quack-kernels, which it imports only when present).
+RUN MAMBA_SSM_VERSION="$(python -c "import triton; from packaging.version import Version; \
+print('${MAMBA_SSM_VERSION}' if Version(triton.__version__) >= Version('3.5') \
+else '${MAMBA_SSM_VERSION_BEFORE_TRITON_3_5}')")" && \
+    echo "mamba-ssm ${MAMBA_SSM_VERSION} for the container's triton" && \
+    MAX_JOBS="${MAX_JOBS}" CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
     pip install --no-cache-dir --no-build-isolation --no-deps \
         "causal-conv1d==${CAUSAL_CONV1D_VERSION}" "mamba-ssm==${MAMBA_SSM_VERSION}"
 

