@@ -1,7 +1,7 @@
 """Hugging Face NemotronH model directories <-> this project's checkpoints, tensor by tensor.
 
 - :func:`import_hf` (``convert hf-to-mcore``): config.json -> the model config, safetensors
-  shards -> a Megatron dist_checkpointing checkpoint in ``checkpoint.py``'s format (meta.json
+  shards -> a Megatron dist_checkpointing checkpoint in ``checkpoint/dist_checkpoint.py``'s format (meta.json
   beside it), so ``checkpoint.load=OUT`` starts a run from it in any TP/PP layout; the
   tokenizer files are copied beside it (``tokenizer.path=OUT/tokenizer.json``).
 - :func:`export_hf` (``convert mcore-to-hf``): a checkpoint (e.g. ``runs/NAME/checkpoints/
@@ -266,7 +266,7 @@ def _check_against_config(specs: dict[str, TensorSpec], expected: dict[str, tupl
 
 
 def _write_meta(directory: Path, cfg: ModelConfig, tokenizer: dict | None) -> None:
-    """meta.json as a training run writes it (checkpoint.py), at step 0 and layout TP1/PP1."""
+    """meta.json as a training run writes it (checkpoint/dist_checkpoint.py), at step 0 and layout TP1/PP1."""
     meta = {"model": cfg.to_dict(), "tokenizer": tokenizer,
             "layout": {"tp": 1, "pp": 1, "cp": 1, "dp": 1},
             "train_state": asdict(dist_checkpoint.TrainState()), "scheduler": None, "world_size": 1,

@@ -60,6 +60,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "convert": Command("convert checkpoints: Hugging Face NemotronH <-> Megatron (tensor by tensor)", add_convert_arguments, run_convert),
-    "ckpt": Command("inspect checkpoints: flavor, pattern, shapes, layout, step, tokens, diff vs a recipe", add_inspect_arguments, run_inspect),
+    "convert": Command("convert checkpoints: Hugging Face NemotronH <-> Megatron (tensor by "
+                       "tensor)", add_convert_arguments, run_convert),
+    "ckpt": Command("inspect checkpoints: flavor, pattern, shapes, layout, step, tokens, diff vs "
+                    "a recipe", add_inspect_arguments, run_inspect),
 }

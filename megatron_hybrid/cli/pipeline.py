@@ -97,7 +97,8 @@ def run_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "demo": Command("the main job: the 12B -> 9B pipeline at tiny scale on the CPU "
                     "(recipes/tiny/pipeline.yaml)", add_run_options, run_demo),
-    "pipeline": Command("run a pipeline of stages (pretrain, SFT, DPO, prune, distill, ...) and write a report", add_arguments, run),
+    "pipeline": Command("run a pipeline of stages (pretrain, SFT, DPO, prune, distill, ...) and "
+                        "write a report", add_arguments, run),
 }
 
 if __name__ == "__main__":

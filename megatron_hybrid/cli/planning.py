@@ -107,6 +107,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "plan": Command("per-GPU memory and step time of a recipe or flavor (training), and inference memory", add_plan_arguments, run_plan),
-    "bench": Command("training throughput of ours vs HF transformers' NemotronH on the same model (fp32)", add_bench_arguments, run_bench),
+    "plan": Command("per-GPU memory and step time of a recipe or flavor (training), and "
+                    "inference memory", add_plan_arguments, run_plan),
+    "bench": Command("training throughput of ours vs HF transformers' NemotronH on the same "
+                     "model (fp32)", add_bench_arguments, run_bench),
 }

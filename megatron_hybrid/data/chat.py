@@ -24,7 +24,7 @@ JSONL inputs: conversations ``{"messages": [{"role": ..., "content": ...}, ...],
 "reasoning": "..."}``; preference pairs ``{"prompt": [messages], "chosen": "...",
 "rejected": "..."}`` whose responses are complete assistant turns, think block included (the
 chosen one's as the toggle asks). The offline default sets are the arithmetic task of
-``megatron_hybrid/task.py``.
+``megatron_hybrid/stages/task.py``.
 """
 
 from __future__ import annotations

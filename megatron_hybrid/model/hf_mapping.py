@@ -2,7 +2,7 @@
 
 The one place that knows both naming schemes: :func:`weight_map` lists every Megatron tensor with
 the HF tensors it is made of, and the state-dict converters and the streaming checkpoint tools
-(``hf_checkpoint.py``) all follow it. This module also holds the ``megatron-hybrid convert``
+(``checkpoint/hf_checkpoint.py``) all follow it. This module also holds the ``megatron-hybrid convert``
 command; it imports torch only where a tensor is built, so building the CLI parser stays light.
 Pinned against transformers 5.23 (``transformers/models/nemotron_h``) and Megatron-Core 0.16.1
 (``megatron/core/ssm/mamba_mixer.py``, ``transformer/attention.py``).

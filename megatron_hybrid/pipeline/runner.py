@@ -27,16 +27,16 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
                                      # model: the shape and pattern saved in prune's checkpoint
 
 Stage NAME writes to OUTPUT/NAME (its recipe's output_dir is replaced) and logs to
-``stage.log`` there. It runs as ``python -m megatron_hybrid.pipeline.runner KIND RECIPE key=value...``
+``stage.log`` there. It runs as ``python -m megatron_hybrid.cli.pipeline KIND RECIPE key=value...``
 (under torchrun when it has several ranks), so a failure stays in its process and is reported
 in one line with the log's path. With ``task_samples``, the stage's final checkpoint then
-answers that many held-out task problems (``task.py``; ``python -m megatron_hybrid.pipeline.runner
+answers that many held-out task problems (``stages/task.py``; ``python -m megatron_hybrid.cli.pipeline
 evaluate CHECKPOINT N OUT.json``, one process); the right answers per mode and the seconds it
 took go to ``task_metrics.json``.
 When a stage exits well the runner writes ``DONE`` (JSON: the
 final checkpoint, the seconds of the finishing attempt, the command): a finished stage is
 skipped on the next run. An unfinished stage starts again and its run resumes from its own
-``checkpoints/latest``. Every run ends by writing OUTPUT/report.md (``report.py``).
+``checkpoints/latest``. Every run ends by writing OUTPUT/report.md (``pipeline/report.py``).
 
 One module because reading a pipeline file, planning its stages and running them share
 the ``Stage`` / ``StagePlan`` records and the checks that name keys in the file.
@@ -71,7 +71,7 @@ STAGE_KEYS = ("name", "kind", "recipe", "overrides", "inputs", "nproc", "task_sa
 DONE = "DONE"
 LOG = "stage.log"
 EVALUATE = "evaluate"
-"""The stage process's command that scores a checkpoint on the task (``task.py``)."""
+"""The stage process's command that scores a checkpoint on the task (``stages/task.py``)."""
 
 LATEST = Path("checkpoints") / "latest"
 """Where a run's Checkpointer names its newest complete checkpoint (relative to the run)."""

@@ -51,7 +51,8 @@ def _is_type_checking(node: ast.If) -> bool:
 
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
     """The package's modules that ``path`` imports when its code runs."""
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:

@@ -15,29 +15,17 @@ from megatron_hybrid import backends
 backends.install("cpu")
 
 from test_convert_tools import save_hf_checkpoint  # noqa: E402
-from test_hf_parity import load_hf_torch_reference  # noqa: E402
+from test_hf_parity import load_hf_torch_reference, model_parallel  # noqa: E402,F401
 
-from megatron_hybrid import mcore  # noqa: E402
 from megatron_hybrid.checkpoint import dist_checkpoint, hf_checkpoint, inspection
 from megatron_hybrid.model.build import ModelLayout, build_model  # noqa: E402
 from megatron_hybrid.model.flavors import get_flavor  # noqa: E402
 from megatron_hybrid.model.params import count_parameters  # noqa: E402
-from megatron_hybrid.parallel import process_groups
+from megatron_hybrid.cli.checkpoint import COMMANDS  # noqa: E402
 from megatron_hybrid.recipe import load_recipe  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml"
 LAYOUT = {"tp": 2, "pp": 2, "cp": 1, "dp": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def model_parallel():
-    started = not mcore.parallel_state.model_parallel_is_initialized()
-    if started:
-        process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
-    process_groups.seed_everything(0)
-    yield
-    if started:
-        process_groups.destroy_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +90,24 @@ def test_closest_flavor_names_what_differs():
 
 
 def test_recipe_diff(imported, custom):
-    same = inspection.inspect_checkpoint(imported / "ckpt", recipe=str(RECIPE), recipe_model=load_recipe(RECIPE).model)
+    recipe_model = load_recipe(RECIPE).model
+    same = inspection.inspect_checkpoint(imported / "ckpt", recipe=str(RECIPE),
+                                         recipe_model=recipe_model)
     assert same["recipe_differences"] == {}  # the recipe's pattern has a stage mark: same layers
     assert "recipe      " + str(RECIPE) + ": same model" in inspection.format_report(same)
-    other = inspection.inspect_checkpoint(custom[1], recipe=str(RECIPE), recipe_model=load_recipe(RECIPE).model)["recipe_differences"]
+    other = inspection.inspect_checkpoint(custom[1], recipe=str(RECIPE),
+                                          recipe_model=recipe_model)["recipe_differences"]
     assert set(other) == {"pattern", "hidden_size", "ffn_hidden_size"}
     assert other["hidden_size"] == [96, 128]
 
 
 def test_cli_prints_json_and_text(imported, capsys):
     parser = argparse.ArgumentParser()
-    inspection.add_arguments(parser)
-    assert inspection.run(parser.parse_args(["inspect", str(imported / "ckpt"), "--json"])) == 0
+    command = COMMANDS["ckpt"]
+    command.add_arguments(parser)
+    assert command.run(parser.parse_args(["inspect", str(imported / "ckpt"), "--json"])) == 0
     assert json.loads(capsys.readouterr().out) == inspection.inspect_checkpoint(imported / "ckpt")
-    assert inspection.run(parser.parse_args(["inspect", str(imported / "ckpt")])) == 0
+    assert command.run(parser.parse_args(["inspect", str(imported / "ckpt")])) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "flavor      tiny-nano-v2-12b"
     assert lines[2].startswith("pattern     M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M- (35 layers")

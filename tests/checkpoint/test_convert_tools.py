@@ -40,30 +40,19 @@ from test_hf_parity import (  # noqa: E402  (the parity test's reference and wei
     ids,
     load_hf_torch_reference,
     megatron_logits_and_loss,
+    model_parallel,  # noqa: F401  (the one-process groups, for this module too)
     random_tensor,
 )
 
 from megatron_hybrid import mcore  # noqa: E402
 from megatron_hybrid.checkpoint import dist_checkpoint, hf_checkpoint
-from megatron_hybrid.cli import USER_ERRORS  # noqa: E402
+from megatron_hybrid.errors import USER_ERRORS  # noqa: E402
 from megatron_hybrid.model import hf_mapping
 from megatron_hybrid.model.build import ModelLayout, build_model  # noqa: E402
 from megatron_hybrid.model.config import ModelConfig  # noqa: E402
 from megatron_hybrid.model.flavors import FLAVORS, get_flavor  # noqa: E402
-from megatron_hybrid.parallel import process_groups
 
 TINY_FLAVORS = sorted(name for name in FLAVORS if name.startswith("tiny-"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def model_parallel():
-    started = not mcore.parallel_state.model_parallel_is_initialized()
-    if started:
-        process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
-    process_groups.seed_everything(0)
-    yield
-    if started:
-        process_groups.destroy_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +293,7 @@ import argparse
 from safetensors.torch import load_file
 from megatron_hybrid.model import hf_mapping  # noqa: F401  (imports before the baseline)
 from megatron_hybrid.checkpoint import hf_checkpoint
+from megatron_hybrid.cli.checkpoint import COMMANDS
 import transformers.models.nemotron_h.modeling_nemotron_h  # noqa: F401
 
 def status(key):
@@ -317,10 +307,12 @@ def peak_growth(work):
     work()
     return status("VmHWM") - before
 
+CONVERT = COMMANDS["convert"]
+
 def convert_run(*argv):
     parser = argparse.ArgumentParser()
-    convert.add_arguments(parser)
-    convert.run(parser.parse_args(argv))
+    CONVERT.add_arguments(parser)
+    CONVERT.run(parser.parse_args(argv))
 
 def hold_every_tensor(directory, held):
     held += [t.clone() for f in sorted(Path(directory).glob("*.safetensors"))

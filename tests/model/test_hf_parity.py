@@ -260,7 +260,7 @@ from modelopt.torch.nas.registry import DMRegistry
 
 bound = inspect.getclosurevars(ordinary.mamba2_chunk_scan).nonlocals["implementation"]
 published = get_flavor("tiny-hybrid").replace(mamba_dt_clamp_min=0.001)
-mixer = specs.stack_spec("cuda", [published.num_layers], model.mixer_params(published)
+mixer = specs.stack_spec("cuda", [published.num_layers], build.mixer_params(published)
                          ).submodules.mamba_layer.submodules.mixer
 print(json.dumps({
     "mamba_ssm_is_ours": getattr(sys.modules["mamba_ssm"], kernels.MARKER, False),

@@ -21,18 +21,19 @@ from pathlib import Path
 
 import pytest
 
+from megatron_hybrid.cli.pipeline import COMMANDS
 from megatron_hybrid.pipeline import report, runner
 from megatron_hybrid.pipeline.runner import PipelineError
-from megatron_hybrid.stages import task
+from megatron_hybrid.stages import common, task
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml"
 SMALL = ["model.flavor=tiny", "model.vocab_size=1024", "train.seq_length=64",
          "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=3",
          "train.log_interval=1", "scheduler.warmup_steps=0", "logging.progress_bar=off"]
 SECOND_STEPS = 8
-RUNNER = ("import argparse, sys; from megatron_hybrid import pipeline as p; "
-          "a = argparse.ArgumentParser(); p.add_arguments(a); "
-          "raise SystemExit(p.run(a.parse_args(sys.argv[1:])))")
+PIPELINE = COMMANDS["pipeline"]
+RUNNER = ("import sys; from megatron_hybrid import cli; "
+          "raise SystemExit(cli.main(['pipeline', *sys.argv[1:]]))")
 
 
 def two_stages(directory: Path) -> Path:
@@ -60,8 +61,8 @@ def command(path: Path, out: Path, *flags: str) -> list[str]:
 
 def run_in_process(path: Path, out: Path, *flags: str) -> int:
     parser = argparse.ArgumentParser()
-    runner.add_arguments(parser)
-    return runner.run(parser.parse_args([str(path), "--output", str(out), *flags]))
+    PIPELINE.add_arguments(parser)
+    return PIPELINE.run(parser.parse_args([str(path), "--output", str(out), *flags]))
 
 
 def one_line_error(path: Path, out: Path, *flags: str) -> str:
@@ -173,7 +174,7 @@ def test_a_stage_summary_and_report_give_its_heldout_loss_data_and_task_metrics(
                                                                                  tmp_path):
     out = tmp_path / "out"  # a copy: the other tests read the run as the pipeline left it
     shutil.copytree(resumed["out"], out, symlinks=True)
-    report.write_summary(out / "second", heldout_loss=1.5, task_metrics={"accuracy": 0.25})
+    common.write_summary(out / "second", heldout_loss=1.5, task_metrics={"accuracy": 0.25})
     (out / "second" / "train_report.json").write_text(json.dumps({"heldout_data": "poems"}))
     text = report.write_report(runner.load_pipeline(resumed["path"], str(out))).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| second |"))

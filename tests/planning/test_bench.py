@@ -57,7 +57,7 @@ def test_both_sides_run_with_the_same_settings(result):
 
 def test_settings_are_read_from_the_process_not_assumed():
     # Control: a fresh process has neither setting; the backend's functions turn both on.
-    code = ("import json, torch; from megatron_hybrid import bench; torch.set_num_threads(2); "
+    code = ("import json, torch; from megatron_hybrid.planning import bench; torch.set_num_threads(2); "
             "read = lambda: [bench.denormals_flushed(), bench.large_allocations_stay_in_heap()]; "
             "before = read(); bench.apply_process_settings(()); "
             "print(json.dumps([before, read()]))")

@@ -20,7 +20,10 @@ from workers import prune_runs
 
 from megatron_hybrid.errors import ConfigError
 from megatron_hybrid.model import flavors
+from megatron_hybrid.cli.stages import COMMANDS
 from megatron_hybrid.stages import distill
+
+DISTILL_COMMAND = COMMANDS["distill"]
 
 RECIPE = str(prune_runs.RECIPES / "distill.yaml")
 STEPS = 32
@@ -81,8 +84,8 @@ def run_in_process(tmp_path, teacher_changes: dict, *overrides, student_changes=
     teacher = fake_checkpoint(tmp_path / "teacher", {
         **flavors.get_flavor("tiny-nano-v2-12b").to_dict(), **teacher_changes})
     parser = argparse.ArgumentParser()
-    distill.add_arguments(parser)
-    return distill.run(parser.parse_args([
+    DISTILL_COMMAND.add_arguments(parser)
+    return DISTILL_COMMAND.run(parser.parse_args([
         RECIPE, *prune_runs.SMALL, f"checkpoint.load={student}", f"distill.teacher={teacher}",
         *overrides]))
 
