@@ -1,6 +1,6 @@
 # The GPU image: NVIDIA's PyTorch container (CUDA, NCCL, torch, Transformer Engine, apex), the
 # Mamba kernels built for its CUDA, and this package with the pinned dependencies of setup.py.
-# The container's torch is kept: pip may not replace it.
+# The packages the container ships are kept at their versions (see PIP_CONSTRAINT below).
 #
 #   docker build -t megatron-hybrid .
 #   docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.06-py3 --build-arg MAX_JOBS=16 \
@@ -23,11 +23,16 @@ ARG USER_UID=1000
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Pin the container's own torch and triton for every later pip install. This replaces the
-# container's constraint file, which pins every package it ships (Megatron-Core's install
-# guide unsets it too), so that setup.py's pins can move the others.
-RUN pip list --format=freeze | grep -E '^(torch|triton)==' > /etc/pip-torch-constraint.txt
-ENV PIP_CONSTRAINT=/etc/pip-torch-constraint.txt
+# Every later pip install keeps each package the container ships (torch, Transformer Engine,
+# apex, flash-attn, triton, ...) at its version, except the ones setup.py's INSTALL_REQUIRES
+# pins exactly (==), which those pins move. This replaces the container's own constraint file,
+# which pins them all. Where a pin needs a newer dependency than the container's, pip reports
+# the conflict: pin that dependency with == in INSTALL_REQUIRES. tools/docker_constraints.py
+# says how it treats `name @ file://` lines.
+COPY setup.py tools/docker_constraints.py /tmp/docker-constraints/
+RUN pip list --format=freeze | python /tmp/docker-constraints/docker_constraints.py \
+        /tmp/docker-constraints/setup.py > /etc/pip-container-constraint.txt
+ENV PIP_CONSTRAINT=/etc/pip-container-constraint.txt
 
 # The cuda backend's Mamba kernels, compiled against the container's torch and CUDA: the
 # projects' prebuilt wheels target PyPI's torch builds, not NVIDIA's. --no-deps keeps every

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
+
+# On a GPU machine with the cuda backend's packages (docs/gpu.md); a bare one: tools/gpu_check/run.sh
+test-gpu:
+	$(PYTHON) -m pytest -m gpu tests/gpu -q -rA
 
 clean:
 	rm -rf $(VENV) runs

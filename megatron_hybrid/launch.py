@@ -26,15 +26,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GPU_ENVIRONMENT = {
-    # Megatron-Core's tensor- and sequence-parallel layers rely on a single CUDA work queue to
-    # run their communication before the GEMMs that consume it (tensor_parallel/layers.py).
-    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
     # NCCL frees communication buffers without recordStream: less allocator fragmentation.
     "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
-    # InfiniBand retry timeout long enough for congested fabrics (Megatron-LM's Mamba example).
+    # InfiniBand retry timeout long enough for congested fabrics (Megatron-LM's Mamba example),
+    # and the most retries NCCL allows before a link error fails the job.
     "NCCL_IB_TIMEOUT": "19",
+    "NCCL_IB_RETRY_CNT": "7",
 }
-"""Set for the training processes unless the environment already sets them."""
+"""Set for every run's training processes unless the environment already sets them."""
+TENSOR_PARALLEL_ENVIRONMENT = {
+    # Megatron-Core's tensor- and sequence-parallel layers rely on a single CUDA work queue to
+    # run their communication before the GEMMs that consume it (tensor_parallel/layers.py);
+    # Megatron-LM asks the same of context-parallel runs.
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+}
+"""Set besides for runs with tensor or context parallelism (sequence parallel needs TP)."""
+DEFAULT_MAX_RESTARTS = 3
+"""torchrun restarts a failed node's workers this often; each restart resumes from the latest
+checkpoint, so a transient fault (a lost link, a killed process) costs one save interval."""
 
 ENVIRONMENT_FALLBACKS = {
     "nnodes": ("NNODES", "SLURM_NNODES"),
@@ -130,7 +139,8 @@ def _local_gpu_count() -> int:
 
 
 def torchrun_command(layout: NodeLayout, *, recipe_path: str, overrides: list[str],
-                     log_dir: str, run_id: str) -> list[str]:
+                     log_dir: str, run_id: str,
+                     max_restarts: int = DEFAULT_MAX_RESTARTS) -> list[str]:
     """torchrun running ``megatron-hybrid train`` in each local process; every rank's output
     goes to ``log_dir/<run_id>_*/attempt_<n>/<local rank>/``, local rank 0's also to the
     console."""
@@ -142,23 +152,46 @@ def torchrun_command(layout: NodeLayout, *, recipe_path: str, overrides: list[st
         command += ["--node-rank", str(layout.node_rank), "--master-addr", layout.master_addr,
                     "--master-port", str(layout.master_port), "--rdzv-id", run_id]
     return command + ["--log-dir", log_dir, "--tee", "3", "--local-ranks-filter", "0",
-                      "-m", "megatron_hybrid", "train", recipe_path, *overrides]
+                      "--max-restarts", str(max_restarts), "-m", "megatron_hybrid", "train",
+                      recipe_path, *overrides]
 
 
-def gpu_environment(environ: dict) -> dict[str, str]:
-    """``GPU_ENVIRONMENT`` with any value the environment already sets kept."""
-    return {name: environ.get(name, value) for name, value in GPU_ENVIRONMENT.items()}
+def launcher_environment(cfg) -> dict[str, str]:
+    """The environment the launcher sets for a run of ``cfg`` (before the user's own values,
+    which win). Triton's kernel cache is made per rank inside each training process
+    (``backends``): torchrun gives all its workers one environment."""
+    if cfg.parallel.tp > 1 or cfg.parallel.cp > 1:
+        return {**TENSOR_PARALLEL_ENVIRONMENT, **GPU_ENVIRONMENT}
+    return dict(GPU_ENVIRONMENT)
+
+
+def _max_restarts(requested: int | None, nnodes: int) -> int:
+    """torchrun's restarts: :data:`DEFAULT_MAX_RESTARTS` on one node; none across nodes, where
+    the static rendezvous cannot take one node's restarted workers back into the others'
+    groups (they would wait in their collectives until the timeout)."""
+    if requested is None:
+        return DEFAULT_MAX_RESTARTS if nnodes == 1 else 0
+    if requested < 0:
+        raise LaunchError(f"--max-restarts {requested} must be at least 0 (0: none)")
+    if requested and nnodes > 1:
+        raise LaunchError(f"--max-restarts {requested} restarts one node's workers, which "
+                          f"cannot rejoin the other {nnodes - 1} node(s): give --max-restarts 0 "
+                          f"and requeue the job (sbatch --requeue) to resume from the latest "
+                          f"checkpoint")
+    return requested
 
 
 def run_torchrun(args: argparse.Namespace) -> int:
     cfg = _load_recipe(args.recipe, args.overrides)
     layout = node_layout(args, os.environ)
+    max_restarts = _max_restarts(args.max_restarts, layout.nnodes)
     _validate_for_world_size(cfg, layout.world_size, layout.describe())
     log_dir = args.log_dir or str(Path(cfg.resolved_output_dir) / "logs" /
                                   f"node{layout.node_rank}")
     command = torchrun_command(layout, recipe_path=args.recipe, overrides=args.overrides,
-                               log_dir=log_dir, run_id=cfg.name)
-    environment = gpu_environment(os.environ)
+                               log_dir=log_dir, run_id=cfg.name, max_restarts=max_restarts)
+    environment = {name: os.environ.get(name, value)
+                   for name, value in launcher_environment(cfg).items()}
     if args.dry_run:
         print(shell_lines(environment, command))
         return 0

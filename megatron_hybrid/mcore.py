@@ -39,6 +39,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel import random as tensor_parallel_random
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -48,6 +49,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
     TransformerLayer,
     TransformerLayerSubmodules,
 )
@@ -60,8 +62,50 @@ def te_mamba_stack_spec() -> "ModuleSpec":
     return mamba_stack_spec
 
 
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether apex's fused_weight_gradient_mlp_cuda is there: Megatron-Core's linears refuse
+    ``gradient_accumulation_fusion`` without it (NVIDIA's container ships apex)."""
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available
+
+
 def te_norm_class():
     """Transformer Engine's norm, as Megatron-Core's MambaStack uses for its final norm."""
     from megatron.core.extensions.transformer_engine import TENorm
 
     return TENorm
+
+
+def te_checkpoint(*args, **kwargs):
+    """Transformer Engine's activation checkpoint, which recomputes FP8 layers in FP8 (as
+    Megatron-Core's TransformerBlock uses it when ``config.fp8`` is set; cuda backend only)."""
+    from megatron.core.extensions.transformer_engine import te_checkpoint as checkpoint
+
+    return checkpoint(*args, **kwargs)
+
+
+def initialize_te_userbuffers(*, shape: list[int], tp_size: int, use_fp8: bool,
+                              bf16_layers: bool, dtype) -> None:
+    """Transformer Engine's userbuffers, which TransformerConfig.tp_comm_overlap needs before
+    the model is built (Megatron-LM's ``_initialize_tp_communicators``, its default
+    configuration). Transformer Engine 2.7 and later (it has UserBufferQuantizationMode)
+    registers FP8 and bf16 buffers apart: an FP8 run with bf16 layers needs both."""
+    from transformer_engine.pytorch.module import base
+
+    modes = getattr(base, "UserBufferQuantizationMode", None)
+    if modes is None:
+        precision = {"use_fp8": use_fp8}
+    else:
+        precision = {"quantization_modes": [mode for mode, wanted in (
+            (modes.FP8, use_fp8), (modes.NONE, bf16_layers)) if wanted]}
+    base.initialize_ub(shape=shape, tp_size=tp_size, dtype=dtype, ub_cfgs=None,
+                       bootstrap_backend="nccl", **precision)
+
+
+def destroy_te_userbuffers() -> None:
+    """Free what :func:`initialize_te_userbuffers` set up, so a later session may set it up
+    again (Transformer Engine allows one initialisation at a time)."""
+    from transformer_engine.pytorch.module import base
+
+    base.destroy_ub()

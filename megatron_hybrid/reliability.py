@@ -111,7 +111,8 @@ class SkipNonFinite:
 
     @torch.no_grad()
     def step(self):
-        self.update_applied = _all_ranks(self._grads_finite())
+        device = next(self.model_chunks[0].parameters()).device
+        self.update_applied = _all_ranks(self._grads_finite(), device)
         if not self.update_applied:
             return False, float("nan"), None
         return self.optimizer.step()
@@ -122,9 +123,9 @@ class SkipNonFinite:
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def _all_ranks(flag: bool) -> bool:
-    """True only if ``flag`` is True on every rank (one tiny all-reduce)."""
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` is True on every rank (one tiny all-reduce on the model's
+    ``device``, which NCCL needs to be the GPU)."""
     value = torch.tensor([0 if flag else 1], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return not bool(value.item())
@@ -135,7 +136,10 @@ def _all_ranks(flag: bool) -> bool:
 class Watchdog:
     """Preemption, bad-step accounting and the stop decision of one training run."""
 
-    def __init__(self, *, max_bad_steps: int, loss_spike_factor: float | None, run_dir: Path):
+    def __init__(self, *, max_bad_steps: int, loss_spike_factor: float | None, run_dir: Path,
+                 device: torch.device):
+        self.device = device
+        """Where the ranks' stop votes are all-reduced (the GPU under NCCL)."""
         self.max_bad_steps = max_bad_steps
         self.loss_spike_factor = loss_spike_factor
         self.run_dir = Path(run_dir)
@@ -168,7 +172,7 @@ class Watchdog:
             self.bad_steps.append({**record, "problem": problem})
             _print0(f"step {step}: {problem} (bad step {len(self.bad_steps)} of "
                     f"train.max_bad_steps={self.max_bad_steps})")
-        self.stopping = self.halted or not _all_ranks(self.signal_name is None)
+        self.stopping = self.halted or not _all_ranks(self.signal_name is None, self.device)
 
     def _problem(self, record: dict) -> str | None:
         if record["skipped"] or not math.isfinite(record["loss"]):

@@ -22,6 +22,7 @@ from megatron_hybrid.engine.config import (
 )
 from megatron_hybrid.errors import ConfigError, batch_message, check_choice, divisors
 from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.precision import fp8_recipe
 from megatron_hybrid.parallel.config import ParallelConfig
 from megatron_hybrid.stages.config import DistillConfig, DPOConfig, PruneConfig, SFTConfig
 
@@ -110,8 +111,18 @@ class RunConfig:
         self._check_context_parallel()
         self._check_schedule()
         self._check_vocab()
-        if self.train.precision == "fp8-hybrid":
-            self._check_fp8_shapes()
+        if fp8_recipe(self.train.precision) is not None:
+            self._check_fp8()
+            if self.model.transformer_impl == "local":
+                raise ConfigError(f"train.precision={self.train.precision} runs its matmuls in "
+                                  f"Transformer Engine, and model.transformer_impl=local has "
+                                  f"none (its linears would compute in bf16): set "
+                                  f"model.transformer_impl=transformer_engine or "
+                                  f"train.precision=bf16")
+        if self.parallel.tp_comm_overlap and self.model.transformer_impl == "local":
+            raise ConfigError("parallel.tp_comm_overlap=true needs Transformer Engine's "
+                              "userbuffers, which model.transformer_impl=local does not use: "
+                              "set parallel.tp_comm_overlap=false")
         if self.parallel.backend != "auto":
             self.validate_for_backend(self.parallel.backend)
 
@@ -121,7 +132,10 @@ class RunConfig:
         if backend == "cpu" and self.train.precision != "fp32":
             raise ConfigError(
                 f"train.precision={self.train.precision} is not supported on the cpu backend: "
-                f"set train.precision=fp32 (bf16 and fp8-hybrid need parallel.backend=cuda)")
+                f"set train.precision=fp32 (bf16 and FP8 need parallel.backend=cuda)")
+        if backend == "cpu" and self.parallel.tp_comm_overlap:
+            raise ConfigError("parallel.tp_comm_overlap=true needs parallel.backend=cuda: set "
+                              "parallel.tp_comm_overlap=false")
 
     def _seq_key(self) -> str:
         return "model.seq_length" if self.train.seq_length is None else "train.seq_length"
@@ -208,7 +222,13 @@ class RunConfig:
                 f"({self.model.vocab_size}): the tokenizer's ids must fit the embedding; set "
                 f"tokenizer.vocab_size={self.model.vocab_size}")
 
-    def _check_fp8_shapes(self) -> None:
+    def _check_fp8(self) -> None:
+        keeps_fp8_weights = fp8_recipe(self.train.precision).param_gather
+        if keeps_fp8_weights and not self.parallel.distributed_optimizer:
+            raise ConfigError(
+                f"train.precision={self.train.precision} keeps FP8 weights, which Megatron-Core "
+                f"gathers through the distributed optimizer: set "
+                f"parallel.distributed_optimizer=true")
         model = self.model
         in_proj = (2 * model.mamba_d_inner + 2 * model.mamba_num_groups * model.mamba_state_dim
                    + model.mamba_num_heads)
@@ -220,5 +240,5 @@ class RunConfig:
         for key, value in dims:
             if value % FP8_MULTIPLE:
                 raise ConfigError(
-                    f"train.precision=fp8-hybrid needs {key} ({value}) to be a multiple of "
-                    f"{FP8_MULTIPLE}: change it or use train.precision=bf16")
+                    f"train.precision={self.train.precision} needs {key} ({value}) to be a "
+                    f"multiple of {FP8_MULTIPLE}: change it or use train.precision=bf16")

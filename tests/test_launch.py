@@ -7,8 +7,9 @@
   ``sbatch``;
 - a wrong world size, a missing recipe or a bad node rank is refused in one line, before any
   process starts or any file is written;
-- the Dockerfile is on NVIDIA's PyTorch container, keeps its torch, takes setup.py's pins,
-  runs as a non-root user and passes hadolint.
+- the Dockerfile is on NVIDIA's PyTorch container, keeps every package it ships at its version
+  except those setup.py pins exactly (tools/docker_constraints.py), takes setup.py's pins, runs as
+  a non-root user and passes hadolint.
 """
 
 import argparse
@@ -30,6 +31,9 @@ from conftest import rank_environment
 from packaging.requirements import Requirement
 
 from megatron_hybrid import launch
+from megatron_hybrid.cli.launch import COMMANDS
+
+LAUNCH = COMMANDS["launch"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
@@ -46,7 +50,7 @@ FOUR_NODES = ["parallel.tp=2", "train.global_batch_size=64"]
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    launch.add_arguments(parser)
+    LAUNCH.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -56,7 +60,7 @@ def clean_env(monkeypatch):
     for variables in launch.ENVIRONMENT_FALLBACKS.values():
         for variable in variables:
             monkeypatch.delenv(variable, raising=False)
-    for variable in launch.GPU_ENVIRONMENT:
+    for variable in {**launch.GPU_ENVIRONMENT, **launch.TENSOR_PARALLEL_ENVIRONMENT}:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(os, "execve", _no_process)
     return monkeypatch
@@ -115,25 +119,33 @@ def test_dry_run_reads_the_slurm_environment_and_adds_the_gpu_environment(clean_
     clean_env.setenv("MASTER_ADDR", "node007")
     clean_env.setenv("MASTER_PORT", "13456")
     clean_env.setenv("NCCL_IB_TIMEOUT", "22")  # the user's value wins
-    assert launch.run(parse("torchrun", "--dry-run", RECIPE, *FOUR_NODES)) == 0
+    assert LAUNCH.run(parse("torchrun", "--dry-run", RECIPE, *FOUR_NODES)) == 0
     *exports, command = capsys.readouterr().out.strip().splitlines()
-    assert exports == ["export CUDA_DEVICE_MAX_CONNECTIONS=1",
-                       "export TORCH_NCCL_AVOID_RECORD_STREAMS=1", "export NCCL_IB_TIMEOUT=22"]
+    assert exports == ["export CUDA_DEVICE_MAX_CONNECTIONS=1",  # parallel.tp=2
+                       "export TORCH_NCCL_AVOID_RECORD_STREAMS=1", "export NCCL_IB_TIMEOUT=22",
+                       "export NCCL_IB_RETRY_CNT=7"]
     assert shlex.split(command) == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "4", "--nproc-per-node", "8",
         "--node-rank", "3", "--master-addr", "node007", "--master-port", "13456",
         "--rdzv-id", "tiny-pretrain", "--log-dir", "runs/tiny-pretrain/logs/node3", "--tee", "3",
-        "--local-ranks-filter", "0", "-m", "megatron_hybrid", "train", RECIPE, *FOUR_NODES]
+        "--local-ranks-filter", "0", "--max-restarts", "0",  # several nodes: requeue instead
+        "-m", "megatron_hybrid", "train", RECIPE, *FOUR_NODES]
 
 
 def test_flags_win_over_the_environment_and_one_node_needs_no_address(clean_env, capsys):
     clean_env.setenv("NODE_RANK", "1")
-    launch.run(parse("torchrun", "--dry-run", "--nnodes", "2", "--node-rank", "0",
+    LAUNCH.run(parse("torchrun", "--dry-run", "--nnodes", "2", "--node-rank", "0",
                      "--nproc-per-node", "1", "--master-addr", "node001", RECIPE))
     assert "--node-rank 0 --master-addr node001 --master-port 29500" in capsys.readouterr().out
     clean_env.delenv("NODE_RANK")
-    launch.run(parse("torchrun", "--dry-run", "--nproc-per-node", "2", RECIPE))
-    assert "--nnodes 1 --nproc-per-node 2 --standalone --log-dir" in capsys.readouterr().out
+    LAUNCH.run(parse("torchrun", "--dry-run", "--nproc-per-node", "2", "--max-restarts", "0",
+                     RECIPE))
+    out = capsys.readouterr().out
+    assert "--nnodes 1 --nproc-per-node 2 --standalone --log-dir" in out
+    assert "--max-restarts 0 -m megatron_hybrid" in out
+    LAUNCH.run(parse("torchrun", "--dry-run", "--nproc-per-node", "2", RECIPE))
+    assert f"--max-restarts {launch.DEFAULT_MAX_RESTARTS} -m" in capsys.readouterr().out
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in out  # tp=1
 
 
 REFUSED = [
@@ -151,6 +163,11 @@ REFUSED = [
     ({}, ["--nnodes", "2", "--nproc-per-node", "1", RECIPE],
      "2 nodes need node 0's address: give --master-addr HOST or set MASTER_ADDR"),
     ({}, ["--nproc-per-node", "1", "recipes/nope.yaml"], "recipe file not found: recipes/nope"),
+    ({}, ["--nproc-per-node", "1", "--max-restarts", "-1", RECIPE],
+     "--max-restarts -1 must be at least 0 (0: none)"),
+    ({}, ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "h", "--max-restarts", "2",
+          RECIPE], "--max-restarts 2 restarts one node's workers, which cannot rejoin the "
+                   "other 1 node(s): give --max-restarts 0 and requeue the job"),
 ]
 
 
@@ -161,7 +178,7 @@ def test_torchrun_refuses_bad_layouts_before_starting(clean_env, tmp_path, envir
     for name, value in environ.items():
         clean_env.setenv(name, value)
     with pytest.raises((ValueError, FileNotFoundError)) as refused:
-        launch.run(parse("torchrun", *argv))
+        LAUNCH.run(parse("torchrun", *argv))
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -174,10 +191,10 @@ def test_sbatch_script_for_four_nodes_runs_torchrun_in_the_container(clean_env, 
             "nvcr.io#nvidia/pytorch:25.06-py3", "--mounts", "/data:/data,/ckpt:/ckpt:ro",
             "--time", "01:00:00", "--account", "acct", "--partition", "batch", RECIPE,
             *FOUR_NODES, "checkpoint.load=runs/start here"]
-    assert launch.run(parse(*argv[:1], "--dry-run", *argv[1:])) == 0
+    assert LAUNCH.run(parse(*argv[:1], "--dry-run", *argv[1:])) == 0
     dry_run = capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
-    assert launch.run(parse(*argv)) == 0
+    assert LAUNCH.run(parse(*argv)) == 0
     script_path = tmp_path / "runs" / "tiny-pretrain" / "slurm.sbatch"
     script = script_path.read_text()
     assert script == dry_run
@@ -203,7 +220,7 @@ def test_sbatch_script_for_four_nodes_runs_torchrun_in_the_container(clean_env, 
     clean_env.setenv("SLURM_NODEID", "2")
     for name, value in srun_env.items():
         clean_env.setenv(name, value)
-    assert launch.run(parse("torchrun", "--dry-run", *command[3:])) == 0
+    assert LAUNCH.run(parse("torchrun", "--dry-run", *command[3:])) == 0
     torchrun = capsys.readouterr().out.splitlines()[-1]
     assert ("--nnodes 4 --nproc-per-node 8 --node-rank 2 --master-addr node007 --master-port "
             f"{srun_env['MASTER_PORT']}") in torchrun
@@ -228,7 +245,7 @@ def run_under_stand_in_slurm(script: Path, tmp_path: Path) -> tuple[list[str], d
 
 def test_cluster_profile_gives_defaults_and_flags_win(clean_env, tmp_path, capsys):
     clean_env.chdir(tmp_path)
-    launch.run(parse("slurm", "--cluster", EXAMPLE_CLUSTER, "--nodes", "4", "--partition",
+    LAUNCH.run(parse("slurm", "--cluster", EXAMPLE_CLUSTER, "--nodes", "4", "--partition",
                      "debug", "--dry-run", RECIPE, *FOUR_NODES))
     script = capsys.readouterr().out
     for line in ["#SBATCH --account=my-account", "#SBATCH --partition=debug",
@@ -241,7 +258,7 @@ def test_cluster_profile_gives_defaults_and_flags_win(clean_env, tmp_path, capsy
 
 def test_without_a_container_srun_runs_on_the_nodes(clean_env, tmp_path, capsys):
     clean_env.chdir(tmp_path)
-    launch.run(parse("slurm", "--nodes", "1", "--gpus-per-node", "2", "--dry-run", RECIPE))
+    LAUNCH.run(parse("slurm", "--nodes", "1", "--gpus-per-node", "2", "--dry-run", RECIPE))
     script = capsys.readouterr().out
     assert "--container" not in script
     assert "megatron-hybrid launch torchrun --nnodes 1 --nproc-per-node 2" in script
@@ -251,7 +268,7 @@ def test_submit_calls_sbatch_with_the_written_script(clean_env, tmp_path, capsys
     clean_env.chdir(tmp_path)
     write_tool(tmp_path, "sbatch", 'echo "$@" > sbatch.args; echo "Submitted batch job 42"')
     clean_env.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    assert launch.run(parse("slurm", "--nodes", "1", "--gpus-per-node", "2", "--submit",
+    assert LAUNCH.run(parse("slurm", "--nodes", "1", "--gpus-per-node", "2", "--submit",
                             RECIPE)) == 0
     assert (tmp_path / "sbatch.args").read_text().split() == ["runs/tiny-pretrain/slurm.sbatch"]
     assert (tmp_path / "runs" / "tiny-pretrain" / "slurm.sbatch").is_file()
@@ -277,7 +294,7 @@ def test_slurm_refuses_bad_settings_and_writes_nothing(clean_env, tmp_path, argv
     clean_env.chdir(tmp_path)
     clean_env.setenv("PATH", str(tmp_path))  # no sbatch
     with pytest.raises(ValueError) as refused:
-        launch.run(parse("slurm", *argv))
+        LAUNCH.run(parse("slurm", *argv))
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -287,7 +304,7 @@ def test_a_mistyped_cluster_profile_key_is_named(clean_env, tmp_path):
     profile.write_text("acount: abc\n")
     with pytest.raises(ValueError, match=r"site.yaml: cluster.acount: unknown key; did you mean "
                                          r"cluster.account\?"):
-        launch.run(parse("slurm", "--cluster", str(profile), "--nodes", "1", RECIPE))
+        LAUNCH.run(parse("slurm", "--cluster", str(profile), "--nodes", "1", RECIPE))
 
 
 # -- Dockerfile -----------------------------------------------------------------------------
@@ -346,10 +363,19 @@ def test_dockerfile_keeps_the_container_torch_and_setup_py_pins():
     constraint_file = constraint.partition("=")[2]
     first_install = next(i for i, (k, rest) in enumerate(instructions) if "pip install" in rest)
     env_index = instructions.index(("ENV", constraint))
-    writes = [rest for keyword, rest in instructions[:env_index] if keyword == "RUN"]
-    assert any("pip list --format=freeze" in rest and "(torch|triton)==" in rest and
-               rest.endswith(f"> {constraint_file}") for rest in writes)
-    assert env_index < first_install  # every pip install keeps the installed torch and triton
+    # The constraint is the container's whole freeze filtered by the script on setup.py,
+    # both copied in before it runs.
+    (write,) = [rest for keyword, rest in instructions[:env_index]
+                if keyword == "RUN" and rest.endswith(f"> {constraint_file}")]
+    freeze, _, filtered = write.partition("|")
+    assert freeze.strip() == "pip list --format=freeze"
+    script, setup_py = filtered.split()[1:3]
+    copied = [rest.split() for keyword, rest in instructions[:env_index] if keyword == "COPY"]
+    assert any({"setup.py", "tools/docker_constraints.py"} <= set(words[:-1])
+               and {script, setup_py} == {words[-1] + name for name in
+                                          ("docker_constraints.py", "setup.py")}
+               for words in copied)
+    assert env_index < first_install  # every pip install keeps the container's packages
 
     installs = pip_installs(instructions)
     named = [Requirement(word) for words in installs for word in words
@@ -371,6 +397,35 @@ def test_dockerfile_keeps_the_container_torch_and_setup_py_pins():
         assert gpu[name].contains(version), (name, version, gpu[name])
     (kernel_install,) = [words for words in installs if "mamba-ssm" in " ".join(words)]
     assert {"--no-deps", "--no-build-isolation"} <= set(kernel_install)
+
+
+def test_docker_constraint_keeps_the_container_packages_but_not_setup_py_pins():
+    freeze = "\n".join([
+        "torch==2.8.0a0+5228986c39.nv25.6", "triton==3.3.0", "transformer_engine==2.4.0+3cd6870",
+        "apex==0.1", "flash_attn==2.7.3", "numpy==1.26.4",
+        "Transformers==4.52.0",  # setup.py pins transformers: its pin moves it
+        "nvidia_modelopt==0.29.0",  # the same, spelled as pip list spells it
+        "lightning-thunder @ file:///opt/pytorch/lightning-thunder",
+        "-e /opt/pytorch/apex"])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "docker_constraints.py"), str(ROOT / "setup.py")],
+        input=freeze, capture_output=True, text=True, timeout=60, check=True)
+    constrained = {Requirement(line).name: str(Requirement(line).specifier)
+                   for line in result.stdout.splitlines()}
+    assert constrained == {"torch": "==2.8.0a0+5228986c39.nv25.6", "triton": "==3.3.0",
+                           "transformer_engine": "==2.4.0+3cd6870", "apex": "==0.1",
+                           "flash_attn": "==2.7.3", "numpy": "==1.26.4"}
+    # setup.py pins transformers and nvidia-modelopt exactly; it only bounds triton (a floor),
+    # which therefore stays at the container's version.
+    install_requires, _ = setup_requirements()
+    operators = {r.name: {spec.operator for spec in r.specifier} for r in install_requires}
+    assert operators["transformers"] == operators["nvidia-modelopt"] == {"=="}
+    assert operators["triton"] == {">="}
+    # pip refuses a URL or an editable line in a constraint file: left out, and said so.
+    refused = [line for line in result.stderr.splitlines() if line.startswith("not constrained")]
+    assert len(refused) == 2
+    assert refused[0].endswith("lightning-thunder @ file:///opt/pytorch/lightning-thunder")
+    assert refused[1].endswith("-e /opt/pytorch/apex")
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():

@@ -39,14 +39,14 @@ PATTERNS = {
 # The 9B distillation holds the 12B teacher too, so it keeps the teacher's TP=4; pruning runs
 # at TP=1 (ModelOpt).
 LAYOUTS = {
-    "nemotron_nano_v2/pretrain_12b.yaml": ("nano-v2-12b", 4, "fp8-hybrid", 8192),
+    "nemotron_nano_v2/pretrain_12b.yaml": ("nano-v2-12b", 4, "fp8-nano-v2", 8192),
     "nemotron_nano_v2/sft.yaml": ("nano-v2-12b", 4, "bf16", 8192),
     "nemotron_nano_v2/dpo.yaml": ("nano-v2-12b", 4, "bf16", 8192),
     "nemotron_nano_v2/prune_12b_to_9b.yaml": ("nano-v2-12b", 1, "bf16", 8192),
     "nemotron_nano_v2/distill_9b.yaml": ("nano-v2-9b", 4, "bf16", 8192),
     "nemotron_h/pretrain_8b.yaml": ("nemotron-h-8b", 2, "bf16", 8192),
-    "nemotron_h/pretrain_47b.yaml": ("nemotron-h-47b", 8, "fp8-hybrid", 8192),
-    "nemotron_h/pretrain_56b.yaml": ("nemotron-h-56b", 8, "fp8-hybrid", 8192),
+    "nemotron_h/pretrain_47b.yaml": ("nemotron-h-47b", 8, "fp8-nemotron-h", 8192),
+    "nemotron_h/pretrain_56b.yaml": ("nemotron-h-56b", 8, "fp8-nemotron-h", 8192),
 }
 STAGE_GRAPH = [  # the published 12B -> 9B pipeline, by stage name, in the paper's order
     ("pretrain", "train", {}),
@@ -88,7 +88,7 @@ def test_model_shape_and_layout_for_8_gpu_nodes(name):
 def test_12b_pretraining_holds_the_published_recipe():
     cfg = recipe("nemotron_nano_v2/pretrain_12b.yaml")
     assert cfg.train.global_batch_size == 768 and cfg.seq_length == 8192
-    assert cfg.train.precision == "fp8-hybrid"
+    assert cfg.train.precision == "fp8-nano-v2"
     assert cfg.train.max_tokens == 20 * 10**12
     tokens = cfg.total_steps * cfg.train.tokens_per_step(cfg.model)
     assert 0 <= tokens - 20 * 10**12 < cfg.train.tokens_per_step(cfg.model)  # max_tokens ends it
@@ -141,7 +141,7 @@ def test_published_pipeline_chains_the_stages_and_plans_8_gpu_nodes(tmp_path):
     text = runner.describe_plan(loaded, plans)
     pretrain = text.split("\n2. ")[0]
     assert "tp 4 x pp 1 x cp 1 x dp 2 = world size 8, sequence parallel on" in pretrain
-    assert "20T tokens, fp8-hybrid" in pretrain
+    assert "20T tokens, fp8-nano-v2" in pretrain
     assert "per GPU, fits an NVIDIA H100" in pretrain and "at MFU ~47%" in pretrain
     assert not (tmp_path / "out").exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 
 BACKENDS = ("cpu", "cuda")
 
@@ -178,6 +179,7 @@ def install(requested: str = "auto", *, need_transformer_engine: bool = True) ->
                       stacklevel=2)
     for message in PINNED_SET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    separate_triton_caches(os.environ)
     if name == "cpu":
         from megatron_hybrid.backends import cpu
 
@@ -186,9 +188,42 @@ def install(requested: str = "auto", *, need_transformer_engine: bool = True) ->
     return name
 
 
+def separate_triton_caches(environ) -> None:
+    """Give this rank its own Triton kernel cache: ranks that compile the Mamba kernels at the
+    same time in one cache load each other's half-written files. Set here, in the process,
+    because torchrun starts all its workers with one environment; a TRITON_CACHE_DIR the user
+    set is kept."""
+    rank = environ.get("RANK")
+    if rank is not None and "TRITON_CACHE_DIR" not in environ:
+        home = environ.get("TRITON_HOME", os.path.expanduser("~"))
+        environ["TRITON_CACHE_DIR"] = os.path.join(home, ".triton", "cache", f"rank{rank}")
+
+
 def active() -> str | None:
     """The installed backend's name, or None when none is installed yet."""
     return _active
+
+
+def device():
+    """The ``torch.device`` this process's model, batches and loss totals live on: the CPU on
+    the cpu backend, the rank's GPU (``torch.cuda.set_device`` by the process groups) on cuda.
+    Project code names its device through this, never through ``"cuda"``."""
+    import torch
+
+    if require_active() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch: dict) -> dict:
+    """``batch``'s tensors on :func:`device` (asynchronously from pinned memory on GPUs)."""
+    target = device()
+    return {key: value.to(target, non_blocking=True) for key, value in batch.items()}
+
+
+def pins_memory() -> bool:
+    """Whether data loaders should pin their batches (a GPU copies pinned memory async)."""
+    return _active == "cuda"
 
 
 def require_active() -> str:

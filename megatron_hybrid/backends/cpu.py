@@ -50,6 +50,7 @@ import getpass
 import importlib.metadata
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -61,7 +62,52 @@ from megatron_hybrid.backends import kernels
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
+STRICT_ENVIRONMENT_VARIABLE = "MEGATRON_HYBRID_STRICT_CPU"
+"""Set to 1 (the test suite does, for itself and every process it starts) to make the
+redirect refuse calls from project code: see :class:`StrictCpuError`."""
+
 _redirect: "_CudaDeviceRedirect | None" = None
+_strict = False
+
+_PROJECT_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+_BACKENDS_DIR = str(Path(__file__).resolve().parent) + os.sep
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
+
+
+class StrictCpuError(RuntimeError):
+    """Project code used the CUDA device on the strict cpu backend.
+
+    The redirect exists for Megatron-Core's hard-coded CUDA calls; project code that leans on
+    it (``.cuda()``, ``device="cuda"``, the ``torch.cuda`` stand-ins) runs here and fails or
+    misplaces tensors on GPUs. Project code names its device: ``backends.device()``.
+    """
+
+
+def _project_caller(skip_torch: bool) -> str | None:
+    """``file:line`` of the code that made the redirected call when it is project code outside
+    ``backends/``; None for Megatron-Core, torch and everything else. With ``skip_torch`` the
+    frames of torch's Python functions are skipped, so ``module.cuda()`` names its caller."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_BACKENDS_DIR) or (skip_torch and filename.startswith(_TORCH_DIR)):
+            frame = frame.f_back
+            continue
+        if filename.startswith(_PROJECT_DIR):
+            return f"{os.path.relpath(filename, Path(_PROJECT_DIR).parent)}:{frame.f_lineno}"
+        return None
+    return None
+
+
+def _refuse_project_caller(what: str, *, skip_torch: bool = False) -> None:
+    if not _strict:
+        return
+    caller = _project_caller(skip_torch)
+    if caller is not None:
+        raise StrictCpuError(f"{caller}: {what} leans on the cpu backend's CUDA redirect; name "
+                             f"the device with megatron_hybrid.backends.device() (the strict "
+                             f"cpu backend, {STRICT_ENVIRONMENT_VARIABLE}=1, refuses this "
+                             f"because it fails on GPUs)")
 
 
 def _is_cuda_device(device) -> bool:
@@ -84,15 +130,18 @@ class _CudaDeviceRedirect(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
+            _refuse_project_caller("Tensor.cuda()", skip_torch=True)
             return args[0].to(self.target)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # A CPU float tensor plays the role of a cuda one in the optimizer's type checks.
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            _refuse_project_caller(f"device={kwargs['device']!r}", skip_torch=True)
             kwargs["device"] = self.target
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            _refuse_project_caller(f"Tensor.to({args[1]!r})", skip_torch=True)
             args = (args[0], self.target, *args[2:])
         return func(*args, **kwargs)
 
@@ -101,7 +150,7 @@ class _InertStream:
     """Stands in for torch.cuda.Stream / Event: work on the CPU is already ordered."""
 
     def __init__(self, *args, **kwargs):
-        pass
+        _refuse_project_caller("torch.cuda.Stream / Event")
 
     def __getattr__(self, name):
         return _no_op
@@ -129,26 +178,41 @@ def _seed_cpu_generator(seed):
     torch.default_generator.manual_seed(int(seed))
 
 
+def _stand_in(name: str, function):
+    """``function`` in place of ``torch.cuda.<name>``, refused to project code when strict;
+    torch's own calls (``torch.manual_seed`` seeds CUDA too) and Megatron-Core's pass."""
+
+    def stand_in(*args, **kwargs):
+        _refuse_project_caller(f"torch.cuda.{name}()")
+        return function(*args, **kwargs)
+
+    return stand_in
+
+
 def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    # A device, not an index: a mode is off while its own handler runs, so allocations inside
-    # autograd's backward (Megatron's linears allocate there) never reach the redirect.
-    cuda.current_device = lambda: _redirect.target
-    cuda.synchronize = _no_op
-    cuda.empty_cache = _no_op
-    cuda.Stream = _InertStream
-    cuda.Event = _InertStream
-    cuda.current_stream = _InertStream
-    cuda.default_stream = _InertStream
-    cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.nvtx.range_push = _no_op
-    cuda.nvtx.range_pop = _no_op
-    cuda.get_rng_state = _cpu_rng_state
-    cuda.random.get_rng_state = _cpu_rng_state
-    cuda.set_rng_state = _set_cpu_rng_state
-    cuda.random.set_rng_state = _set_cpu_rng_state
-    cuda.manual_seed = _seed_cpu_generator
-    cuda.manual_seed_all = _seed_cpu_generator  # torch.manual_seed itself calls this one
+    stand_ins = {
+        # A device, not an index: a mode is off while its own handler runs, so allocations
+        # inside autograd's backward (Megatron's linears allocate there) never reach the
+        # redirect.
+        "current_device": lambda: _redirect.target,
+        "synchronize": _no_op,
+        "empty_cache": _no_op,
+        "stream": lambda stream=None: contextlib.nullcontext(),
+        "get_rng_state": _cpu_rng_state,
+        "set_rng_state": _set_cpu_rng_state,
+        "manual_seed": _seed_cpu_generator,
+        "manual_seed_all": _seed_cpu_generator,  # torch.manual_seed itself calls this one
+    }
+    for name, function in stand_ins.items():
+        setattr(torch.cuda, name, _stand_in(name, function))
+    # Classes stay classes (``torch.cuda.Stream | None`` annotations are evaluated at import);
+    # their constructor refuses project code.
+    for name in ("Stream", "Event", "current_stream", "default_stream"):
+        setattr(torch.cuda, name, _InertStream)
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+    torch.cuda.nvtx.range_push = _no_op
+    torch.cuda.nvtx.range_pop = _no_op
 
 
 def _patch_megatron_rng() -> None:
@@ -226,10 +290,13 @@ def _separate_compile_caches() -> None:
 
 
 def install() -> None:
-    """Make Megatron-Core run on the CPU. Idempotent; call before importing Megatron-Core."""
-    global _redirect
+    """Make Megatron-Core run on the CPU. Idempotent; call before importing Megatron-Core.
+
+    Strict (:class:`StrictCpuError`) when ``MEGATRON_HYBRID_STRICT_CPU=1`` is set."""
+    global _redirect, _strict
     if _redirect is not None:
         return
+    _strict = os.environ.get(STRICT_ENVIRONMENT_VARIABLE) == "1"
     _check_megatron_version()
     _separate_compile_caches()
     for message in _EXPECTED_WARNINGS:

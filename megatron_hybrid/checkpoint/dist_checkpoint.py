@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_hybrid import mcore, reliability
+from megatron_hybrid import backends, mcore, reliability
 
 CHECKPOINT_IO_ERRORS = (Exception, CheckpointException)
 """What a failed dist_checkpointing read or write raises (torch's CheckpointException is a
@@ -93,13 +93,24 @@ def load_weights(model_chunks: list, directory: str | Path) -> None:
     """Load weights saved with any TP/PP layout into this layout's model."""
     state = _load(model_chunks, None, _require_complete(Path(directory)))
     (chunk,) = model_chunks
-    unwrap(chunk).load_state_dict(state["model"])
+    _load_model_state(unwrap(chunk), state["model"])
+
+
+EXTRA_STATE = "._extra_state"
+"""The key suffix of a module's extra state: Transformer Engine's FP8 metadata, kept by its
+modules only (Megatron-Core's local linears save an empty one for compatibility; its local
+attention and norms none)."""
 
 
 def _load(model_chunks: list, optimizer, directory: Path) -> dict:
+    sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
     try:
-        return mcore.dist_checkpointing.load(
-            _sharded_state(model_chunks, optimizer, is_loading=True), str(directory))
+        # A checkpoint of the local spec has no extra state for Transformer Engine's attention
+        # and norms: those modules start with fresh FP8 metadata (as Megatron-LM loads them).
+        saved = _saved_keys(directory)
+        sharded["model"] = {key: value for key, value in sharded["model"].items()
+                            if not key.endswith(EXTRA_STATE) or value.key in saved}
+        return mcore.dist_checkpointing.load(sharded, str(directory))
     except CHECKPOINT_IO_ERRORS as err:  # many types; all mean an unreadable folder
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(f"{directory}: cannot be read ({first}): the checkpoint is "
@@ -110,6 +121,24 @@ SHAPE_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_qu
                 "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
                 "mamba_num_groups", "vocab_size", "num_moe_experts", "moe_ffn_hidden_size")
 """Model fields that set parameter shapes: a checkpoint loads only into equal ones."""
+
+
+def _saved_keys(directory: Path) -> set[str]:
+    """The sharded keys a checkpoint holds (an object's key without its ``/shard_*``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return {key.split("/shard_")[0]
+            for key in FileSystemReader(str(directory)).read_metadata().state_dict_metadata}
+
+
+def _load_model_state(model, state: dict) -> None:
+    """``state`` into ``model``; only extra state (:data:`EXTRA_STATE`) may be absent."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"the checkpoint does not fit the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}: load it into the model it was "
+                              f"saved from (see its config.yaml)")
 
 
 def check_matches(directory: str | Path, *, model: dict, tokenizer: dict | None = None) -> None:
@@ -150,13 +179,26 @@ def _require_complete(directory: Path) -> Path:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "tracker": mcore.tensor_parallel.get_cuda_rng_tracker().get_states()}
+    """This rank's generators: the CPU one, the GPU one on cuda (dropout, init), and the
+    tensor-parallel tracker's (CUDA generator states on cuda, CPU ones on the cpu backend)."""
+    state = {"backend": backends.require_active(), "torch": torch.get_rng_state(),
+             "tracker": mcore.tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if state["backend"] == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(backends.device())
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
+    """Restore :func:`_rng_state`'s generators; a checkpoint of the other backend (or of
+    before the backend was saved) restores the CPU generator only: its tracker states are of
+    the other device's generator type."""
     torch.set_rng_state(state["torch"])
+    backend = state.get("backend", "cpu")
+    if backend != backends.require_active():
+        return
     mcore.tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if backend == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], backends.device())
 
 
 LOW_SPACE_BYTES = 64 * 2**20
@@ -262,7 +304,7 @@ class Checkpointer:
         meta = read_meta(directory)
         state = _load(model_chunks, optimizer, directory)
         (chunk,) = model_chunks
-        unwrap(chunk).load_state_dict(state["model"])
+        _load_model_state(unwrap(chunk), state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and meta["scheduler"]:
             scheduler.load_state_dict(meta["scheduler"])

@@ -15,7 +15,8 @@ from typing import Callable
 
 from megatron_hybrid.errors import USER_ERRORS
 
-COMMAND_GROUPS = ("model", "train", "pipeline", "launch", "checkpoint", "stages", "planning")
+COMMAND_GROUPS = ("model", "train", "pipeline", "launch", "checkpoint", "stages", "planning",
+                  "config")
 """The modules of ``megatron_hybrid.cli`` that define commands, in the order of ``--help``."""
 
 

@@ -8,6 +8,7 @@ import argparse
 from megatron_hybrid.cli import Command
 from megatron_hybrid.launch import (
     DEFAULT_MASTER_PORT,
+    DEFAULT_MAX_RESTARTS,
     ENVIRONMENT_FALLBACKS,
     run_slurm,
     run_torchrun,
@@ -46,6 +47,10 @@ def _add_torchrun_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-port", type=int, help=_env_help(
         "master_port", "node 0's rendezvous port", DEFAULT_MASTER_PORT))
     parser.add_argument("--log-dir", help="per-rank log files (default: RUN_DIR/logs/nodeR)")
+    parser.add_argument("--max-restarts", type=int,
+                        help="restarts of this node's workers after a failure, each resuming "
+                             f"from the latest checkpoint (default: {DEFAULT_MAX_RESTARTS} on "
+                             "one node; several nodes take 0: requeue the job instead)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the environment and the torchrun command; start nothing")
     _add_recipe_arguments(parser)
@@ -73,4 +78,5 @@ def run_launch(args: argparse.Namespace) -> int:
     return args.launch(args)
 
 
-COMMANDS = {"launch": Command("start training on clusters: torchrun on this node (one of many), or a Slurm job", add_arguments, run_launch)}
+COMMANDS = {"launch": Command("start training on clusters: torchrun on this node (one of many), "
+                              "or a Slurm job", add_arguments, run_launch)}

@@ -12,7 +12,9 @@ def run_sft(args) -> int:
     from megatron_hybrid import backends, recipe
 
     cfg = recipe.load_recipe(args.recipe, args.overrides)
-    backends.install(cfg.parallel.backend)  # before the loop imports Megatron-Core
+    # before the loop imports Megatron-Core
+    backends.install(cfg.parallel.backend,
+                     need_transformer_engine=cfg.model.needs_transformer_engine)
     from megatron_hybrid.engine import training_loop
     from megatron_hybrid.stages import sft
 
@@ -23,7 +25,9 @@ def run_dpo(args) -> int:
     from megatron_hybrid import backends, recipe
 
     cfg = recipe.load_recipe(args.recipe, args.overrides)
-    backends.install(cfg.parallel.backend)  # before the loop imports Megatron-Core
+    # before the loop imports Megatron-Core
+    backends.install(cfg.parallel.backend,
+                     need_transformer_engine=cfg.model.needs_transformer_engine)
     from megatron_hybrid.engine import training_loop
     from megatron_hybrid.stages import dpo
 
@@ -52,7 +56,8 @@ def run_distill(args) -> int:
 
 
 COMMANDS = {
-    "prune": Command("prune a checkpoint with ModelOpt Minitron (given sizes or a parameter budget)",
+    "prune": Command("prune a checkpoint with ModelOpt Minitron (given sizes or a parameter "
+                     "budget)",
                      recipe_arguments("recipes/tiny/prune.yaml", "prune.max_params=2e6"),
                      run_prune),
     "distill": Command("distill a student checkpoint from a frozen teacher (ModelOpt KD, the "

@@ -22,7 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from megatron_hybrid import backends, recipe
 
     cfg = recipe.load_recipe(args.recipe, args.overrides)
-    backends.install(cfg.parallel.backend)  # before train imports Megatron-Core
+    # before train imports Megatron-Core
+    backends.install(cfg.parallel.backend,
+                     need_transformer_engine=cfg.model.needs_transformer_engine)
     from megatron_hybrid.engine import training_loop
 
     _print_run_header(cfg)

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy
 import torch
 
+from megatron_hybrid import backends
 from megatron_hybrid.data import DataError, corpus
 from megatron_hybrid.data.cache import resolve_cache_dir
 from megatron_hybrid.data.preprocess import preprocess_jsonl
@@ -267,7 +268,8 @@ def microbatch_iterator(dataset, *, start_sample: int, micro_batch_size: int,
                                dp_size=dp_size)
     keys = (*BATCH_KEYS, *getattr(dataset, "extra_keys", ()))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         collate_fn=partial(_collate, keys))
+                                         collate_fn=partial(_collate, keys),
+                                         pin_memory=backends.pins_memory())
     return iter(loader)
 
 

@@ -12,8 +12,8 @@ from megatron_hybrid.errors import (
     check_positive_int,
 )
 from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.precision import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp8-hybrid")
 RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULER_KINDS = ("wsd", "cosine", "constant")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -45,8 +45,12 @@ class TrainConfig:
     seed: int = 1234
     """Seed of the weight initialisation and the model's random state."""
     precision: str = "fp32"
-    """``fp32``, ``bf16`` (mixed precision with fp32 master weights) or ``fp8-hybrid``
-    (Transformer Engine E4M3 forward / E5M2 backward; cuda only)."""
+    """``fp32``, ``bf16`` (mixed precision with fp32 master weights and optimizer states) or a
+    Transformer Engine FP8 recipe over bf16 (cuda only): ``fp8-hybrid`` (per-tensor scaling,
+    E4M3 forward / E5M2 backward, one bf16 layer at each end), ``fp8-nemotron-h`` (the same
+    with two bf16 layers at each end and FP8 weight gather) or ``fp8-nano-v2`` (E4M3
+    everywhere, 128x128 / 1x128 blockwise scaling, two bf16 layers at each end, FP8 weight
+    gather); see docs/performance.md."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full`` (every
     layer)."""

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_hybrid import backends
 from megatron_hybrid.model.config import ModelConfig
 from megatron_hybrid.model.hf_mapping import MEGATRON_CONV_KERNEL
 from megatron_hybrid.model.params import KIND_KEYS
@@ -193,8 +194,8 @@ def device_peak_flops(dtype: torch.dtype | str = torch.float32) -> tuple[str, fl
     low and would inflate every later MFU. Processes on one machine probe one at a time.
     """
     key = _dtype_key(dtype)
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
+    if backends.active() == "cuda":
+        name = torch.cuda.get_device_name(backends.device())
         return name, gpu_peak_flops(name, key)
     name = cpu_device_name()
     if key not in _CPU_PROBE_DTYPES:

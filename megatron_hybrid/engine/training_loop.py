@@ -8,6 +8,7 @@ The loop stays short: the checkpointer decides when to save, evaluation is a cal
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from megatron_hybrid.checkpoint.dist_checkpoint import (
 from megatron_hybrid.data.datasets import build_datasets, microbatch_iterator
 from megatron_hybrid.data.tokenizer import load_tokenizer
 from megatron_hybrid.engine import metrics, training_step
-from megatron_hybrid.model.build import ModelLayout, build_model
+from megatron_hybrid.model.build import ModelLayout, build_model, tp_comm_overlap_buffers
 from megatron_hybrid.parallel import process_groups
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class Trainer:
         data = self.batches(self.train_data, state.consumed_samples)
         saved = None
         with reliability.Watchdog(max_bad_steps=cfg.train.max_bad_steps, run_dir=self.run_dir,
-                                  loss_spike_factor=cfg.train.loss_spike_factor) as watchdog:
+                                  loss_spike_factor=cfg.train.loss_spike_factor,
+                                  device=backends.device()) as watchdog:
             while state.step < total and not watchdog.stopping:
                 started = time.perf_counter()
                 result = training_step.train_step(
@@ -104,9 +106,11 @@ class Trainer:
                     tracker.log_eval(state.step, self.evaluate())
                 if self.checkpointer.should_save(state.step,
                                                  final=state.step == total or watchdog.stopping):
+                    training_step.sync_params(self.model_chunks)
                     saved = self.checkpointer.save(state, self.model_chunks, self.optimizer,
                                                    self.scheduler)
             watchdog.finish(state.step, saved)
+        training_step.sync_params(self.model_chunks)  # the caller may read the weights next
         return state
 
 
@@ -118,8 +122,10 @@ def run(cfg: RunConfig) -> TrainState:
 
 @contextlib.contextmanager
 def session(cfg: RunConfig) -> Iterator[tuple[str, process_groups.ParallelDims]]:
-    """Backend and process groups for ``cfg``, torn down on exit: (backend, dims)."""
-    backend = backends.install(cfg.parallel.backend)
+    """Backend and process groups for ``cfg`` (with Transformer Engine's userbuffers where
+    ``parallel.tp_comm_overlap`` asks for them), torn down on exit: (backend, dims)."""
+    backend = backends.install(cfg.parallel.backend,
+                               need_transformer_engine=cfg.model.needs_transformer_engine)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg.validate(world_size)
     cfg.validate_for_backend(backend)
@@ -128,7 +134,10 @@ def session(cfg: RunConfig) -> Iterator[tuple[str, process_groups.ParallelDims]]
     process_groups.init_distributed(dims, backend=backend,
                               timeout_minutes=cfg.parallel.timeout_minutes)
     try:
-        yield backend, dims
+        with tp_comm_overlap_buffers(cfg.model, model_layout(cfg, dims),
+                                     seq_length=cfg.seq_length,
+                                     micro_batch_size=cfg.train.micro_batch_size):
+            yield backend, dims
     finally:
         process_groups.destroy_distributed()
 
@@ -171,10 +180,14 @@ def build_trainer(cfg: RunConfig, backend: str, dims: process_groups.ParallelDim
         config_yaml=sections.dump_yaml(cfg))
     latest = _starting_checkpoint(cfg, checkpointer)
     # Data before the model: a bad data file is refused before anything heavy is built.
-    train_data, valid_data = datasets if datasets is not None else build_datasets(
-        cfg.data, tokenizer, seq_length=cfg.seq_length,
-        train_samples=cfg.total_steps * cfg.train.global_batch_size,
-        valid_samples=cfg.train.eval_batches * cfg.train.global_batch_size)
+    if datasets is None:
+        with collective_timeout(cfg.parallel.index_build_timeout_minutes,
+                                then=cfg.parallel.timeout_minutes):
+            datasets = build_datasets(
+                cfg.data, tokenizer, seq_length=cfg.seq_length,
+                train_samples=cfg.total_steps * cfg.train.global_batch_size,
+                valid_samples=cfg.train.eval_batches * cfg.train.global_batch_size)
+    train_data, valid_data = datasets
     process_groups.seed_everything(cfg.train.seed)
     model = build_model(cfg.model, model_layout(cfg, dims), backend=backend)
     if latest is None and cfg.checkpoint.load:
@@ -182,9 +195,10 @@ def build_trainer(cfg: RunConfig, backend: str, dims: process_groups.ParallelDim
         load_weights([model], cfg.checkpoint.load)
     if wrap_model is not None:
         model = wrap_model(model)
-    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=cfg.parallel.distributed_optimizer)]
+    chunks = [training_step.wrap_ddp(
+        model, use_distributed_optimizer=cfg.parallel.distributed_optimizer, backend=backend)]
     optimizer = reliability.SkipNonFinite(
-        training_step.build_optimizer(chunks, _optimizer_settings(cfg)), chunks)
+        training_step.build_optimizer(chunks, optimizer_settings(cfg)), chunks)
     scheduler = training_step.build_scheduler(
         optimizer, kind=cfg.scheduler.kind, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
         warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.total_steps,
@@ -213,14 +227,29 @@ def _starting_checkpoint(cfg: RunConfig, checkpointer: Checkpointer) -> Path | N
     return latest
 
 
+@contextlib.contextmanager
+def collective_timeout(minutes: float, *, then: float):
+    """Let the default group's collectives wait ``minutes`` inside the block, ``then`` after:
+    Megatron-Core builds the dataset indices on rank 0 while the others wait at a barrier,
+    which must not fail the run at the usual timeout."""
+    set_timeout = dist.distributed_c10d._set_pg_timeout
+    set_timeout(datetime.timedelta(minutes=minutes))
+    try:
+        yield
+    finally:
+        set_timeout(datetime.timedelta(minutes=then))
+
+
 def model_layout(cfg: RunConfig, dims: process_groups.ParallelDims) -> ModelLayout:
     """How this run lays its model out across ranks."""
     return ModelLayout(tp=dims.tp, pp=dims.pp, cp=dims.cp,
                        sequence_parallel=cfg.parallel.sequence_parallel,
+                       tp_comm_overlap=cfg.parallel.tp_comm_overlap,
                        precision=cfg.train.precision, recompute=cfg.train.recompute)
 
 
-def _optimizer_settings(cfg: RunConfig) -> training_step.OptimizerSettings:
+def optimizer_settings(cfg: RunConfig) -> training_step.OptimizerSettings:
+    """The optimizer settings of ``cfg`` (its ``optimizer`` and ``parallel`` sections)."""
     opt = cfg.optimizer
     return training_step.OptimizerSettings(
         lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_hybrid import mcore
+from megatron_hybrid import backends, mcore
 from megatron_hybrid.parallel import context_parallel
 
 
@@ -38,24 +38,50 @@ class StepResult:
     """Global gradient norm before clipping."""
 
 
-def wrap_ddp(model: torch.nn.Module, *, use_distributed_optimizer: bool):
-    """Megatron-Core DDP with fp32 gradient buffers (and the buckets the distributed
-    optimizer shards)."""
+def ddp_config(model_config, *, use_distributed_optimizer: bool,
+               backend: str) -> "mcore.DistributedDataParallelConfig":
+    """Megatron-Core DDP settings: fp32 gradient buffers (and the buckets the distributed
+    optimizer shards). On cuda the gradient reduce overlaps the backward and, with the
+    distributed optimizer, the weight all-gather overlaps the next forward (in FP8 when the
+    model keeps FP8 weights); the cpu backend reduces after the backward."""
+    overlap = backend == "cuda"
+    return mcore.DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
+        fp8_param_gather=model_config.fp8_param,
+    )
+
+
+def wrap_ddp(model: torch.nn.Module, *, use_distributed_optimizer: bool, backend: str):
+    """``model`` in Megatron-Core DDP with :func:`ddp_config`'s settings."""
     context_parallel.check_matches_groups(
         model.config.context_parallel_size,
         mcore.parallel_state.get_context_parallel_world_size())
     model.config.calculate_per_token_loss = True
-    ddp_config = mcore.DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer,
-    )
-    return mcore.DistributedDataParallel(config=model.config, ddp_config=ddp_config,
-                                         module=model)
+    settings = ddp_config(model.config, use_distributed_optimizer=use_distributed_optimizer,
+                          backend=backend)
+    wrapped = mcore.DistributedDataParallel(config=model.config, ddp_config=settings,
+                                            module=model)
+    if settings.overlap_grad_reduce:
+        # The schedule then reduces only after the last micro-batch's backward.
+        model.config.no_sync_func = wrapped.no_sync
+    return wrapped
 
 
-def build_optimizer(model_chunks: list, settings: OptimizerSettings):
-    config = mcore.OptimizerConfig(
+def sync_params(model_chunks: list) -> None:
+    """Finish the weight all-gather that overlap_param_gather leaves to the next forward, so
+    that a checkpoint or the next stage reads the updated weights."""
+    for chunk in model_chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
+def optimizer_config(settings: OptimizerSettings, model_config) -> "mcore.OptimizerConfig":
+    """Megatron-Core Adam settings; master weights and optimizer states stay fp32 under bf16
+    and FP8 (as both papers train)."""
+    return mcore.OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
         min_lr=settings.min_lr,
@@ -65,9 +91,13 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings):
         adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad,
         use_distributed_optimizer=settings.use_distributed_optimizer,
-        bf16=model_chunks[0].config.bf16,
-        params_dtype=model_chunks[0].config.params_dtype,
+        bf16=model_config.bf16,
+        params_dtype=model_config.params_dtype,
     )
+
+
+def build_optimizer(model_chunks: list, settings: OptimizerSettings):
+    config = optimizer_config(settings, model_chunks[0].config)
     optimizer = mcore.get_megatron_optimizer(config, model_chunks)
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         if type(part.optimizer) in (torch.optim.AdamW, torch.optim.Adam):
@@ -123,10 +153,10 @@ def lm_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def get_batch(data_iterator: Iterator[dict]) -> dict:
-    """The next micro-batch as this rank's model stage consumes it: under context parallel,
-    this CP rank's load-balanced share of every sequence (the schedule still gets the full
-    sequence length: it divides by CP itself)."""
-    return context_parallel.batch_on_this_rank(next(data_iterator))
+    """The next micro-batch as this rank's model stage consumes it: on the rank's device and,
+    under context parallel, this CP rank's load-balanced share of every sequence (the schedule
+    still gets the full sequence length: it divides by CP itself)."""
+    return context_parallel.batch_on_this_rank(backends.to_device(next(data_iterator)))
 
 
 def lm_forward_step(data_iterator: Iterator[dict], model):
@@ -201,7 +231,7 @@ def eval_loss(model_chunks: list, data_iterator: Iterator[dict], *, num_microbat
 def _global_loss(reports: list[dict]) -> tuple[float, float]:
     """Sum (loss, tokens) over micro-batches and data-parallel ranks; share with all stages."""
     parallel_state = mcore.parallel_state
-    totals = torch.zeros(2, device="cuda" if torch.cuda.is_available() else "cpu")
+    totals = torch.zeros(2, device=backends.device())
     for report in reports:  # empty except on the last pipeline stage
         totals += report["lm loss"].float()
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from megatron_hybrid import mcore
+from megatron_hybrid.model import precision as precisions
 from megatron_hybrid.model import specs
 from megatron_hybrid.model.config import ModelConfig
 
@@ -20,21 +23,29 @@ class ModelLayout:
     cp: int = 1
     sequence_parallel: bool = False
     precision: str = "fp32"
-    """fp32 | bf16 | fp8-hybrid (FP8 with the first and last layer in bf16, as Nano-v2)."""
+    """fp32, bf16 or an FP8 recipe of :data:`precision.FP8_RECIPES` (bf16 weights around it)."""
     recompute: str = "none"
     """none | selective (core attention) | full (every layer's input kept, layer recomputed)."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers)."""
 
     @property
     def params_dtype(self) -> torch.dtype:
         return torch.float32 if self.precision == "fp32" else torch.bfloat16
 
 
-def precision_options(precision: str) -> dict:
-    """TransformerConfig fields of a precision; FP8 runs on Transformer Engine (cuda only)."""
-    if precision == "fp8-hybrid":
-        return {"fp8": "hybrid", "fp8_recipe": "tensorwise", "first_last_layers_bf16": True,
-                "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1}
-    return {}
+def fusion_options(backend: str) -> dict:
+    """TransformerConfig fusions: on cuda the fused kernels Megatron-Bridge's Nemotron-H and
+    Nano 2 recipes use; the cpu backend has none of them (they need CUDA, apex or TE).
+    Gradient-accumulation fusion needs apex besides, as Megatron-LM turns it off without.
+    ``bias_activation_fusion`` stays off on both: the layers have no bias and Megatron-Core
+    fuses only GeLU/SiLU, not squared ReLU (its config refuses the combination)."""
+    on_gpu = backend == "cuda"
+    grad_fusion = on_gpu and mcore.gradient_accumulation_fusion_available()
+    return {"gradient_accumulation_fusion": grad_fusion, "bias_dropout_fusion": on_gpu,
+            "masked_softmax_fusion": on_gpu, "persist_layer_norm": on_gpu,
+            "cross_entropy_loss_fusion": on_gpu, "cross_entropy_fusion_impl": "native",
+            "bias_activation_fusion": False}
 
 
 def recompute_options(recompute: str) -> dict:
@@ -47,10 +58,11 @@ def recompute_options(recompute: str) -> dict:
 
 
 def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), *,
-                       perform_initialization: bool = True) -> "mcore.TransformerConfig":
+                       perform_initialization: bool = True, backend: str = "cpu",
+                       use_cpu_initialization: bool = False) -> "mcore.TransformerConfig":
     """Megatron-Core's TransformerConfig for a Nemotron-H style model: squared-ReLU MLP, no
-    bias, RMSNorm, no dropout; ``finalize_model_grads`` wired (sequence-parallel norm grads
-    are otherwise never all-reduced)."""
+    bias, RMSNorm, no dropout, the ``backend``'s fusions; ``finalize_model_grads`` wired
+    (sequence-parallel norm grads are otherwise never all-reduced)."""
     config = mcore.TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -83,18 +95,38 @@ def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), 
         pipeline_dtype=layout.params_dtype,
         bf16=layout.params_dtype == torch.bfloat16,
         perform_initialization=perform_initialization,
-        persist_layer_norm=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        use_cpu_initialization=use_cpu_initialization,
+        apply_rope_fusion=False,  # no rotary embedding in this family
+        tp_comm_overlap=layout.tp_comm_overlap,
         cuda_graph_scope=[],  # the whole layer; the default "full" is deprecated and warns
-        **precision_options(layout.precision),
+        **fusion_options(backend),
+        **precisions.transformer_config_fields(layout.precision),
         **recompute_options(layout.recompute),
     )
     config.finalize_model_grads_func = mcore.finalize_model_grads
     return config
+
+
+@contextlib.contextmanager
+def tp_comm_overlap_buffers(model: ModelConfig, layout: ModelLayout, *, seq_length: int,
+                            micro_batch_size: int) -> Iterator[None]:
+    """Transformer Engine's userbuffers while the block runs, where ``layout.tp_comm_overlap``
+    asks for them: enter it after the process groups start and before a model is built. They
+    hold one micro-batch of this rank's context-parallel share of the sequence, gathered over
+    tensor parallel, as Megatron-LM sizes them."""
+    if not layout.tp_comm_overlap:
+        yield
+        return
+    recipe = precisions.fp8_recipe(layout.precision)
+    mcore.initialize_te_userbuffers(
+        shape=[seq_length * micro_batch_size // layout.cp, model.hidden_size],
+        tp_size=layout.tp, use_fp8=recipe is not None,
+        bf16_layers=recipe is None or recipe.bf16_layers_at_start + recipe.bf16_layers_at_end > 0,
+        dtype=layout.params_dtype)
+    try:
+        yield
+    finally:
+        mcore.destroy_te_userbuffers()
 
 
 def mixer_params(model: ModelConfig) -> dict:
@@ -104,16 +136,21 @@ def mixer_params(model: ModelConfig) -> dict:
 
 
 def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
-                perform_initialization: bool = True) -> "mcore.MambaModel":
-    """This rank's pipeline stage of ``model`` (process groups must be initialised)."""
+                perform_initialization: bool = True,
+                use_cpu_initialization: bool = False) -> "mcore.MambaModel":
+    """This rank's pipeline stage of ``model`` (process groups must be initialised);
+    ``use_cpu_initialization`` leaves the weights' device to torch's default (Megatron-Core's
+    name: they are made on the CPU unless a device context says otherwise)."""
     model.validate()
     parallel_state = mcore.parallel_state
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     stages = model.layer_pattern.stages(layout.pp)
     return mcore.MambaModel(
-        config=transformer_config(model, layout, perform_initialization=perform_initialization),
+        config=transformer_config(model, layout, perform_initialization=perform_initialization,
+                                  backend=backend, use_cpu_initialization=use_cpu_initialization),
         mamba_stack_spec=specs.stack_spec(backend, [len(s) for s in stages],
-                                          mixer_params(model)),
+                                          mixer_params(model),
+                                          transformer_impl=model.transformer_impl),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pp_rank == 0,

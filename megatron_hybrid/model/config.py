@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass
 
 from megatron_hybrid import pattern as pattern_lib
-from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.errors import ConfigError, check_choice
+
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 
 @dataclass(kw_only=True)
@@ -62,6 +64,13 @@ class ModelConfig:
     """Experts each token is routed to."""
     moe_ffn_hidden_size: int | None = None
     """Inner width of each expert (defaults to ffn_hidden_size)."""
+    transformer_impl: str = "transformer_engine"
+    """transformer_engine | local (Megatron-LM's ``--transformer-impl``), on the cuda backend:
+    Megatron-Core's Transformer Engine spec, or its local linears with a torch RMSNorm and SDPA
+    attention (the real mamba_ssm kernels either way), which runs without Transformer Engine
+    and is the spec ModelOpt converts (prune and distill choose it by themselves). The cpu
+    backend has no Transformer Engine and builds local for both values. Checkpoints load
+    across the two: they name their parameters alike."""
 
     @property
     def layer_pattern(self) -> pattern_lib.Pattern:
@@ -75,8 +84,15 @@ class ModelConfig:
     def mamba_d_inner(self) -> int:
         return self.mamba_num_heads * self.mamba_head_dim
 
+    @property
+    def needs_transformer_engine(self) -> bool:
+        """Whether the cuda backend needs Transformer Engine for this model
+        (``backends.install(..., need_transformer_engine=)``)."""
+        return self.transformer_impl == "transformer_engine"
+
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the key) if the shapes cannot build a model."""
+        check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
         try:
             layer_pattern = self.layer_pattern
         except pattern_lib.PatternError as err:

@@ -1,9 +1,8 @@
 """Parameter counts from the real models, built on the meta device (no weight memory).
 
-:func:`count_parameters` builds this project's Megatron-Core ``MambaModel`` (TP=1, PP=1, cpu
-backend) with Megatron-Core's explicit cuda-device allocations sent to ``meta``
-(``backends.cpu.cuda_device_is``), so even the 56B builds in well under a second and without
-allocating weights. :func:`hf_parameter_count` builds HF's ``NemotronHForCausalLM`` for the
+:func:`count_parameters` builds this project's Megatron-Core ``MambaModel`` (TP=1, PP=1) with
+its weights on ``meta`` (:func:`build_on_meta`), so even the 56B builds in well under a second
+and without allocating weights, on either backend. :func:`hf_parameter_count` builds HF's ``NemotronHForCausalLM`` for the
 same config on ``meta``: the independent count the published flavors are checked against.
 """
 
@@ -26,9 +25,9 @@ def count_parameters(cfg: ModelConfig) -> dict:
     (``mamba``, ``attention``, ``mlp``, ``moe``; zero when absent) and ``per_layer`` (a list
     in pattern order, as ``pattern.describe(params_per_layer=...)`` takes).
 
-    Needs the cpu backend (installed here if no backend is, which pins this process to it)
-    and a TP=1/PP=1 model-parallel state (a 1-process gloo group is started here, and torn
-    down again, when none exists). The caller's RNG states are left as they were.
+    Runs on the installed backend (the cpu backend is installed here if none is: counting
+    is CPU work) in a TP=1/PP=1 model-parallel state (a 1-process group is started here, and
+    torn down again, when none exists). The caller's RNG states are left as they were.
     """
     with single_process_model_parallel():
         model = build_on_meta(cfg)
@@ -71,25 +70,34 @@ def _tally(model: torch.nn.Module, cfg: ModelConfig) -> dict:
 
 
 def build_on_meta(cfg: ModelConfig):
-    from megatron_hybrid.backends.cpu import cuda_device_is
+    """``cfg``'s whole model, its weights on ``meta``. On the cpu backend Megatron-Core's
+    explicit CUDA devices are redirected to ``meta`` too. On cuda the local spec with
+    Megatron-Core's CPU initialisation puts every weight on torch's default device (``meta``)
+    except the Mamba mixers' per-head tensors (conv, dt bias, A, D: a few MiB), which
+    Megatron-Core places on the GPU itself."""
+    from megatron_hybrid import backends
     from megatron_hybrid.model.build import ModelLayout, build_model
 
-    with _rng_tracker_seeded(), torch.device("meta"), cuda_device_is("meta"):
-        return build_model(cfg, ModelLayout(), backend="cpu", perform_initialization=False)
+    backend = backends.require_active()
+    with _rng_tracker_seeded(), torch.device("meta"):
+        if backend == "cpu":
+            from megatron_hybrid.backends.cpu import cuda_device_is
+
+            with cuda_device_is("meta"):
+                return build_model(cfg, ModelLayout(), backend="cpu",
+                                   perform_initialization=False)
+        return build_model(cfg.replace(transformer_impl="local"), ModelLayout(), backend=backend,
+                           perform_initialization=False, use_cpu_initialization=True)
 
 
 @contextlib.contextmanager
 def single_process_model_parallel():
     """A model-parallel state to build a whole model in: this process's (TP=PP=1), or a
-    1-process group on the cpu backend started here and torn down after."""
+    1-process group on the installed backend (the cpu backend if none is) started here and
+    torn down after."""
     from megatron_hybrid import backends
 
-    if backends.active() is None:
-        backends.install("cpu")
-    elif backends.active() != "cpu":
-        raise RuntimeError(f"whole-model builds (parameter counts, planner probes) run on the "
-                           f"cpu backend; this process runs backend={backends.active()!r}: "
-                           f"run them in a separate process")
+    backend = backends.active() or backends.install("cpu")
     from megatron_hybrid import mcore
     from megatron_hybrid.parallel import process_groups
 
@@ -102,7 +110,7 @@ def single_process_model_parallel():
                                f"rank); this process has TP, PP = {sizes}")
         yield
         return
-    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
+    process_groups.init_distributed(process_groups.ParallelDims(), backend=backend)
     try:
         yield
     finally:

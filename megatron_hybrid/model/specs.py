@@ -1,10 +1,12 @@
 """Megatron-Core module specs per backend, and the few modules the cpu backend adds.
 
 Behaviour changes by swapping specs, never by editing model code:
-- ``cuda``: Megatron-Core's own Transformer-Engine + mamba_ssm layer specs, unchanged.
-- ``cpu``: ColumnParallel/RowParallel linears, :class:`TorchRMSNorm`, :class:`SDPAttention`,
-  with the norm state-dict keys remapped to TE's fused-norm names, so a checkpoint written on
-  the CPU loads on GPUs (as Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
+- Transformer Engine (``model.transformer_impl=transformer_engine`` on cuda): Megatron-Core's
+  own Transformer-Engine + mamba_ssm layer specs, unchanged.
+- local (the cpu backend, and ``transformer_impl=local`` on cuda): ColumnParallel/RowParallel
+  linears, :class:`TorchRMSNorm`, :class:`SDPAttention`, with the norm state-dict keys
+  remapped to TE's fused-norm names, so checkpoints move between the two both ways (as
+  Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
 Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern and
 implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it), and both
 build their Mamba mixers as :class:`DtClampedMambaMixer` (HF NemotronH's dt clamp).
@@ -162,16 +164,15 @@ class HybridStack(mcore.MambaStack):
     Megatron-Core 0.16's MambaStack gives each stage ``num_layers // pp`` layers (dropping the
     rest silently), always builds a Transformer-Engine final norm and ignores
     ``recompute_granularity="full"``; here the stage sizes come from the pattern module, the
-    final norm from the spec, and full recompute from :class:`RecomputedMambaLayer` /
-    :class:`RecomputedTransformerLayer` in place of the spec's layers.
+    final norm from the spec, and full recompute from the :class:`RecomputedLayer` subclasses
+    in place of the spec's layers (:func:`stack_layers`).
     """
 
     def __init__(self, config, submodules, *, stage_sizes, final_norm, post_layer_norm=True,
                  **kwargs):
         self.stage_sizes = tuple(stage_sizes)
-        if config.recompute_granularity == "full":
-            submodules = _recomputed_layers(submodules)
-        super().__init__(config, submodules, post_layer_norm=False, **kwargs)
+        super().__init__(config, stack_layers(submodules, config), post_layer_norm=False,
+                         **kwargs)
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
             self.final_norm = mcore.build_module(
@@ -192,38 +193,73 @@ class HybridStack(mcore.MambaStack):
         return first, layer_type_list[first : first + self.stage_sizes[rank]]
 
 
-def _recomputed(forward, hidden_states, *args, **kwargs):
-    """``forward(hidden_states, ...)`` keeping only ``hidden_states`` for backward, which runs
-    the forward again (Megatron-Core's checkpoint: RNG states restored, non-tensor outputs
-    skipped)."""
-    if not torch.is_grad_enabled():
-        return forward(hidden_states, *args, **kwargs)
-    return mcore.tensor_parallel.checkpoint(
-        lambda hidden: forward(hidden, *args, **kwargs), False, hidden_states)
+class RecomputedLayer:
+    """Full recompute of the layer class it is mixed into: only the layer's input is kept for
+    backward, which runs the forward again (RNG states restored, non-tensor outputs skipped).
+    Under FP8 it is Transformer Engine's checkpoint, which recomputes in FP8 as the forward
+    ran; otherwise Megatron-Core's (as its TransformerBlock chooses)."""
+
+    def __init__(self, *args, pg_collection, **kwargs):
+        super().__init__(*args, pg_collection=pg_collection, **kwargs)
+        self.recompute_tp_group = pg_collection.tp
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return super().forward(hidden_states, *args, **kwargs)
+
+        def layer(hidden):
+            return super(RecomputedLayer, self).forward(hidden, *args, **kwargs)
+
+        if self.config.fp8:
+            return mcore.te_checkpoint(layer, False, mcore.tensor_parallel.get_cuda_rng_tracker,
+                                       self.recompute_tp_group, hidden_states)
+        return mcore.tensor_parallel.checkpoint(layer, False, hidden_states)
 
 
-class RecomputedMambaLayer(mcore.MambaLayer):
+class RecomputedMambaLayer(RecomputedLayer, mcore.MambaLayer):
     """A Mamba layer under full recompute."""
 
-    def forward(self, hidden_states, *args, **kwargs):
-        return _recomputed(super().forward, hidden_states, *args, **kwargs)
+
+class RecomputedTransformerLayer(RecomputedLayer, mcore.TransformerLayer):
+    """An attention or MLP layer of the local spec under full recompute."""
 
 
-class RecomputedTransformerLayer(mcore.TransformerLayer):
-    """An attention, MLP or MoE layer under full recompute."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return _recomputed(super().forward, hidden_states, *args, **kwargs)
+class RecomputedMLPLayer(RecomputedLayer, mcore.MLPLayer):
+    """An MLP layer of Megatron-Core's Transformer Engine spec under full recompute."""
 
 
-def _recomputed_layers(submodules: "mcore.MambaStackSubmodules") -> "mcore.MambaStackSubmodules":
-    """The stack's layer specs with the recomputed layer classes (same parameters and keys)."""
-    recomputed = {mcore.MambaLayer: RecomputedMambaLayer,
-                  mcore.TransformerLayer: RecomputedTransformerLayer}
-    submodules = copy.copy(submodules)
+class RecomputedMoETransformerLayer(RecomputedLayer, mcore.MoETransformerLayer):
+    """A MoE layer of Megatron-Core's Transformer Engine spec under full recompute."""
+
+
+RECOMPUTED_LAYERS = {
+    mcore.MambaLayer: RecomputedMambaLayer,
+    mcore.TransformerLayer: RecomputedTransformerLayer,
+    mcore.MLPLayer: RecomputedMLPLayer,
+    mcore.MoETransformerLayer: RecomputedMoETransformerLayer,
+}
+"""Every layer class of every spec -> its recomputed subclass (same parameters and keys)."""
+
+
+def recomputed_layers(submodules: "mcore.MambaStackSubmodules") -> "mcore.MambaStackSubmodules":
+    """The stack's layer specs with the recomputed layer classes; a layer class without one is
+    refused, so no layer silently goes without recompute."""
+    replaced = {}
     for name, spec in vars(submodules).items():
-        if isinstance(spec, mcore.ModuleSpec) and spec.module in recomputed:
-            setattr(submodules, name, dataclasses.replace(spec, module=recomputed[spec.module]))
+        if not isinstance(spec, mcore.ModuleSpec):
+            continue
+        if spec.module not in RECOMPUTED_LAYERS:
+            raise TypeError(f"{name}: no recomputed class for {spec.module.__qualname__}: add "
+                            f"one to specs.RECOMPUTED_LAYERS")
+        replaced[name] = dataclasses.replace(spec, module=RECOMPUTED_LAYERS[spec.module])
+    return dataclasses.replace(submodules, **replaced)
+
+
+def stack_layers(submodules: "mcore.MambaStackSubmodules",
+                 config: "mcore.TransformerConfig") -> "mcore.MambaStackSubmodules":
+    """The layer specs :class:`HybridStack` builds under ``config``."""
+    if config.recompute_granularity == "full":
+        return recomputed_layers(submodules)
     return submodules
 
 
@@ -264,21 +300,23 @@ def _attention_layer() -> "mcore.ModuleSpec":
     )
 
 
-def _mlp_layer(mlp: "mcore.ModuleSpec") -> "mcore.ModuleSpec":
+def _mlp_layer(mlp: "mcore.ModuleSpec", keys_map: dict) -> "mcore.ModuleSpec":
     return mcore.ModuleSpec(
         module=mcore.TransformerLayer,
         submodules=mcore.TransformerLayerSubmodules(
             pre_mlp_layernorm=TorchRMSNorm,
             mlp=mlp,
             mlp_bda=mcore.get_bias_dropout_add,
-            sharded_state_dict_keys_map=TRANSFORMER_TE_KEY_MAP,
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 
 
 def local_stack_submodules(mixer_params: dict) -> "mcore.MambaStackSubmodules":
-    """The cpu backend's layers: local linears, torch norms, SDPA, torch Mamba kernels;
-    ``mixer_params`` are the Mamba mixers' keyword arguments."""
+    """The local layers (the cpu backend's, and ``transformer_impl=local`` on cuda): local
+    linears, torch norms, SDPA, and the Mamba kernels the backend registered (the cpu
+    backend's torch kernels or mamba_ssm's); ``mixer_params`` are the Mamba mixers' keyword
+    arguments."""
     dense_mlp = mcore.ModuleSpec(
         module=mcore.MLP,
         submodules=mcore.MLPSubmodules(
@@ -288,8 +326,9 @@ def local_stack_submodules(mixer_params: dict) -> "mcore.MambaStackSubmodules":
     return mcore.MambaStackSubmodules(
         mamba_layer=_mamba_layer(mixer_params),
         attention_layer=_attention_layer(),
-        mlp_layer=_mlp_layer(dense_mlp),
-        moe_layer=_mlp_layer(moe_mlp),
+        mlp_layer=_mlp_layer(dense_mlp, TRANSFORMER_TE_KEY_MAP),
+        # The TE spec's MoE layer has its own norm (TENorm) named as ours: no fused name.
+        moe_layer=_mlp_layer(moe_mlp, {}),
     )
 
 
@@ -305,10 +344,18 @@ def te_stack_submodules(mixer_params: dict) -> "mcore.MambaStackSubmodules":
         layer, submodules=dataclasses.replace(layer.submodules, mixer=mixer)))
 
 
-def stack_spec(backend: str, stage_sizes, mixer_params: dict) -> "mcore.ModuleSpec":
-    """The decoder spec for ``backend`` with the pattern's pipeline stage sizes and the Mamba
-    mixers' keyword arguments (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``)."""
-    if backend == "cuda":
+def implementation(backend: str, transformer_impl: str) -> str:
+    """The spec ``model.transformer_impl`` builds on ``backend``: the cpu backend has no
+    Transformer Engine and builds local for both values."""
+    return transformer_impl if backend == "cuda" else "local"
+
+
+def stack_spec(backend: str, stage_sizes, mixer_params: dict, *,
+               transformer_impl: str = "transformer_engine") -> "mcore.ModuleSpec":
+    """The decoder spec for ``backend`` and ``transformer_impl`` (Transformer Engine's only
+    on cuda) with the pattern's pipeline stage sizes and the Mamba mixers' keyword arguments
+    (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``)."""
+    if implementation(backend, transformer_impl) == "transformer_engine":
         submodules, final_norm = te_stack_submodules(mixer_params), mcore.te_norm_class()
     else:
         submodules, final_norm = local_stack_submodules(mixer_params), TorchRMSNorm

@@ -33,6 +33,13 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
     """How long a collective waits for the other ranks before the run fails (a dead or hung
     rank then stops the job instead of hanging it)."""
+    index_build_timeout_minutes: float = 120.0
+    """How long the other ranks wait while rank 0 builds the dataset indices (Megatron-Core's
+    builder holds them at a barrier; a multi-trillion-token blend takes longer than
+    timeout_minutes)."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers;
+    cuda with sequence parallel only)."""
 
     @property
     def model_parallel_size(self) -> int:
@@ -58,8 +65,12 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp"):
             check_positive_int(f"parallel.{name}", getattr(self, name))
         check_choice("parallel.backend", self.backend, BACKENDS)
-        if not self.timeout_minutes > 0:
-            raise ConfigError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
+        for name in ("timeout_minutes", "index_build_timeout_minutes"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be > 0")
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            raise ConfigError("parallel.tp_comm_overlap=true needs sequence parallel: set "
+                              "parallel.sequence_parallel=true (and tp > 1)")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (tp is 1): "
                               "set parallel.tp=2 or more, or parallel.sequence_parallel=false")

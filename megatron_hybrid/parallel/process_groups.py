@@ -41,6 +41,12 @@ def init_distributed(dims: ParallelDims, *, backend: str, timeout_minutes: int =
     Megatron-Core's model-parallel groups for ``dims``."""
     from megatron_hybrid import mcore
 
+    device = None
+    if backend == "cuda":
+        # Before the group: NCCL binds its communicator to the current device, and device_id
+        # lets it connect eagerly instead of guessing the device from the rank.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)
         store = _store(timeout)
@@ -50,9 +56,8 @@ def init_distributed(dims: ParallelDims, *, backend: str, timeout_minutes: int =
             rank=int(os.environ.get("RANK", 0)) if store else -1,
             world_size=int(os.environ.get("WORLD_SIZE", 1)) if store else -1,
             timeout=timeout,
+            device_id=device,
         )
-    if backend == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dims.dp  # noqa: B018  (raises the one-line layout error before any group exists)
     mcore.parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,

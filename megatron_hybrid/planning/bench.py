@@ -437,7 +437,8 @@ class OursTrainer:
         model = build_model(settings.model, ModelLayout(), backend="cpu")
         torch.save(hf_mapping.mcore_to_hf_state_dict(model.state_dict(), settings.model), weights)
         self.parameters = sum(p.numel() for p in model.parameters())
-        self.chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False)]
+        self.chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False,
+                                              backend="cpu")]
         optimizer_settings = training_step.OptimizerSettings()
         self.optimizer = training_step.build_optimizer(self.chunks, optimizer_settings)
         self.torch_optimizers = [part.optimizer for part in

@@ -4,7 +4,7 @@ fast does it train.
 Training, per GPU (the most loaded pipeline stage):
 
 - parameters, gradients and optimizer state of the stage's TP shard: fp32 runs keep 4 + 4 + 8
-  bytes per parameter (weights, fp32 gradient buffer, Adam m and v); bf16 / fp8-hybrid runs
+  bytes per parameter (weights, fp32 gradient buffer, Adam m and v); bf16 and FP8 runs
   2 + 4 + 12 (bf16 weights, fp32 gradient buffer, fp32 master weights, m and v). The
   distributed optimizer shards the optimizer part over DP x CP.
 - activations: the bytes each layer kind keeps for backward per token (formulas for the
@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.precision import fp8_recipe
 
 if TYPE_CHECKING:
     from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
@@ -85,8 +86,8 @@ class Gpu:
     def peak_flops(self, precision: str) -> float | None:
         from megatron_hybrid.engine import metrics
 
-        return metrics.gpu_peak_flops(self.device_name,
-                                      "fp8" if precision == "fp8-hybrid" else "bf16")
+        tensor_cores = "fp8" if fp8_recipe(precision) is not None else "bf16"
+        return metrics.gpu_peak_flops(self.device_name, tensor_cores)
 
 
 GPUS = {
@@ -246,9 +247,14 @@ def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length
     """
     import torch
 
+    from megatron_hybrid import backends
+    from megatron_hybrid.model.params import single_process_model_parallel
+
+    if backends.active() not in (None, "cpu"):
+        raise RuntimeError(f"the cpu kernels' probe runs on the cpu backend; this process runs "
+                           f"backend={backends.active()!r}: run it in a separate process")
     kinds = "".join(dict.fromkeys(cfg.layer_pattern.layers))
     probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length))
-    from megatron_hybrid.model.params import single_process_model_parallel
 
     with single_process_model_parallel(), _rng_state_kept():
         from megatron_hybrid.model.build import ModelLayout, build_model  # after the backend

@@ -3,7 +3,10 @@ summary each stage leaves for the pipeline report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,30 @@ def require_heldout_data(cfg: RunConfig, stage: str) -> None:
                           f"share (e.g. data.split='98,2,0'), got {cfg.data.split!r}")
 
 
+def saved_model(directory: str, transformer_impl: str) -> ModelConfig:
+    """The model saved in checkpoint ``directory``, built as ``transformer_impl``: the
+    implementation is the loading run's choice (checkpoints load across the two)."""
+    from megatron_hybrid.checkpoint.dist_checkpoint import read_meta
+
+    return ModelConfig(**{**read_meta(directory)["model"], "transformer_impl": transformer_impl})
+
+
+def with_modelopt_spec(cfg: RunConfig, stage: str) -> RunConfig:
+    """``cfg`` building the local spec (``model.transformer_impl=local``): ModelOpt converts
+    Megatron-Core's local layers, not its Transformer Engine spec (Megatron-Core ships
+    ``get_mamba_stack_modelopt_spec`` for this reason). Says so on stderr, where it changes
+    the recipe's choice on the cuda backend (the cpu backend builds local anyway)."""
+    if cfg.model.transformer_impl == "local":
+        return cfg
+    from megatron_hybrid import backends
+
+    on_gpu = "cuda" in (cfg.parallel.backend, backends.active())
+    if on_gpu and int(os.environ.get("RANK", 0)) == 0:
+        print(f"{stage}: model.transformer_impl=local (ModelOpt cannot convert the Transformer "
+              f"Engine spec; checkpoints load across the two)", file=sys.stderr)
+    return dataclasses.replace(cfg, model=cfg.model.replace(transformer_impl="local"))
+
+
 def checkpoint_model(cfg: RunConfig, *, role: str) -> ModelConfig:
     """The model saved with ``checkpoint.load``; its pattern may differ from the recipe's (a
     depth prune chose the layers) but nothing else may."""
@@ -43,10 +70,10 @@ def checkpoint_model(cfg: RunConfig, *, role: str) -> ModelConfig:
 
     if not cfg.checkpoint.load:
         raise ConfigError(f"set checkpoint.load to the {role} (a checkpoints/step_* folder)")
-    backends.install(cfg.parallel.backend)  # reading a checkpoint imports Megatron-Core
-    from megatron_hybrid.checkpoint.dist_checkpoint import read_meta
-
-    saved = ModelConfig(**read_meta(cfg.checkpoint.load)["model"])
+    # reading a checkpoint imports Megatron-Core
+    backends.install(cfg.parallel.backend,
+                     need_transformer_engine=cfg.model.needs_transformer_engine)
+    saved = saved_model(cfg.checkpoint.load, cfg.model.transformer_impl)
     saved.validate()
     differing = [f"model.{name}: recipe {value!r}, checkpoint {getattr(saved, name)!r}"
                  for name, value in cfg.model.to_dict().items()

@@ -169,7 +169,7 @@ class DistillConfig:
 class SFTConfig:
     train_path: str | None = None
     """JSONL of conversations (``{"messages": [...], "reasoning": "..."}`` per line); None: the
-    arithmetic task's training split (``megatron_hybrid/task.py``)."""
+    arithmetic task's training split (``megatron_hybrid/stages/task.py``)."""
     valid_path: str | None = None
     """JSONL of held-out conversations; None: the task's held-out split."""
     pack: bool = True

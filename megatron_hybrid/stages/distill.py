@@ -3,7 +3,7 @@
 ``megatron-hybrid distill RECIPE [key=value ...]`` starts the student from
 ``checkpoint.load`` (e.g. the prune stage's checkpoint) and the teacher from
 ``distill.teacher``, on the same parallel layout, and trains the student through the loop,
-checkpoints and metrics of pretraining (``train.py``). The loss is ModelOpt's
+checkpoints and metrics of pretraining (``engine/training_loop.py``). The loss is ModelOpt's
 (``modelopt.torch.distill`` and its Megatron plugin): logits KL at a temperature (optionally
 over the teacher's top-k), plus optional cosine losses between chosen layers' hidden states,
 plus optionally the student's own next-token loss. Checkpoints hold the student only, so the
@@ -48,8 +48,14 @@ def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
     """(``cfg`` with the student's saved model, the teacher's model) after refusing, in one
     line each, a missing teacher or student, and a teacher that cannot share the student's
     layout (TP, PP, CP, sequence length, vocabulary)."""
-    from megatron_hybrid.stages.common import checkpoint_model, require_heldout_data
+    from megatron_hybrid.stages.common import (
+        checkpoint_model,
+        require_heldout_data,
+        saved_model,
+        with_modelopt_spec,
+    )
 
+    cfg = with_modelopt_spec(cfg, "distill")  # first: what the stage builds is validated
     cfg.validate()
     if not cfg.distill.task_data:
         require_heldout_data(cfg, "distillation")
@@ -61,11 +67,7 @@ def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
                           "yet pass ModelOpt's teacher+student tensor shapes to the pipeline "
                           "schedule): set parallel.pp=1")
     student = checkpoint_model(cfg, role="student (e.g. the prune stage's checkpoint)")
-    from megatron_hybrid.checkpoint.dist_checkpoint import (
-        read_meta,  # after checkpoint_model installed a backend
-    )
-
-    teacher = ModelConfig(**read_meta(cfg.distill.teacher)["model"])
+    teacher = saved_model(cfg.distill.teacher, cfg.model.transformer_impl)
     if teacher.vocab_size != student.vocab_size:
         raise ConfigError(f"teacher vocabulary ({teacher.vocab_size}) differs from the "
                           f"student's ({student.vocab_size}): distill between models that "

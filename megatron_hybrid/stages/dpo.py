@@ -2,7 +2,7 @@
 
 ``megatron-hybrid dpo RECIPE [key=value ...]`` starts the policy from ``checkpoint.load``
 (e.g. the SFT checkpoint) and trains it through the loop, checkpoints and metrics of
-pretraining (``train.py``) on preference pairs (``data/chat.py``) with the loss
+pretraining (``engine/training_loop.py``) on preference pairs (``data/chat.py``) with the loss
 
     -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
@@ -218,7 +218,7 @@ def _datasets(cfg: RunConfig, num_samples: int, train_seqs, heldout_seqs,
 
 
 def pairs_of(dpo: DPOConfig, seed: int, needed: int) -> tuple[list, list]:
-    """(training, held-out) pairs: the JSONL files or the task's splits (``task.py``: right vs
+    """(training, held-out) pairs: the JSONL files or the task's splits (``stages/task.py``: right vs
     slipped answers); of the training pairs a seeded sample of the ``needed`` a run visits (all
     when it visits more), so the reference pass scores no pair the run never sees."""
     import numpy

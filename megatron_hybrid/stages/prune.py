@@ -28,7 +28,11 @@ from typing import TYPE_CHECKING
 
 from megatron_hybrid.errors import ConfigError
 from megatron_hybrid.model.config import ModelConfig
-from megatron_hybrid.stages.common import checkpoint_model, require_heldout_data
+from megatron_hybrid.stages.common import (
+    checkpoint_model,
+    require_heldout_data,
+    with_modelopt_spec,
+)
 from megatron_hybrid.stages.config import PRUNABLE, PruneConfig
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ def check_request(cfg: RunConfig) -> RunConfig:
     anything that would fail after loading: no target, a missing checkpoint, a recipe model
     that is not the checkpoint's, sizes the model cannot be pruned to, a layout ModelOpt
     cannot prune at."""
+    cfg = with_modelopt_spec(cfg, "prune")  # first: what the stage builds is validated
     cfg.validate()
     if cfg.prune.mode is None:
         raise ConfigError("nothing to prune: set prune.export_config={hidden_size: ..., ...} "

@@ -2,10 +2,10 @@
 
 ``megatron-hybrid sft RECIPE [key=value ...]`` starts from ``checkpoint.load`` (e.g. the
 pretraining checkpoint) and trains through the loop, checkpoints and metrics of pretraining
-(``train.py``) on conversations (``data/chat.py``) with the loss on assistant tokens only.
+(``engine/training_loop.py``) on conversations (``data/chat.py``) with the loss on assistant tokens only.
 Packed conversations are isolated from each other (``engine.packed_forward_step``: document
 boundaries reach the Mamba kernels as ``seq_idx`` and attention as ``cu_seqlens``). Without
-``sft.train_path`` it trains on the arithmetic task of ``task.py`` and measures on its
+``sft.train_path`` it trains on the arithmetic task of ``stages/task.py`` and measures on its
 held-out problems.
 
 The run directory also gets ``sft_report.{md,json}``, at the start and the end of the run:

@@ -18,12 +18,14 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
 
 def test_frozen_cli_surface():
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert sorted(commands) == ["bench", "ckpt", "convert", "demo", "distill", "dpo", "launch",
-                                "params", "pipeline", "plan", "prune", "sft", "train"]
+    assert sorted(commands) == ["bench", "ckpt", "config", "convert", "demo", "distill", "dpo",
+                                "launch", "params", "pipeline", "plan", "prune", "sft", "train"]
     params = {a.dest for a in commands["params"]._actions} - {"help"}
     assert params == {"flavor", "pp", "json"}
     train = {a.dest for a in commands["train"]._actions} - {"help"}
     assert train == {"recipe", "overrides"}
+    config = {a.dest for a in commands["config"]._actions} - {"help"}
+    assert config == {"recipe", "overrides", "backend", "json"}
 
 
 # The catalogue (test_bad_inputs.py) runs its cases in-process; these two run the real

@@ -254,7 +254,10 @@ def test_gpu_peaks_by_device_name_and_unknown_gpu_gives_none(monkeypatch):
     assert metrics.gpu_peak_flops("NVIDIA L40S", "bf16") == 362e12
     assert metrics.gpu_peak_flops("NVIDIA GH200 480GB", "bf16") == 989e12
     assert metrics.gpu_peak_flops("NVIDIA B200", "fp8") == 4500e12
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from megatron_hybrid import backends
+
+    monkeypatch.setattr(backends, "active", lambda: "cuda")  # a run on the cuda backend
+    monkeypatch.setattr(backends, "device", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA Quantum Z9")
     assert metrics.device_peak_flops(torch.bfloat16) == ("NVIDIA Quantum Z9", None)
 

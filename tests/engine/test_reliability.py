@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from conftest import rank_environment
 from test_train import RECIPE, SMALL, cli, step_losses, train
@@ -275,7 +276,8 @@ def one_process_group():
 
 
 def test_loss_spike_detector_counts_spikes_and_halts_past_the_limit(tmp_path, one_process_group):
-    watchdog = reliability.Watchdog(max_bad_steps=0, loss_spike_factor=3.0, run_dir=tmp_path)
+    watchdog = reliability.Watchdog(max_bad_steps=0, loss_spike_factor=3.0, run_dir=tmp_path,
+                                    device=torch.device("cpu"))
     for step in range(1, reliability.HISTORY + 1):
         watchdog.after_step(step, loss=2.0 + 0.01 * step, grad_norm=1.0, applied=True)
     assert not watchdog.stopping and not watchdog.bad_steps

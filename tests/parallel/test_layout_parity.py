@@ -1,5 +1,6 @@
 """Parity across layouts: TP=2, PP=2 (uneven `|` stages), TP2xPP2, TP2+SP, the distributed
-optimizer and context parallel (CP=2, TP2xCP2, TP2xCP2+SP, PP2xCP2: Mamba all-to-all plus the
+optimizer (also with the cuda backend's overlapped gradient reduce and weight gather, at DP=4)
+and context parallel (CP=2, TP2xCP2, TP2xCP2+SP, PP2xCP2: Mamba all-to-all plus the
 cpu backend's K/V-gathering attention) reproduce, for the same weights, the TP=1 gradient of
 every parameter (in full, under its TP=1 name and shape) and the TP=1 loss and grad norm step
 by step, through Megatron-Core's DDP, optimizer and pipeline schedules on gloo (one 4-rank
@@ -16,7 +17,7 @@ from conftest import rank_environment
 WORKER = Path(__file__).parents[1] / "workers" / "layout_parity.py"
 PATTERN = "M-M*-M-|M*-"  # stages of 7 and 3 layers (uneven, honoured exactly); attention in both
 LAYOUTS = ["tp2", "pp2", "tp2pp2", "tp2sp", "tp2sp_distopt", "cp2", "tp2cp2", "tp2cp2sp",
-           "pp2cp2"]
+           "pp2cp2", "distopt_overlap"]
 MUTANT = "cp2_without_kv_gather"
 GRADIENT_TOLERANCE = 1e-4
 """Largest relative gradient error (see ``gradient_errors``) a layout may show: about ten

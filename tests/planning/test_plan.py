@@ -18,11 +18,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import rank_environment
+
+if __name__ == "__main__":  # this file as its own torchrun worker: conftest lives in tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import rank_environment  # noqa: E402
 
 from megatron_hybrid import backends, recipe
 from megatron_hybrid.model.flavors import get_flavor
+from megatron_hybrid.cli.planning import COMMANDS
 from megatron_hybrid.planning import planner
+
+PLAN = COMMANDS["plan"]
 
 GIB = 2**30
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -32,8 +38,8 @@ CONTEXT_128K = 131072
 
 def run_cli(*argv: str, capsys) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
-    planner.add_arguments(parser)
-    code = planner.run(parser.parse_args(list(argv)))
+    PLAN.add_arguments(parser)
+    code = PLAN.run(parser.parse_args(list(argv)))
     return code, capsys.readouterr().out
 
 
@@ -205,7 +211,7 @@ def train_tiny_steps(cfg, layout: planner.TrainingLayout, steps: int = 2) -> Non
 
     model = build_model(cfg, ModelLayout(pp=layout.pp, recompute=layout.recompute),
                         backend="cpu")
-    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False)]
+    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False, backend="cpu")]
     optimizer = training_step.build_optimizer(chunks, training_step.OptimizerSettings())
     shape = (layout.micro_batch_size, layout.seq_length)
     generator = torch.Generator().manual_seed(0)

@@ -38,8 +38,13 @@ LAYOUTS = {
     "tp2cp2": (2, 1, 2, False, False),
     "tp2cp2sp": (2, 1, 2, True, False),
     "pp2cp2": (1, 2, 2, False, False),
+    "distopt_overlap": (1, 1, 1, False, True),
     MUTANT: (1, 1, 2, False, False),
 }
+GPU_DDP = {"distopt_overlap"}
+"""Layouts wrapped with the DDP settings of the cuda backend: the gradient reduce overlapped
+with the backward (once per step, after the last micro-batch: ``no_sync``) and the weight
+all-gather deferred to the next forward (``sync_params`` before the weights are read)."""
 STEPS = 3
 GLOBAL_BATCH = 4
 MICRO_BATCH = 1
@@ -128,7 +133,9 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
     if name == "tp1":
         dist_checkpoint.save_weights([model], work_dir / "initial_weights")
     dist_checkpoint.load_weights([model], work_dir / "initial_weights")
-    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=distopt)]
+    ddp_backend = "cuda" if name in GPU_DDP else "cpu"
+    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=distopt,
+                                     backend=ddp_backend)]
     optimizer = FirstStepGradients(training_step.build_optimizer(
         chunks, training_step.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt)), chunks[0])
     dp_rank = mcore.parallel_state.get_data_parallel_rank()
@@ -140,6 +147,7 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
             micro_batch_size=MICRO_BATCH, seq_length=model_cfg.seq_length)
         losses.append(result.loss)
         norms.append(result.grad_norm)
+    training_step.sync_params(chunks)
     with torch.no_grad():  # the gradients, written as this layout's weights
         for param_name, param in model.named_parameters():
             param.copy_(optimizer.gradients[param_name])
