@@ -22,8 +22,12 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   on the stack rather than being traded for patches of each call site (see
   docs/performance.md).
 - other ``torch.cuda`` stand-ins: ``synchronize``/``empty_cache`` (no-ops),
-  ``Stream``/``Event``/``current_stream``/``stream`` (inert objects used by DDP overlap and
-  timers), ``nvtx`` ranges, and the RNG functions (mapped to the CPU generator).
+  ``Stream``/``current_stream``/``stream`` (inert objects used by DDP overlap), ``Event``
+  (inert but for a wall-clock ``record``/``elapsed_time``: timers and the static generation
+  loop's per-token latency), ``nvtx`` ranges, and the RNG functions (mapped to the CPU generator).
+- Dynamic inference (``inference/engines/dynamic_engine.py``): the kernels register
+  ``flash_attn`` too (a paged KV cache in torch), and :func:`_patch_megatron_dynamic_inference`
+  swaps its Triton tensor ops and KV append for torch.
 - ``tensor_parallel/random.py``: ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and
   set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
@@ -52,6 +56,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -162,6 +167,23 @@ class _InertStream:
         return False
 
 
+class _TimedEvent(_InertStream):
+    """Stands in for torch.cuda.Event with a wall-clock time: Megatron-Core's static
+    generation loop records one per step and divides their ``elapsed_time`` (milliseconds)
+    by 1e3 (``inference/text_generation_controllers/text_generation_controller.py:1163`` and
+    ``:1361``), which an inert event's None breaks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorded_at = None
+
+    def record(self, stream=None):
+        self.recorded_at = time.perf_counter()
+
+    def elapsed_time(self, end_event: "_TimedEvent") -> float:
+        return (end_event.recorded_at - self.recorded_at) * 1e3
+
+
 def _no_op(*args, **kwargs):
     return None
 
@@ -207,8 +229,9 @@ def _patch_torch_cuda() -> None:
         setattr(torch.cuda, name, _stand_in(name, function))
     # Classes stay classes (``torch.cuda.Stream | None`` annotations are evaluated at import);
     # their constructor refuses project code.
-    for name in ("Stream", "Event", "current_stream", "default_stream"):
+    for name in ("Stream", "current_stream", "default_stream"):
         setattr(torch.cuda, name, _InertStream)
+    torch.cuda.Event = _TimedEvent
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
     torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
     torch.cuda.nvtx.range_push = _no_op
@@ -224,6 +247,19 @@ def _patch_megatron_rng() -> None:
     # the same generator by design, so the warning would fire on every fork.
     logging.getLogger(tensor_parallel_random.__name__).addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage())
+
+
+def _patch_megatron_dynamic_inference() -> None:
+    """The dynamic inference engine's Triton kernels, which do not run on the CPU, replaced by
+    torch: the tensor ops ``ssm/mamba_mixer.py`` binds at import (line 22), and the KV-cache
+    append of ``inference/contexts/dynamic_context.py``, whose own torch fallback runs when
+    the Triton kernel is None (line 922)."""
+    from megatron_hybrid.backends.kernels import tensor_ops
+    from megatron_hybrid.mcore import dynamic_context_module, mamba_mixer_module
+
+    for name in ("tensor_get_slice_after", "tensor_merge", "tensor_masked_update"):
+        setattr(mamba_mixer_module, name, getattr(tensor_ops, name))
+    dynamic_context_module.triton_append_key_value_cache = None
 
 
 def flush_denormals_on_every_thread() -> None:
@@ -308,6 +344,7 @@ def install() -> None:
     _redirect = _CudaDeviceRedirect()
     _redirect.__enter__()  # stays on the mode stack for the life of the process
     _patch_megatron_rng()
+    _patch_megatron_dynamic_inference()
 
 
 @contextlib.contextmanager

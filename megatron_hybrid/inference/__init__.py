@@ -1,2 +1,3 @@
-"""Using a trained model: generation (``generate``).
+"""Using a trained model: generation, uncached (``generate``, the reference) and cached on
+Megatron-Core's inference engine (``engine``).
 """

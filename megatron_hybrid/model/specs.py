@@ -83,8 +83,17 @@ class SDPAttention(mcore.DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
 
     def _causal(self, q, k, v, dropout_p: float):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                              dropout_p=dropout_p,
+        """Causal attention of the queries, which are the last ``q_len`` of the ``k_len``
+        positions (bottom-right aligned). At decode Megatron-Core passes the cached keys and
+        ``AttnMaskType.no_mask`` (transformer/attention.py:520, after the prompt's step): for
+        one query that is the same as this mask, and for several new ones this mask is the
+        right one. SDPA's own ``is_causal`` aligns top-left: one query would see only key 0."""
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        mask = None
+        if q_len != k_len:
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              scale=self.softmax_scale, dropout_p=dropout_p,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
     def _packed(self, query, key, value, packed_seq_params, dropout_p: float):

@@ -506,7 +506,12 @@ def test_register_feeds_megatron_core():
         "import modelopt.torch.nas.plugins.megatron as modelopt_plugin\n"
         "assert modelopt_plugin.HAS_MAMBA\n"
         "import transformers.utils.import_utils as t\n"  # find_spec needs a real __spec__
-        "assert t._is_package_available('mamba_ssm', return_version=True) == (True, '2.2.4')\n"
+        "assert t._is_package_available('mamba_ssm', return_version=True) == "
+        "(True, '2.2.6.post3')\n"
+        "from megatron.core.transformer import attention\n"
+        "from megatron_hybrid.backends.kernels import paged_attention\n"
+        "assert attention.flash_attn_with_kvcache is paged_attention.flash_attn_with_kvcache\n"
+        "assert m._check_mamba_sequence_packing_support(True) == (True, None)\n"
         "print('ok')\n")
     assert out.strip().endswith("ok")
 

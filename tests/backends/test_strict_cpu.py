@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,17 @@ def test_stream_stand_ins_stay_classes():
     """Libraries annotate with them at import (transformers: ``torch.cuda.Stream | None``)."""
     assert isinstance(torch.cuda.Stream | None, type(int | None))
     assert isinstance(torch.cuda.current_stream(), torch.cuda.Stream)  # a Megatron-Core idiom
+
+
+def test_event_stand_in_measures_wall_clock_time():
+    """Megatron-Core's static generation loop divides ``elapsed_time`` (ms) between the events
+    of consecutive steps; an inert event returned None there."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    time.sleep(0.05)
+    end.record()
+    end.synchronize()
+    assert 50 <= start.elapsed_time(end) < 5000
 
 
 def test_project_code_that_names_its_device_runs():

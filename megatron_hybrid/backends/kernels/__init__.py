@@ -1,4 +1,5 @@
-"""Pure-PyTorch CPU stand-ins for the CUDA-only ``mamba_ssm`` and ``causal_conv1d`` packages.
+"""Pure-PyTorch CPU stand-ins for the CUDA-only ``mamba_ssm``, ``causal_conv1d`` and
+``flash_attn`` packages.
 
 Megatron-Core 0.16.1's ``ssm/mamba_mixer.py`` binds these at import time::
 
@@ -9,8 +10,10 @@ Megatron-Core 0.16.1's ``ssm/mamba_mixer.py`` binds these at import time::
     from mamba_ssm.ops.triton.ssd_combined import (
         mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined)
 
-and ModelOpt's megatron plugin does ``import mamba_ssm``. :func:`register` puts modules with
-our implementations (``ssd``, ``conv1d``, ``norm_gated``; same signatures) under those names.
+and ModelOpt's megatron plugin does ``import mamba_ssm``; ``transformer/attention.py`` binds
+``flash_attn``'s two paged-KV functions for dynamic inference. :func:`register` puts modules
+with our implementations (``ssd``, ``conv1d``, ``norm_gated``, ``paged_attention``; same
+signatures) under those names.
 Importing this package registers nothing and does not import torch.
 """
 
@@ -24,8 +27,11 @@ import types
 
 MARKER = "__megatron_hybrid_cpu_kernels__"
 
-# Fake package -> version, and module -> (our module, names it exports).
-_VERSIONS = {"mamba_ssm": "2.2.4", "causal_conv1d": "1.5.0"}
+# Fake package -> version, and module -> (our module, names it exports). The versions are the
+# lowest Megatron-Core 0.16.1's dynamic inference accepts (ssm/mamba_mixer.py:1253-1255,
+# _check_mamba_sequence_packing_support; transformer/attention.py:926 for flash-attn), whose
+# behaviour the kernels follow: varlen states, state slots of -1 skipped, paged KV caches.
+_VERSIONS = {"mamba_ssm": "2.2.6.post3", "causal_conv1d": "1.5.3.post1", "flash_attn": "2.7.3"}
 _MODULES = {
     "mamba_ssm": None,
     "mamba_ssm.ops": None,
@@ -38,6 +44,7 @@ _MODULES = {
     "mamba_ssm.ops.triton.layernorm_gated": ("norm_gated", ("RMSNorm", "rmsnorm_fn")),
     "causal_conv1d": ("conv1d", ("causal_conv1d_fn", "causal_conv1d_update")),
     "causal_conv1d.causal_conv1d_varlen": ("conv1d", ("causal_conv1d_varlen_states",)),
+    "flash_attn": ("paged_attention", ("flash_attn_varlen_func", "flash_attn_with_kvcache")),
 }
 
 
@@ -63,7 +70,8 @@ def _new_module(name: str, source: tuple[str, tuple[str, ...]] | None) -> types.
 
 
 def register() -> tuple[str, ...]:
-    """Install the CPU kernels as ``mamba_ssm`` / ``causal_conv1d`` where those are missing.
+    """Install the CPU kernels as ``mamba_ssm`` / ``causal_conv1d`` / ``flash_attn`` where
+    those are missing.
 
     Call before Megatron-Core or ModelOpt is imported: they bind the kernels (or a MagicMock
     ``RMSNormGated``) at import time. A package that is really installed is left alone.
