@@ -7,10 +7,12 @@ register its Mamba kernels under the ``mamba_ssm`` names before Megatron-Core bi
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import importlib.metadata
 import importlib.util
 import os
+import tempfile
 
 BACKENDS = ("cpu", "cuda")
 
@@ -179,7 +181,7 @@ def install(requested: str = "auto", *, need_transformer_engine: bool = True) ->
                       stacklevel=2)
     for message in PINNED_SET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    separate_triton_caches(os.environ)
+    separate_compile_caches(os.environ)
     if name == "cpu":
         from megatron_hybrid.backends import cpu
 
@@ -188,15 +190,31 @@ def install(requested: str = "auto", *, need_transformer_engine: bool = True) ->
     return name
 
 
-def separate_triton_caches(environ) -> None:
-    """Give this rank its own Triton kernel cache: ranks that compile the Mamba kernels at the
+def _inductor_cache_root(environ) -> str:
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+
+
+def _triton_cache_root(environ) -> str:
+    return os.path.join(environ.get("TRITON_HOME", os.path.expanduser("~")), ".triton", "cache")
+
+
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": _inductor_cache_root,
+                  "TRITON_CACHE_DIR": _triton_cache_root}
+"""Kernel caches -> their default root: Megatron-Core's fused functions are torch.compile'd
+(inductor), the Mamba kernels are Triton's."""
+
+
+def separate_compile_caches(environ) -> None:
+    """Give this rank its own kernel caches (:data:`COMPILE_CACHES`): ranks that compile at the
     same time in one cache load each other's half-written files. Set here, in the process,
-    because torchrun starts all its workers with one environment; a TRITON_CACHE_DIR the user
-    set is kept."""
+    because torchrun starts all its workers with one environment; a cache the user set is
+    kept."""
     rank = environ.get("RANK")
-    if rank is not None and "TRITON_CACHE_DIR" not in environ:
-        home = environ.get("TRITON_HOME", os.path.expanduser("~"))
-        environ["TRITON_CACHE_DIR"] = os.path.join(home, ".triton", "cache", f"rank{rank}")
+    if rank is None:
+        return
+    for variable, default_root in COMPILE_CACHES.items():
+        if variable not in environ:
+            environ[variable] = os.path.join(default_root(environ), f"rank{rank}")
 
 
 def active() -> str | None:

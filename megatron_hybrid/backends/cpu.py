@@ -43,19 +43,18 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   all-gathers a 0-d tensor, which gloo rejects ("invalid tensor size ... expected (), got (1)");
   :func:`gloo_accepts_scalar_all_gather` gives such inputs one dimension, only around pruning.
 - ``jit.py`` makes Megatron-Core's fused functions ``torch.compile``'d; each torchrun rank gets
-  its own inductor cache so ranks compiling on a cold cache do not load each other's kernels.
+  its own inductor cache (``backends.separate_compile_caches``, on every backend) so ranks
+  compiling on a cold cache do not load each other's kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import getpass
 import importlib.metadata
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -316,15 +315,6 @@ _EXPECTED_WARNINGS = (
 )
 
 
-def _separate_compile_caches() -> None:
-    """Megatron-Core's fused functions are torch.compile'd; ranks that start together on a
-    cold inductor cache load each other's half-written kernels, so each rank gets its own."""
-    rank = os.environ.get("RANK")
-    if rank is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        root = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / f"rank{rank}")
-
-
 def install() -> None:
     """Make Megatron-Core run on the CPU. Idempotent; call before importing Megatron-Core.
 
@@ -334,7 +324,6 @@ def install() -> None:
         return
     _strict = os.environ.get(STRICT_ENVIRONMENT_VARIABLE) == "1"
     _check_megatron_version()
-    _separate_compile_caches()
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     kernels.register()

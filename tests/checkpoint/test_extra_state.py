@@ -11,6 +11,7 @@ from megatron_hybrid import backends
 backends.install("cpu")
 
 from test_sft import MODEL  # noqa: E402
+from test_specs import one_process_groups  # noqa: E402,F401  (a fixture)
 
 from megatron_hybrid.checkpoint import dist_checkpoint  # noqa: E402
 from megatron_hybrid.model import specs  # noqa: E402
@@ -20,15 +21,7 @@ from megatron_hybrid.parallel import process_groups  # noqa: E402
 NORM_EXTRA_STATE = "decoder.final_norm._extra_state"
 
 
-@pytest.fixture
-def one_process():
-    process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
-    process_groups.seed_everything(0)
-    yield
-    process_groups.destroy_distributed()
-
-
-def test_modules_with_extra_state_load_a_checkpoint_without_it(one_process, tmp_path,
+def test_modules_with_extra_state_load_a_checkpoint_without_it(one_process_groups, tmp_path,
                                                                monkeypatch):
     saved = build_model(MODEL, ModelLayout(), backend="cpu")
     dist_checkpoint.save_weights([saved], tmp_path / "local")

@@ -120,13 +120,17 @@ def test_launcher_environment_follows_tensor_and_context_parallelism():
     assert context["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
 
 
-def test_each_rank_gets_its_own_triton_cache():
+def test_each_rank_gets_its_own_triton_and_inductor_caches():
     environ = {"RANK": "3", "TRITON_HOME": "home"}
-    backends.separate_triton_caches(environ)
+    backends.separate_compile_caches(environ)
     assert environ["TRITON_CACHE_DIR"] == str(Path("home", ".triton", "cache", "rank3"))
-    chosen = {"RANK": "3", "TRITON_CACHE_DIR": "mine"}
-    backends.separate_triton_caches(chosen)
-    assert chosen["TRITON_CACHE_DIR"] == "mine"
+    assert Path(environ["TORCHINDUCTOR_CACHE_DIR"]).name == "rank3"
+    chosen = {"RANK": "3", "TRITON_CACHE_DIR": "mine", "TORCHINDUCTOR_CACHE_DIR": "ours"}
+    backends.separate_compile_caches(chosen)
+    assert (chosen["TRITON_CACHE_DIR"], chosen["TORCHINDUCTOR_CACHE_DIR"]) == ("mine", "ours")
+    alone = {}
+    backends.separate_compile_caches(alone)
+    assert alone == {}  # one process, no RANK: the default caches
 
 
 def test_dataset_build_waits_longer_than_the_collective_timeout(tmp_path):
