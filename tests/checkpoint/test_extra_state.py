@@ -3,7 +3,6 @@ Transformer Engine's modules keep FP8 metadata (``_extra_state``) where the loca
 norm and attention keep none. Here the local final norm is given such state (no Transformer
 Engine on the CPU), which is what the Transformer Engine spec adds to the checkpoint keys."""
 
-import pytest
 import torch
 
 from megatron_hybrid import backends
