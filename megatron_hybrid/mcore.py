@@ -31,6 +31,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.inference.contexts import DynamicInferenceContext, StaticInferenceContext
 from megatron.core.inference.contexts import dynamic_context as dynamic_context_module
+from megatron.core.inference import communication_utils as inference_communication_module
 from megatron.core.inference.engines import DynamicInferenceEngine
 from megatron.core.inference.engines import StaticInferenceEngine
 from megatron.core.inference.inference_request import InferenceRequest

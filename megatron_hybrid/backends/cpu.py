@@ -254,11 +254,22 @@ def _patch_megatron_dynamic_inference() -> None:
     append of ``inference/contexts/dynamic_context.py``, whose own torch fallback runs when
     the Triton kernel is None (line 922)."""
     from megatron_hybrid.backends.kernels import tensor_ops
-    from megatron_hybrid.mcore import dynamic_context_module, mamba_mixer_module
+    from megatron_hybrid.mcore import (
+        dynamic_context_module,
+        inference_communication_module,
+        mamba_mixer_module,
+    )
 
     for name in ("tensor_get_slice_after", "tensor_merge", "tensor_masked_update"):
         setattr(mamba_mixer_module, name, getattr(tensor_ops, name))
     dynamic_context_module.triton_append_key_value_cache = None
+    # The pipeline stages' broadcasts of logits and tokens assert CUDA tensors
+    # (inference/communication_utils.py:29-31); here they are CPU tensors.
+    inference_communication_module._is_cuda = _is_present
+
+
+def _is_present(tensor) -> None:
+    assert tensor is not None
 
 
 def flush_denormals_on_every_thread() -> None:

@@ -11,8 +11,10 @@ the attention layers' KV cache and the Mamba layers' conv and SSM states. Two en
   steps every sequence one token at a time, feeding a longer prompt's own tokens until it
   starts generating.
 
-Both run on a model of one rank (tp = pp = cp = 1); ``generate.generate_batch``, the uncached
-loop, is what they are tested against.
+The dynamic engine also runs a model split by tensor and pipeline parallelism (every rank runs
+the same requests; the pattern's uneven stages are honoured, see ``model/specs.HybridStack``);
+context and sequence parallelism are training layouts, refused here. The static loop runs on
+one rank. ``generate.generate_batch``, the uncached loop, is what both are tested against.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import warnings
 
 from megatron_hybrid import mcore
 from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
+from megatron_hybrid.errors import ConfigError
 from megatron_hybrid.inference.generate import check_single_rank
 
 ENGINES = ("dynamic", "static")
@@ -46,7 +49,8 @@ def _wrapper_config(module, max_requests: int, max_sequence_length: int
     return mcore.InferenceWrapperConfig(
         hidden_size=module.config.hidden_size,
         params_dtype=module.config.params_dtype,
-        inference_batch_times_seqlen_threshold=-1,  # no micro-batches: there is no pipeline
+        # One forward over the whole step under pipeline parallelism too: no micro-batches.
+        inference_batch_times_seqlen_threshold=-1,
         padded_vocab_size=module.vocab_size,
         inference_max_requests=max_requests,
         inference_max_seq_length=max_sequence_length,
@@ -93,11 +97,22 @@ def cache_gigabytes(module, max_requests: int, max_sequence_length: int) -> floa
     return blocks * (kv_block + mamba_request) / 1024**3
 
 
+def check_decode_layout(model) -> None:
+    """Refuse context and sequence parallelism at decode, in one line."""
+    config = unwrap(model).config
+    if config.context_parallel_size != 1:
+        raise ConfigError(f"context parallel (cp={config.context_parallel_size}) splits a "
+                          f"sequence over ranks for training; decode with cp=1 (tp and pp work)")
+    if config.sequence_parallel:
+        raise ConfigError("sequence parallel is a training layout; decode without it (tp and "
+                          "pp work)")
+
+
 def dynamic_engine(model, *, max_requests: int, max_sequence_length: int
                    ) -> "mcore.DynamicInferenceEngine":
-    """Megatron-Core's dynamic engine over ``model`` (one rank; put in eval mode), with room
-    for ``max_requests`` requests of up to ``max_sequence_length`` tokens each."""
-    check_single_rank(model)
+    """Megatron-Core's dynamic engine over this rank's part of ``model`` (put in eval mode),
+    with room for ``max_requests`` requests of up to ``max_sequence_length`` tokens each."""
+    check_decode_layout(model)
     module = unwrap(model)
     config = _wrapper_config(module, max_requests, max_sequence_length)
     context = mcore.DynamicInferenceContext.from_config(
@@ -135,11 +150,13 @@ def generate_cached(model, prompts: list[list[int]], max_new_tokens: int, *,
                     engine: str = "dynamic") -> list[list[int]]:
     """The greedy continuation of each prompt (token ids), ``max_new_tokens`` ids each, as
     ``generate.generate_batch`` gives it without a stop, computed with cached states on
-    Megatron-Core's ``engine`` (one of :data:`ENGINES`). The model's mode is kept."""
+    Megatron-Core's ``engine`` (one of :data:`ENGINES`; the static one on one rank only). The
+    model's mode is kept."""
     if engine not in ENGINES:
         raise ValueError(f"unknown inference engine {engine!r}: choose one of "
                          f"{', '.join(ENGINES)}")
-    check_single_rank(model)
+    if engine == "static":
+        check_single_rank(model)
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     module = unwrap(model)

@@ -111,3 +111,33 @@ def test_padding_requests_state_slot_is_neither_read_into_nor_written():
                                  state_batch_indices=torch.tensor([2, -1]))
     torch.testing.assert_close(out[:1], expected, **F64)
     torch.testing.assert_close(ssm_cache, alone, **F64)
+
+
+def test_varlen_scan_ignores_whatever_fills_the_padding_tokens():
+    # Megatron-Core's mixed decode + prefill step scans a buffer whose tail it never writes
+    # (torch.empty_like): NaN there must not reach the sequences' outputs or states.
+    from megatron_hybrid.backends.kernels.ssd import mamba_chunk_scan_combined
+
+    torch.manual_seed(0)
+    length, padded, heads, head_dim, groups, state = 13, 20, 2, 4, 1, 8
+    x = torch.randn(1, padded, heads, head_dim)
+    dt = torch.rand(1, padded, heads)
+    B, C = torch.randn(1, padded, groups, state), torch.randn(1, padded, groups, state)
+    cu_seqlens = torch.tensor([0, 6, length])
+    seq_idx = torch.tensor([[0] * 6 + [1] * (padded - 6)], dtype=torch.int32)
+    A = -torch.rand(heads)
+
+    def scan(fill):
+        tensors = [t.clone() for t in (x, dt, B, C)]
+        for t in tensors:
+            t[:, length:] = fill
+        out, states = mamba_chunk_scan_combined(*tensors[:2], A, *tensors[2:], chunk_size=8,
+                                                seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                                return_varlen_states=True)
+        return out[:, :length], states
+
+    clean_out, clean_states = scan(0.0)
+    out, states = scan(float("nan"))
+    assert torch.isfinite(out).all() and torch.isfinite(states).all()
+    torch.testing.assert_close(out, clean_out)
+    torch.testing.assert_close(states, clean_states)

@@ -306,6 +306,19 @@ def _states_after(positions, xdt, B, cumsum, starts, masks):
     return own.flatten(1, 2) + carried.transpose(0, 1)
 
 
+def _without_padding(length: int, *tensors):
+    """The tensors with their tokens from ``length`` on zeroed. Megatron-Core's dynamic
+    inference pads a step's tokens with rows it never writes (``torch.empty_like``,
+    ssm/mamba_mixer.py:524); the Triton scan masks them per position, while this one mixes
+    positions in matrix products, where a NaN or inf there (0 * NaN is NaN) would reach the
+    sequences' states."""
+    if length >= tensors[0].shape[1]:
+        return tensors
+    return tuple(torch.cat([t[:, :length], t.new_zeros((t.shape[0], t.shape[1] - length,
+                                                        *t.shape[2:]))], dim=1)
+                 for t in tensors)
+
+
 def mamba_chunk_scan_combined(
     x,
     dt,
@@ -336,6 +349,8 @@ def mamba_chunk_scan_combined(
     if return_varlen_states:
         assert cu_seqlens is not None, "cu_seqlens must be provided if return_varlen_states is True"
         assert x.shape[0] == 1, "varlen states are only supported if batch dimension is 1"
+    if return_varlen_states:
+        x, dt, B, C = _without_padding(int(cu_seqlens[-1]), x, dt, B, C)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, compute_dtype(x)).clamp(*dt_limit)
     last_tokens = cu_seqlens[1:] - 1 if return_varlen_states else None
     y, final_states, varlen_states = _ssd(
