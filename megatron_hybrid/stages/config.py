@@ -178,7 +178,8 @@ class SFTConfig:
     """Held-out task problems answered greedily, each with /think and with /no_think, for
     the task accuracy at the start and the end (0: not measured, e.g. for other data)."""
     max_new_tokens: int = 32
-    """Decoding of an answer stops at ``<|im_end|>`` or after this many tokens."""
+    """Decoding of an answer stops at ``<SPECIAL_12>`` (the end of turn) or after this many
+    tokens."""
 
     def validate(self) -> None:
         from megatron_hybrid.stages import task
@@ -192,7 +193,7 @@ class SFTConfig:
                               f"{task.HELDOUT} (the held-out problems)")
         if self.max_new_tokens < 4:
             raise ConfigError(f"sft.max_new_tokens={self.max_new_tokens} must be >= 4 "
-                              f"(<think>, </think>, an answer, <|im_end|>)")
+                              f"(</think>, an answer, a newline, <SPECIAL_12>)")
 
 
 @dataclass(kw_only=True)

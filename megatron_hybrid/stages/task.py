@@ -4,7 +4,7 @@ A problem is ``a ± b ± c`` with operands 1 to 9 and every partial result >= 0 
 ``7 + 8 - 6``): two steps, small enough that a tiny model learns some of it in minutes on a
 CPU. Under /think the assistant works it out step by step in its think block
 (``7 + 8 = 15`` then ``15 - 6 = 9``); under /no_think the block is empty. The answer is the
-number alone.
+number alone (the chat template of ``data/chat.py``).
 
 All problems are enumerated in a fixed order; a permutation seeded by ``seed`` holds out
 ``HELDOUT`` of them, which no training conversation or preference pair uses. The task metric
@@ -36,7 +36,9 @@ HELDOUT = 256
 SEED = 0
 """The default split."""
 MAX_NEW_TOKENS = 32
-"""Decoding budget of an answer: a worked /think answer takes about 25 tokens."""
+"""Decoding budget of an answer: a worked /think reply takes up to 23 tokens."""
+MAX_DECODED_TOGETHER = 128
+"""Requests the engine decodes at once; more wait for a free slot."""
 SPLITS = ("train", "valid")
 MODES = ("think", "no_think")
 Z_95 = 1.959964
@@ -132,33 +134,41 @@ def preference_pairs(split: str, seed: int = SEED) -> list[chat.PreferencePair]:
 _NUMBER = re.compile(r"\d+")
 
 
-def extract_answer(generated: str) -> int | None:
-    """The number a generated assistant turn answers, or None: the turn must open with a
-    closed think block, and its text after it (up to ``<|im_end|>``) must be a number alone."""
+def extract_answer(generated: str, think: bool) -> int | None:
+    """The number a reply generated after the chat template's generation prompt answers, or
+    None: up to its end of turn (``<SPECIAL_12>``), it must be reasoning, ``</think>`` and a
+    number alone with reasoning on (``think``), a number alone with it off."""
     try:
-        _, answer = chat.split_response(generated.split(chat.IM_END)[0])
+        _, answer = chat.split_response(generated, think)
     except DataError:
         return None
-    answer = answer.strip()
     return int(answer) if _NUMBER.fullmatch(answer) else None
 
 
 def answers(model, tokenizer, heldout: list[Problem], *,
             max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
-    """Greedy answers of ``model`` to each problem with /think and with /no_think (decoded
-    together, stopping at ``<|im_end|>``): question, mode, generated text, correct."""
-    from megatron_hybrid.inference.generate import generate_batch
+    """Greedy answers of ``model`` to each problem with /think and with /no_think, decoded
+    together on Megatron-Core's dynamic engine (``inference.session``), each ending at its end
+    of turn (``<SPECIAL_12>``): question, mode, generated text (what follows the generation
+    prompt, up to the end of turn), correct. The model's mode is kept."""
+    from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
+    from megatron_hybrid.inference.sampling import Sampling
+    from megatron_hybrid.inference.session import Session
 
     asked = [(problem, think) for think in (True, False) for problem in heldout]
     prompts = [chat.prompt_ids(problem.prompt(think), tokenizer) for problem, think in asked]
-    stop = {chat.special_ids(tokenizer)[chat.IM_END]}
-    outputs = generate_batch(model, prompts, max_new_tokens, stop=stop)
-    records = []
-    for (problem, think), ids in zip(asked, outputs):
-        text = tokenizer.decode(ids)
-        records.append({"question": problem.question(), "think": think, "generated": text,
-                        "correct": extract_answer(text) == problem.answer})
-    return records
+    sampling = Sampling(max_new_tokens=max_new_tokens,
+                        stop_token_ids=(chat.special_ids(tokenizer)[chat.END_OF_TURN],))
+    was_training = unwrap(model).training
+    try:
+        session = Session(model, tokenizer, max_requests=min(len(prompts), MAX_DECODED_TOGETHER),
+                          max_sequence_length=max(map(len, prompts)) + max_new_tokens)
+        completions = session.generate(prompts, sampling)
+    finally:
+        unwrap(model).train(was_training)
+    return [{"question": problem.question(), "think": think, "generated": completion.text,
+             "correct": extract_answer(completion.text, think) == problem.answer}
+            for (problem, think), completion in zip(asked, completions)]
 
 
 def tally(records: list[dict]) -> dict[str, list[int]]:
@@ -229,30 +239,9 @@ def checkpoint_answers(checkpoint_dir: str | Path, *, samples: int = 64, seed: i
                        max_new_tokens: int = MAX_NEW_TOKENS, backend: str = "auto"
                        ) -> list[dict]:
     """:func:`heldout_answers` of a saved checkpoint, in this process alone (TP = PP = 1): the
-    model from its ``meta.json``, the tokenizer from the ``config.yaml`` saved with it."""
-    from megatron_hybrid import backends, sections
+    model and tokenizer as ``inference.loading`` finds them."""
+    from megatron_hybrid.inference.loading import loaded_model
 
-    directory = Path(checkpoint_dir)
-    backend = backends.install(backend)  # before Megatron-Core is imported
-    from megatron_hybrid.checkpoint.dist_checkpoint import CheckpointError, load_weights, read_meta
-    from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
-    from megatron_hybrid.model.build import ModelLayout, build_model
-    from megatron_hybrid.model.config import ModelConfig
-    from megatron_hybrid.parallel import process_groups
-
-    meta = read_meta(directory)
-    tokenizer = load_tokenizer(sections.read_section(directory / "config.yaml", "tokenizer",
-                                                     TokenizerConfig))
-    if tokenizer.identity != meta["tokenizer"]:
-        raise CheckpointError(f"{directory}: its config.yaml's tokenizer {tokenizer.identity} is "
-                              f"not the one it was trained with ({meta['tokenizer']}): restore "
-                              f"the tokenizer section of its config.yaml")
-    process_groups.init_distributed(process_groups.ParallelDims(), backend=backend)
-    try:
-        process_groups.seed_everything(seed)  # Megatron-Core's layers fork its RNG tracker on build
-        model = build_model(ModelConfig(**meta["model"]), ModelLayout(), backend=backend)
-        load_weights([model], directory)
+    with loaded_model(checkpoint_dir, backend=backend, seed=seed) as (model, tokenizer, _):
         return heldout_answers(model, tokenizer, samples=samples, seed=seed,
                                max_new_tokens=max_new_tokens)
-    finally:
-        process_groups.destroy_distributed()

@@ -109,7 +109,8 @@ def test_default_bpe_round_trips_with_reserved_special_tokens(tokenizer):
     assert tokenizer.vocab_size == VOCAB
     assert (tokenizer.eod, tokenizer.pad) == (0, 1)
     assert [tokenizer.backend.token_to_id(t) for t in
-            ("<think>", "</think>", "<|im_start|>", "<|im_end|>")] == [2, 3, 4, 5]
+            ("<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>", "<think>", "</think>")] == [
+                2, 3, 4, 5, 6]
     for text in ("def f(x):\n    return x  # ok", "naïve — 你好 🙂", " tabs\t\n\n", ""):
         ids = tokenizer.encode(text)
         assert tokenizer.decode(ids) == text

@@ -56,14 +56,14 @@ def test_sft_term_adds_the_chosen_responses_mean_token_nll():
     assert float(mixed - plain) == pytest.approx(0.5 * float(chosen_mean_nll))
 
 
-def toggle_pairs(split: str, count: int) -> list:
-    """/no_think problems of the task whose chosen answer obeys the toggle
-    (``<think></think>answer``) and whose rejected answer reasons instead (``<think>answer
-    </think>``): the same tokens in another order, so no preference of length, and one that
-    carries over to unseen problems."""
-    conversations = [c for c in task.conversations(split) if not c.thinking][:count]
-    return [chat.PreferencePair(c.prompt, chat.response(c.messages[-1]["content"]),
-                                chat.response("", c.messages[-1]["content"]))
+def swapped_pairs(split: str, count: int) -> list:
+    """/think problems of the task whose chosen reply reasons, then answers
+    (``<think>\\nsteps</think>answer``) and whose rejected reply answers in its think block and
+    reasons after it (``<think>\\nanswer</think>steps``): the same tokens in another order, so
+    no preference of length, and one that carries over to unseen problems."""
+    conversations = [c for c in task.conversations(split) if c.thinking][:count]
+    return [chat.PreferencePair(c.prompt, c.reply,
+                                chat.response(c.reasoning, c.messages[-1]["content"]))
             for c in conversations]
 
 
@@ -71,7 +71,7 @@ def test_response_logps_are_the_models_log_probabilities(model_engine):  # noqa:
     from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
 
     chunks, _ = model_engine
-    sequences = chat.pair_sequences(toggle_pairs("valid", 2), load_tokenizer(TokenizerConfig()),
+    sequences = chat.pair_sequences(swapped_pairs("valid", 2), load_tokenizer(TokenizerConfig()),
                                     seq_length=SEQ)
     scored = dpo.sequence_logps(chunks, sequences, micro_batch_size=2, seq_length=SEQ,
                                 dp_size=1)
@@ -89,7 +89,7 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
 
     chunks, optimizer = model_engine
     tokenizer = load_tokenizer(TokenizerConfig())
-    train, heldout = (chat.pair_sequences(toggle_pairs(split, 32), tokenizer, seq_length=SEQ)
+    train, heldout = (chat.pair_sequences(swapped_pairs(split, 32), tokenizer, seq_length=SEQ)
                       for split in ("train", "valid"))
     score = partial(dpo.sequence_logps, chunks, micro_batch_size=8, seq_length=SEQ, dp_size=1)
     train_ref, heldout_ref = score(train), score(heldout)
@@ -107,8 +107,8 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
     assert before["reward_margin"] == 0 and before["loss"] == pytest.approx(math.log(2))
     # before is the untrained model (the control); its preference accuracy depends on the
     # seed, so the claim is a high accuracy above it, not a fixed gain. Measured, preference
-    # accuracy / reward accuracy / margin: seed 0 (1 thread) 19% -> 100% / 100% / 0.83,
-    # seed 1 72% -> 100% / 100% / 0.93, seed 2 66% -> 100% / 100% / 0.72.
+    # accuracy / reward accuracy / margin: seed 0 (1 thread) 66% -> 100% / 100% / 2.23,
+    # seed 1 34% -> 100% / 100% / 2.13, seed 2 41% -> 100% / 100% / 1.80.
     assert after["reward_margin"] > 0.4 and after["reward_accuracy"] > 0.8, after
     assert after["preference_accuracy"] > max(0.8, before["preference_accuracy"]), (before, after)
 
@@ -116,7 +116,7 @@ def test_dpo_steps_raise_the_heldout_preference(model_engine):  # noqa: F811
 def test_reference_is_scored_at_step_0_and_read_back_on_resume(tmp_path):
     from types import SimpleNamespace
 
-    sequences = chat.pair_sequences(toggle_pairs("valid", 3), load_tokenizer(TokenizerConfig()),
+    sequences = chat.pair_sequences(swapped_pairs("valid", 3), load_tokenizer(TokenizerConfig()),
                                     seq_length=SEQ)
     trainer = SimpleNamespace(run_dir=tmp_path, state=SimpleNamespace(step=0))
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(load="runs/sft/checkpoints/step_000100"))
@@ -161,7 +161,7 @@ def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
 
     for split, count in (("train", 8), ("valid", 4)):
         lines = [json.dumps({"prompt": list(p.prompt), "chosen": p.chosen,
-                             "rejected": p.rejected}) for p in toggle_pairs(split, count)]
+                             "rejected": p.rejected}) for p in swapped_pairs(split, count)]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "dpo"
     cfg = recipe.load_recipe(RECIPE.with_name("dpo.yaml"), [

@@ -34,11 +34,12 @@ def test_every_problem_is_two_steps_of_small_numbers_with_a_nonnegative_answer()
 def test_reasoning_is_worked_under_think_and_empty_under_no_think():
     problem = task.Problem((7, 8, 6), ("+", "-"))
     think, no_think = problem.conversation(True), problem.conversation(False)
-    assert chat.render(think) == (
-        "<|im_start|>system\nSolve the arithmetic problem. /think<|im_end|>\n"
-        "<|im_start|>user\n7 + 8 - 6<|im_end|>\n"
-        "<|im_start|>assistant\n<think>7 + 8 = 15\n15 - 6 = 9</think>9<|im_end|>")
-    assert chat.render(no_think).endswith("<|im_start|>assistant\n<think></think>9<|im_end|>")
+    assert chat.render([*think.prompt, {"role": "assistant", "content": think.reply}]) == (
+        "<SPECIAL_10>System\nSolve the arithmetic problem.\n"
+        "<SPECIAL_11>User\n7 + 8 - 6\n"
+        "<SPECIAL_11>Assistant\n<think>\n7 + 8 = 15\n15 - 6 = 9</think>9\n<SPECIAL_12>\n")
+    assert chat.render([*no_think.prompt, {"role": "assistant", "content": no_think.reply}]) \
+        .endswith("<SPECIAL_11>Assistant\n<think></think>9\n<SPECIAL_12>\n")
     conversations = task.conversations("valid")
     assert len(conversations) == 2 * task.HELDOUT
     for conversation in conversations:
@@ -53,31 +54,33 @@ def test_reasoning_is_worked_under_think_and_empty_under_no_think():
 def test_pairs_prefer_the_right_answer_over_a_slip_in_the_last_step():
     problem = task.Problem((5, 6, 1), ("+", "+"))
     pair = problem.pair(True)
-    assert pair.chosen == "<think>5 + 6 = 11\n11 + 1 = 12</think>12"
-    assert pair.rejected == "<think>5 + 6 = 11\n11 + 1 = 11</think>11"
+    assert pair.chosen == "5 + 6 = 11\n11 + 1 = 12</think>12"
+    assert pair.rejected == "5 + 6 = 11\n11 + 1 = 11</think>11"
+    assert problem.pair(False).chosen == "12"
     pairs = task.preference_pairs("valid")
     assert len(pairs) == 2 * task.HELDOUT
     for pair, problem in zip(pairs[::2], task.problems("valid")):
         chat.check_pair(pair)
-        assert task.extract_answer(pair.chosen) == problem.answer
-        wrong = task.extract_answer(pair.rejected)
+        assert task.extract_answer(pair.chosen, True) == problem.answer
+        wrong = task.extract_answer(pair.rejected, True)
         assert wrong != problem.answer and wrong >= 0 and abs(wrong - problem.answer) <= 3
 
 
-@pytest.mark.parametrize("generated, answer", [
-    ("<think>7 + 8 = 15\n15 - 6 = 9</think>9<|im_end|>", 9),
-    ("<think></think>12<|im_end|>", 12),
-    ("<think></think> 12 \n<|im_end|>", 12),  # surrounding space is not the answer
-    ("<think></think>12", 12),  # out of tokens right after the answer
-    ("<think></think>12<|im_end|>13", 12),  # what follows the turn is not the answer
-    ("<think></think>12 apples<|im_end|>", None),  # not a number alone
-    ("<think></think>-3<|im_end|>", None),  # answers are never negative
-    ("<think></think><|im_end|>", None),
-    ("12<|im_end|>", None),  # no think block
-    ("<think>7 + 8 = 15<|im_end|>", None),  # think block never closed
+@pytest.mark.parametrize("generated, think, answer", [
+    ("7 + 8 = 15\n15 - 6 = 9</think>9\n<SPECIAL_12>", True, 9),
+    ("12\n<SPECIAL_12>", False, 12),
+    (" 12 \n<SPECIAL_12>", False, 12),  # surrounding space is not the answer
+    ("12", False, 12),  # out of tokens right after the answer
+    ("12\n<SPECIAL_12>13", False, 12),  # what follows the turn is not the answer
+    ("12 apples\n<SPECIAL_12>", False, None),  # not a number alone
+    ("-3\n<SPECIAL_12>", False, None),  # answers are never negative
+    ("\n<SPECIAL_12>", False, None),
+    ("12\n<SPECIAL_12>", True, None),  # reasoning on, but no think block closed
+    ("7 + 8 = 15\n<SPECIAL_12>", True, None),  # think block never closed
+    ("7 + 8 = 15</think>12\n<SPECIAL_12>", False, None),  # reasoning though it was off
 ])
-def test_answer_extraction_is_exact(generated, answer):
-    assert task.extract_answer(generated) == answer
+def test_answer_extraction_is_exact(generated, think, answer):
+    assert task.extract_answer(generated, think) == answer
 
 
 def test_evaluate_measures_a_real_model_with_reasoning_on_and_off(model_engine):  # noqa: F811
