@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "lm-eval==0.4.13",  # megatron-hybrid eval: lm-evaluation-harness tasks and metrics
 ]
 
 EXTRAS_REQUIRE = {

@@ -78,7 +78,7 @@ def _converted(hf_dir: Path, stack: contextlib.ExitStack) -> Path:
     from megatron_hybrid.checkpoint.hf_checkpoint import import_hf
 
     scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="megatron-hybrid-")))
-    return import_hf(hf_dir, scratch / "checkpoint").directory
+    return import_hf(hf_dir, scratch / "checkpoint").out
 
 
 def _build_and_load(directory: Path, *, backend: str, tp: int, pp: int, seed: int,

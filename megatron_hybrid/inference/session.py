@@ -80,7 +80,6 @@ class Session:
                                              max_sequence_length=max_sequence_length)
         self.reseed(seed)
         self._requests: dict[int, _Request] = {}
-        self._next_id = 0
 
     def reseed(self, seed: int) -> None:
         """Restart the sampler's random stream (the engine has one for all requests)."""
@@ -88,7 +87,9 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return bool(self._requests)
+        """Requests are live, or the engine still holds a stopped or cancelled one, which
+        the next step releases."""
+        return bool(self._requests) or self.engine.has_unfinished_requests()
 
     def submit(self, prompt_ids: Sequence[int], sampling: Sampling) -> int:
         """Queue a request; returns its id. Its first tokens come with a later :meth:`step`."""
@@ -102,8 +103,8 @@ class Session:
                              f"{sampling.max_new_tokens} is {total} tokens, over this session's "
                              f"{self.max_sequence_length}: shorten the prompt or ask for fewer "
                              f"tokens")
-        request_id = self._next_id
-        self._next_id += 1
+        # The engine's own counter, which its generate() draws from too: ids never meet.
+        request_id = int(next(self.engine.request_counter))
         self._requests[request_id] = _Request(Completion(request_id, prompt_ids), sampling)
         self.engine.add_request(request_id, prompt_ids, sampling.engine_params())
         return request_id
@@ -142,15 +143,12 @@ class Session:
         comes."""
         samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else sampling
         ids = [self.submit(prompt, each) for prompt, each in zip(prompts, samplings, strict=True)]
-        done = {}
-        completions = {request_id: self._requests[request_id].completion for request_id in ids}
-        while any(request_id not in done for request_id in ids):
+        completions = [self._requests[request_id].completion for request_id in ids]
+        while self.busy:
             for update in self.step():
                 if on_update is not None:
                     on_update(update)
-                if update.finish_reason is not None:
-                    done[update.request_id] = True
-        return [completions[request_id] for request_id in ids]
+        return completions
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -209,6 +207,7 @@ class Session:
         if in_engine:
             if request_id in self.engine.waiting_request_ids:
                 self.engine.waiting_request_ids.remove(request_id)
+                del self.engine.requests[request_id]
             else:
                 self.engine.stop_word_finished_request_ids.add(request_id)
         del self._requests[request_id]

@@ -1,6 +1,7 @@
 """``megatron-hybrid generate``: prompts from every source, decoded together, print the uncached
 loop's greedy tokens (``--json``: the new tokens and their text); one prompt streams; chat
-prompts (``--reasoning``) stop at the end of the assistant's turn; stop strings cut the text;
+prompts (``--reasoning``) stop at the end of the assistant's turn; stop strings cut the text; a
+Hugging Face directory generates as its converted checkpoint;
 TP=2 under torchrun prints what one rank does; bad input fails in one line."""
 
 import json
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 from conftest import rank_environment
-from test_server import checkpoint  # noqa: F401  (a tiny checkpoint with its tokenizer)
+from test_loading import checkpoint, hf_dir  # noqa: F401  (a tiny model, HF and converted)
 
 from megatron_hybrid import backends
 
@@ -67,8 +68,8 @@ def test_prompts_from_every_source_decode_together_as_the_uncached_loop(checkpoi
     assert [line["text"] for line in lines[1:]] == [oracle["texts"][0], oracle["texts"][2]]
 
 
-def test_one_prompt_streams_its_text_and_stop_strings_cut_it(checkpoint, oracle):
-    streamed = generate(checkpoint, "--prompt", TEXT)
+def test_one_prompt_streams_its_text_and_stop_strings_cut_it(checkpoint, hf_dir, oracle):
+    streamed = generate(hf_dir, "--prompt", TEXT)  # the Hugging Face directory it came from
     assert streamed.returncode == 0, streamed.stderr[-3000:]
     assert streamed.stdout == oracle["texts"][1] + "\n"
     text = oracle["texts"][1]

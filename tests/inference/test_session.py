@@ -136,7 +136,7 @@ def test_cancelled_and_stopped_requests_free_their_slots_for_the_next(model, tok
     ({"temperature": -1.0}, r"^temperature=-1.0: use 0 \(greedy\) or a positive number$"),
     ({"temperature": 1.0, "top_k": 5, "top_p": 0.9},
      r"^top_k=5 and top_p=0.9: .* set the other to 0$"),
-    ({"top_k": 5}, r"^top_k=5, top_p=0 at temperature 0: sampling needs a temperature > 0"),
+    ({"top_k": 5}, r"^top_k=5, top_p=0.0 at temperature 0: sampling needs a temperature > 0"),
     ({"max_new_tokens": 60}, r"^a prompt of 40 tokens \+ max_new_tokens=60 is 100 tokens, "
                              r"over this session's 64: shorten the prompt or ask for fewer "
                              r"tokens$"),
