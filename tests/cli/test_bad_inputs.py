@@ -47,8 +47,8 @@ def launch(*args, message=""):
     return Case("launch arguments", ("launch", *args), message)
 
 
-P, R, PAR, D, T, C = ("patterns", "recipes and overrides", "parallel sizes", "data files",
-                      "tokenizer", "checkpoints")
+P, R, PAR, D, T, C, U = ("patterns", "recipes and overrides", "parallel sizes", "data files",
+                         "tokenizer", "checkpoints", "using a model")
 CASES = [
     train("model.pattern=M-x*", area=P, message="invalid symbol 'x' at position 2 of 'M-x*'"),
     train("model.pattern=''", area=P, message="empty pattern: give one symbol per layer"),
@@ -137,6 +137,17 @@ CASES = [
            message="cluster profile not found"),
     launch("slurm", "--nodes", "1", "--gpus-per-node", "8", "--mounts", "nocolon", PRETRAIN,
            message="expected SRC:DST[:FLAGS]"),
+    Case(U, ("generate", "{ckpt}"),
+         "no prompt: give --prompt TEXT, --prompt-ids 1,2,3 or --prompts FILE.jsonl"),
+    Case(U, ("generate", "{tmp}/nowhere", "--prompt", "a"),
+         "does not exist: give a checkpoint (step_*) or a Hugging Face model directory"),
+    Case(U, ("generate", "{ckpt}", "--prompt", "a", "--tp", "2"),
+         "needs 2 processes, got 1: launch with torchrun --nproc-per-node 2"),
+    Case(U, ("generate", "{ckpt}", "--prompt", "a", "--max-new-tokens", "0"),
+         "max_new_tokens=0: ask for at least 1 token"),
+    Case(U, ("serve", "{ckpt}", "--max-requests", "0"), "--max-requests 0: allow at least 1"),
+    Case(U, ("eval", "{ckpt}", "--tasks", "nosuchtask"),
+         "unknown task 'nosuchtask': give a task YAML file"),
 ]
 
 
@@ -249,7 +260,7 @@ def test_bad_input_is_refused_in_one_line_writing_nothing(case, tmp_path, reques
 
 
 def test_catalogue_size_and_generated_docs_are_current():
-    assert len(CASES) >= 40 and len({case.area for case in CASES}) == 8
+    assert len(CASES) >= 40 and len({case.area for case in CASES}) == 9
     assert DOCS.read_text() == docs_table(), "run: python -m tests.test_bad_inputs --write-docs"
 
 

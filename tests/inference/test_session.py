@@ -146,3 +146,20 @@ def test_a_bad_request_is_refused_in_one_line(model, tokenizer, changes, message
     with pytest.raises(ValueError, match=message):
         session.submit(PROMPTS[0], greedy(**changes))
     assert not session.busy
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"context_parallel_size": 2, "sequence_parallel": False},
+     r"^context parallel \(cp=2\) splits a sequence over ranks for training; decode with cp=1 "
+     r"\(tp and pp work\)$"),
+    ({"context_parallel_size": 1, "sequence_parallel": True},
+     r"^sequence parallel is a training layout; decode without it \(tp and pp work\)$"),
+])
+def test_training_layouts_are_refused_at_decode_in_one_line(layout, message):
+    from types import SimpleNamespace
+
+    from megatron_hybrid.errors import ConfigError
+    from megatron_hybrid.inference.engine import check_decode_layout
+
+    with pytest.raises(ConfigError, match=message):
+        check_decode_layout(SimpleNamespace(config=SimpleNamespace(**layout)))
