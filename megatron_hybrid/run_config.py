@@ -21,7 +21,7 @@ from megatron_hybrid.engine.config import (
     TrainConfig,
 )
 from megatron_hybrid.errors import ConfigError, batch_message, check_choice, divisors
-from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig, PeftConfig
 from megatron_hybrid.model.precision import fp8_recipe
 from megatron_hybrid.parallel.config import ParallelConfig
 from megatron_hybrid.stages.config import DistillConfig, DPOConfig, PruneConfig, SFTConfig
@@ -75,6 +75,8 @@ class RunConfig:
     """The SFT stage: chat data, packing, the reasoning-toggle probe."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """The DPO stage: preference pairs and beta."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """LoRA adapters (SFT, DPO): rank, alpha, dropout, target linears; the base frozen."""
 
     @property
     def resolved_output_dir(self) -> str:
@@ -100,7 +102,7 @@ class RunConfig:
         together; with ``world_size`` also check the data-parallel size it implies."""
         for section in (self.model, self.parallel, self.train, self.optimizer, self.scheduler,
                         self.data, self.tokenizer, self.checkpoint, self.logging, self.prune,
-                        self.distill, self.sft, self.dpo):
+                        self.distill, self.sft, self.dpo, self.peft):
             section.validate()
         self.prune.check_against(self.model)
         self.resolved_output_dir  # noqa: B018  (raises on a bad placeholder)
@@ -111,6 +113,7 @@ class RunConfig:
         self._check_context_parallel()
         self._check_schedule()
         self._check_vocab()
+        self._check_peft()
         if fp8_recipe(self.train.precision) is not None:
             self._check_fp8()
             if self.model.transformer_impl == "local":
@@ -212,6 +215,14 @@ class RunConfig:
             f"scheduler.warmup_steps ({scheduler.warmup_steps}){decay_text} does not fit the "
             f"run's {steps} steps: set scheduler.warmup_steps={max(limit, 0)} or less, or "
             f"raise train.max_steps")
+
+    def _check_peft(self) -> None:
+        # Full recompute checkpoints each layer from its input, which a frozen base never
+        # makes require grad: the adapters inside would get no gradient.
+        if self.peft.enabled and self.train.recompute == "full":
+            raise ConfigError("peft.method=lora trains adapters inside frozen layers, which "
+                              "train.recompute=full cannot recompute: set train.recompute to "
+                              "selective or none")
 
     def _check_vocab(self) -> None:
         tokenizer_vocab = getattr(self.tokenizer, "vocab_size", None)

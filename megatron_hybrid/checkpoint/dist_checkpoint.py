@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ def _load(model_chunks: list, optimizer, directory: Path) -> dict:
         saved = _saved_keys(directory)
         sharded["model"] = {key: value for key, value in sharded["model"].items()
                             if not key.endswith(EXTRA_STATE) or value.key in saved}
+        sharded["model"] = _adapters_to_load(sharded["model"], saved, directory)
         return mcore.dist_checkpointing.load(sharded, str(directory))
     except CHECKPOINT_IO_ERRORS as err:  # many types; all mean an unreadable folder
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -123,6 +125,27 @@ SHAPE_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_qu
 """Model fields that set parameter shapes: a checkpoint loads only into equal ones."""
 
 
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+"""The key suffixes of LoRA adapter tensors (``model/adapters.py``)."""
+
+
+def _adapters_to_load(model_state: dict, saved: set[str], directory: Path) -> dict:
+    """The model's sharded state to read: a checkpoint of the base model (no adapters) leaves
+    the adapters at their initial values; one with adapters loads only into a model with them
+    (its base weights alone would drop what was trained)."""
+    # A Mamba in_proj's B is saved in pieces, like its weight (``...in_proj.lora_B.z``).
+    checkpoint_has = any(re.search(r"\.lora_[AB](\.|$)", key) for key in saved)
+    model_has = any(key.endswith(ADAPTER_SUFFIXES) for key in model_state)
+    if checkpoint_has and not model_has:
+        raise CheckpointError(f"{directory} holds LoRA adapters: build the model with the "
+                              f"checkpoint's peft section (its meta.json), or export them "
+                              f"with megatron-hybrid convert lora-to-peft")
+    if model_has and not checkpoint_has:
+        return {key: value for key, value in model_state.items()
+                if not key.endswith(ADAPTER_SUFFIXES)}
+    return model_state
+
+
 def _saved_keys(directory: Path) -> set[str]:
     """The sharded keys a checkpoint holds (an object's key without its ``/shard_*``)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -134,7 +157,9 @@ def _saved_keys(directory: Path) -> set[str]:
 def _load_model_state(model, state: dict) -> None:
     """``state`` into ``model``; only extra state (:data:`EXTRA_STATE`) may be absent."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not key.endswith("_extra_state")]
+    # Extra state may be absent, and adapters when _adapters_to_load kept them initial.
+    missing = [key for key in missing
+               if not key.endswith("_extra_state") and not key.endswith(ADAPTER_SUFFIXES)]
     if missing or unexpected:
         raise CheckpointError(f"the checkpoint does not fit the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}: load it into the model it was "

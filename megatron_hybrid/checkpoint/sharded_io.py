@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from megatron_hybrid import mcore
 from megatron_hybrid.model import params
-from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig, PeftConfig
 from megatron_hybrid.model.hf_mapping import ConversionError, preview
 
 OPTIMIZER_KEY_PREFIX = "optimizer."
@@ -59,7 +59,7 @@ def save_model(cfg: ModelConfig, directory, *, dtypes: dict[str, torch.dtype],
     pieces Megatron splits a parameter into are written one after another), and the tensor is
     dropped when the writer moves on.
     """
-    with _meta_model(cfg) as model:
+    with _meta_model(cfg, None) as model:
         _set_dtypes(model, dtypes)
         strategy = _StreamingSave(_Materializer(model, produce))
         mcore.dist_checkpointing.save({"model": model.sharded_state_dict()}, str(directory),
@@ -186,11 +186,13 @@ class CheckpointReader:
 
 
 @contextlib.contextmanager
-def open_checkpoint(directory, cfg: ModelConfig) -> Iterator[CheckpointReader]:
+def open_checkpoint(directory, cfg: ModelConfig,
+                    peft: PeftConfig | None = None) -> Iterator[CheckpointReader]:
     """A reader of ``directory``, checked to hold exactly the tensors of ``cfg``'s model
-    (optimizer state aside): a checkpoint whose config disagrees with its tensors (say, a
-    pruned pattern saved beside unpruned weights) is refused, naming the tensors."""
-    with _meta_model(cfg) as model:
+    (with ``peft``'s adapters; optimizer state aside): a checkpoint whose config disagrees
+    with its tensors (say, a pruned pattern saved beside unpruned weights) is refused, naming
+    the tensors."""
+    with _meta_model(cfg, peft) as model:
         yield CheckpointReader(directory, cfg, model)
 
 
@@ -223,6 +225,6 @@ def _check_saved_tensors(saved: dict, expected: dict, directory, cfg: ModelConfi
 
 
 @contextlib.contextmanager
-def _meta_model(cfg: ModelConfig) -> Iterator[torch.nn.Module]:
+def _meta_model(cfg: ModelConfig, peft: PeftConfig | None) -> Iterator[torch.nn.Module]:
     with params.single_process_model_parallel():
-        yield params.build_on_meta(cfg)
+        yield params.build_on_meta(cfg, peft)

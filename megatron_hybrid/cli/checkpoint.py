@@ -20,6 +20,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument("out", help="HF directory to create (must not exist)")
     to_hf.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                        help="largest safetensors file, e.g. 5GB or 500MB (default 5GB)")
+    to_peft = directions.add_parser(
+        "lora-to-peft", help="the LoRA adapters of a checkpoint -> a PEFT adapter directory "
+                             "(adapter_config.json, adapter_model.safetensors)")
+    to_peft.add_argument("checkpoint", help="checkpoint of a peft.method=lora run")
+    to_peft.add_argument("out", help="adapter directory to create (must not exist)")
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -30,6 +35,10 @@ def run_convert(args: argparse.Namespace) -> int:
 
     if args.direction == "hf-to-mcore":
         converted = hf_checkpoint.import_hf(args.hf_dir, args.out)
+    elif args.direction == "lora-to-peft":
+        from megatron_hybrid.checkpoint import peft_adapter
+
+        converted = f"PEFT adapter written to {peft_adapter.export_lora(args.checkpoint, args.out)}"
     else:
         converted = hf_checkpoint.export_hf(
             args.checkpoint, args.out,

@@ -176,7 +176,8 @@ def build_trainer(cfg: RunConfig, backend: str, dims: process_groups.ParallelDim
     checkpointer = Checkpointer(
         run_dir, save_interval=cfg.checkpoint.save_interval, keep_last=cfg.checkpoint.keep_last,
         meta={"model": cfg.model.to_dict(), "tokenizer": tokenizer.unique_identifiers,
-              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp}},
+              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp},
+              **({"peft": cfg.peft.to_dict()} if cfg.peft.enabled else {})},
         config_yaml=sections.dump_yaml(cfg))
     latest = _starting_checkpoint(cfg, checkpointer)
     # Data before the model: a bad data file is refused before anything heavy is built.
@@ -189,7 +190,7 @@ def build_trainer(cfg: RunConfig, backend: str, dims: process_groups.ParallelDim
                 valid_samples=cfg.train.eval_batches * cfg.train.global_batch_size)
     train_data, valid_data = datasets
     process_groups.seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, model_layout(cfg, dims), backend=backend)
+    model = build_model(cfg.model, model_layout(cfg, dims), backend=backend, peft=cfg.peft)
     if latest is None and cfg.checkpoint.load:
         _print0(f"initial weights from {cfg.checkpoint.load}")
         load_weights([model], cfg.checkpoint.load)

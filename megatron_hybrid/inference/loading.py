@@ -85,7 +85,7 @@ def _build_and_load(directory: Path, *, backend: str, tp: int, pp: int, seed: in
                     stack: contextlib.ExitStack) -> tuple:
     from megatron_hybrid.checkpoint.dist_checkpoint import CheckpointError, load_weights, read_meta
     from megatron_hybrid.model.build import ModelLayout, build_model
-    from megatron_hybrid.model.config import ModelConfig
+    from megatron_hybrid.model.config import ModelConfig, PeftConfig
     from megatron_hybrid.parallel import process_groups
 
     meta = read_meta(directory)
@@ -100,6 +100,8 @@ def _build_and_load(directory: Path, *, backend: str, tp: int, pp: int, seed: in
                                     backend=backend)
     stack.callback(process_groups.destroy_distributed)
     process_groups.seed_everything(seed)  # Megatron-Core's layers fork its RNG tracker on build
-    model = build_model(model_config, ModelLayout(tp=tp, pp=pp), backend=backend)
+    # A LoRA checkpoint (its meta names the adapters) generates with its adapters on.
+    peft = PeftConfig(**meta["peft"]) if meta.get("peft") else None
+    model = build_model(model_config, ModelLayout(tp=tp, pp=pp), backend=backend, peft=peft)
     load_weights([model], directory)
     return model, tokenizer, model_config

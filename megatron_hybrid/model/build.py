@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_hybrid import mcore
+from megatron_hybrid.model import adapters, specs
 from megatron_hybrid.model import precision as precisions
-from megatron_hybrid.model import specs
-from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig, PeftConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,21 +136,23 @@ def mixer_params(model: ModelConfig) -> dict:
 
 
 def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
-                perform_initialization: bool = True,
-                use_cpu_initialization: bool = False) -> "mcore.MambaModel":
+                perform_initialization: bool = True, use_cpu_initialization: bool = False,
+                peft: PeftConfig | None = None) -> "mcore.MambaModel":
     """This rank's pipeline stage of ``model`` (process groups must be initialised);
     ``use_cpu_initialization`` leaves the weights' device to torch's default (Megatron-Core's
-    name: they are made on the CPU unless a device context says otherwise)."""
+    name: they are made on the CPU unless a device context says otherwise). With ``peft``'s
+    LoRA on, the targeted linears carry adapters and everything else is frozen."""
     model.validate()
     parallel_state = mcore.parallel_state
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     stages = model.layer_pattern.stages(layout.pp)
-    return mcore.MambaModel(
+    built = mcore.MambaModel(
         config=transformer_config(model, layout, perform_initialization=perform_initialization,
                                   backend=backend, use_cpu_initialization=use_cpu_initialization),
         mamba_stack_spec=specs.stack_spec(backend, [len(s) for s in stages],
                                           mixer_params(model),
-                                          transformer_impl=model.transformer_impl),
+                                          transformer_impl=model.transformer_impl,
+                                          peft=peft),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pp_rank == 0,
@@ -160,3 +162,6 @@ def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
         position_embedding_type="none",
         pg_collection=mcore.ProcessGroupCollection.use_mpu_process_groups(),
     )
+    if peft is not None and peft.enabled:
+        adapters.freeze_base(built)
+    return built

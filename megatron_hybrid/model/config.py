@@ -139,3 +139,58 @@ def _dt_checks(model: ModelConfig) -> list[tuple[bool, str]]:
          f"model.mamba_dt_clamp_min must be a finite number >= 0 (0: no clamp), got "
          f"{model.mamba_dt_clamp_min!r}"),
     ]
+
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2", "in_proj", "out_proj")
+"""Linears LoRA can adapt: attention QKV and output projection, MLP fc1 and fc2, Mamba in_proj
+and out_proj."""
+PEFT_METHODS = ("none", "lora")
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning (``peft:`` in a recipe): LoRA adapters on the linears of
+    ``target_modules``, the base model frozen."""
+
+    method: str = "none"
+    """none (full-parameter training) | lora."""
+    rank: int = 16
+    """LoRA rank r: A is [r, in], B is [out, r]."""
+    alpha: float = 32.0
+    """The adapter's output is scaled by alpha / rank (PEFT's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (PEFT's ``lora_dropout``)."""
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: [kind for kind in LORA_TARGETS if kind != "out_proj"])
+    """Which linears get adapters, by kind: qkv, proj, fc1, fc2, in_proj, out_proj. Not
+    out_proj by default: peft refuses it on HF NemotronH, so it trains and merges here but
+    does not export to PEFT."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.method == "lora"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> None:
+        check_choice("peft.method", self.method, PEFT_METHODS)
+        if not self.enabled:
+            return
+        unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
+        checks = [
+            (isinstance(self.rank, int) and self.rank > 0,
+             f"peft.rank must be a positive integer, got {self.rank!r}"),
+            (self.alpha > 0, f"peft.alpha must be > 0, got {self.alpha!r}"),
+            (0 <= self.dropout < 1, f"peft.dropout must be in [0, 1), got {self.dropout!r}"),
+            (bool(self.target_modules) and not unknown,
+             f"peft.target_modules: unknown kinds {unknown or '(none given)'}; choose from "
+             f"{list(LORA_TARGETS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.config import ModelConfig, PeftConfig
 
 KIND_KEYS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 """Pattern symbol -> the key of its per-kind sum in :func:`count_parameters`."""
@@ -35,6 +35,30 @@ def count_parameters(cfg: ModelConfig) -> dict:
             return _tally(model, cfg)
         finally:
             del model
+
+
+def lora_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """LoRA target kind -> (the layer symbol holding it, in features, out features), TP=1."""
+    qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
+    in_proj_out = (2 * cfg.mamba_d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
+                   + cfg.mamba_num_heads)
+    return {"qkv": ("*", cfg.hidden_size, qkv_out),
+            "proj": ("*", cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size),
+            "fc1": ("-", cfg.hidden_size, cfg.ffn_hidden_size),
+            "fc2": ("-", cfg.ffn_hidden_size, cfg.hidden_size),
+            "in_proj": ("M", cfg.hidden_size, in_proj_out),
+            "out_proj": ("M", cfg.mamba_d_inner, cfg.hidden_size)}
+
+
+def lora_parameter_count(cfg: ModelConfig, peft: PeftConfig) -> int:
+    """Trainable parameters of ``peft``'s adapters on ``cfg``: r * (in + out) per adapted
+    linear (A is [r, in], B [out, r])."""
+    if not peft.enabled:
+        return 0
+    counts = cfg.layer_pattern.counts
+    return sum(counts.get(symbol, 0) * peft.rank * (fan_in + fan_out)
+               for kind, (symbol, fan_in, fan_out) in lora_linear_shapes(cfg).items()
+               if kind in peft.target_modules)
 
 
 def hf_parameter_count(cfg: ModelConfig) -> int:
@@ -69,8 +93,8 @@ def _tally(model: torch.nn.Module, cfg: ModelConfig) -> dict:
     return counts
 
 
-def build_on_meta(cfg: ModelConfig):
-    """``cfg``'s whole model, its weights on ``meta``. On the cpu backend Megatron-Core's
+def build_on_meta(cfg: ModelConfig, peft: PeftConfig | None = None):
+    """``cfg``'s whole model (with ``peft``'s adapters), its weights on ``meta``. On the cpu backend Megatron-Core's
     explicit CUDA devices are redirected to ``meta`` too. On cuda the local spec with
     Megatron-Core's CPU initialisation puts every weight on torch's default device (``meta``)
     except the Mamba mixers' per-head tensors (conv, dt bias, A, D: a few MiB), which
@@ -85,9 +109,10 @@ def build_on_meta(cfg: ModelConfig):
 
             with cuda_device_is("meta"):
                 return build_model(cfg, ModelLayout(), backend="cpu",
-                                   perform_initialization=False)
+                                   perform_initialization=False, peft=peft)
         return build_model(cfg.replace(transformer_impl="local"), ModelLayout(), backend=backend,
-                           perform_initialization=False, use_cpu_initialization=True)
+                           perform_initialization=False, use_cpu_initialization=True,
+                           peft=peft)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_hybrid import mcore
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.model import adapters
+from megatron_hybrid.model.config import PeftConfig
 
 # Local norm names -> the names of Transformer Engine's fused norm+linear parameters.
 from megatron_hybrid.parallel import context_parallel
@@ -166,6 +169,19 @@ class DtClampedMambaMixer(mcore.MambaMixer):
         # Decode runs without context parallel and reads the whole (TP-local) dt_bias.
         return super()._ssm_decode(self._clamped(zxBCdt, self.dt_bias), *args, **kwargs)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # A LoRA in_proj's B has in_proj's rows: saved in the same [z, x, B, C, dt] pieces as
+        # its weight, so it reshards across TP sizes as the weight does.
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        lora_b = f"{prefix}in_proj.lora_B"
+        if lora_b in state:
+            groups = self.ngroups_local_tp * self.d_state
+            sections = [self.d_inner_local_tp, self.d_inner_local_tp, groups, groups,
+                        self.nheads_local_tp]
+            state[lora_b] = mcore.mamba_mixer_module._split_tensor_factory(
+                state[lora_b], sections, ["z", "x", "B", "C", "dt"], 0)
+        return state
+
 
 class HybridStack(mcore.MambaStack):
     """MambaStack whose pipeline stages follow the pattern's split exactly.
@@ -272,7 +288,7 @@ def stack_layers(submodules: "mcore.MambaStackSubmodules",
     return submodules
 
 
-def _mamba_layer(mixer_params: dict) -> "mcore.ModuleSpec":
+def _mamba_layer(mixer_params: dict, peft: PeftConfig | None) -> "mcore.ModuleSpec":
     return mcore.ModuleSpec(
         module=mcore.MambaLayer,
         submodules=mcore.MambaLayerSubmodules(
@@ -281,7 +297,8 @@ def _mamba_layer(mixer_params: dict) -> "mcore.ModuleSpec":
                 module=DtClampedMambaMixer,
                 params=mixer_params,
                 submodules=mcore.MambaMixerSubmodules(
-                    in_proj=mcore.ColumnParallelLinear, out_proj=mcore.RowParallelLinear),
+                    in_proj=adapters.linear_spec("in_proj", peft),
+                    out_proj=adapters.linear_spec("out_proj", peft)),
             ),
             mamba_bda=mcore.get_bias_dropout_add,
             sharded_state_dict_keys_map=MAMBA_TE_KEY_MAP,
@@ -289,7 +306,7 @@ def _mamba_layer(mixer_params: dict) -> "mcore.ModuleSpec":
     )
 
 
-def _attention_layer() -> "mcore.ModuleSpec":
+def _attention_layer(peft: PeftConfig | None) -> "mcore.ModuleSpec":
     return mcore.ModuleSpec(
         module=mcore.TransformerLayer,
         submodules=mcore.TransformerLayerSubmodules(
@@ -298,9 +315,9 @@ def _attention_layer() -> "mcore.ModuleSpec":
                 module=mcore.SelfAttention,
                 params={"attn_mask_type": mcore.AttnMaskType.causal},
                 submodules=mcore.SelfAttentionSubmodules(
-                    linear_qkv=mcore.ColumnParallelLinear,
+                    linear_qkv=adapters.linear_spec("qkv", peft),
                     core_attention=SDPAttention,
-                    linear_proj=mcore.RowParallelLinear,
+                    linear_proj=adapters.linear_spec("proj", peft),
                 ),
             ),
             self_attn_bda=mcore.get_bias_dropout_add,
@@ -321,20 +338,22 @@ def _mlp_layer(mlp: "mcore.ModuleSpec", keys_map: dict) -> "mcore.ModuleSpec":
     )
 
 
-def local_stack_submodules(mixer_params: dict) -> "mcore.MambaStackSubmodules":
+def local_stack_submodules(mixer_params: dict,
+                           peft: PeftConfig | None = None) -> "mcore.MambaStackSubmodules":
     """The local layers (the cpu backend's, and ``transformer_impl=local`` on cuda): local
     linears, torch norms, SDPA, and the Mamba kernels the backend registered (the cpu
     backend's torch kernels or mamba_ssm's); ``mixer_params`` are the Mamba mixers' keyword
-    arguments."""
+    arguments; the linears ``peft`` targets are LoRA linears (MoE experts keep theirs)."""
     dense_mlp = mcore.ModuleSpec(
         module=mcore.MLP,
         submodules=mcore.MLPSubmodules(
-            linear_fc1=mcore.ColumnParallelLinear, linear_fc2=mcore.RowParallelLinear),
+            linear_fc1=adapters.linear_spec("fc1", peft),
+            linear_fc2=adapters.linear_spec("fc2", peft)),
     )
     moe_mlp = mcore.get_moe_module_spec(use_te=False, num_experts=8, moe_grouped_gemm=False)
     return mcore.MambaStackSubmodules(
-        mamba_layer=_mamba_layer(mixer_params),
-        attention_layer=_attention_layer(),
+        mamba_layer=_mamba_layer(mixer_params, peft),
+        attention_layer=_attention_layer(peft),
         mlp_layer=_mlp_layer(dense_mlp, TRANSFORMER_TE_KEY_MAP),
         # The TE spec's MoE layer has its own norm (TENorm) named as ours: no fused name.
         moe_layer=_mlp_layer(moe_mlp, {}),
@@ -360,14 +379,18 @@ def implementation(backend: str, transformer_impl: str) -> str:
 
 
 def stack_spec(backend: str, stage_sizes, mixer_params: dict, *,
-               transformer_impl: str = "transformer_engine") -> "mcore.ModuleSpec":
+               transformer_impl: str = "transformer_engine",
+               peft: PeftConfig | None = None) -> "mcore.ModuleSpec":
     """The decoder spec for ``backend`` and ``transformer_impl`` (Transformer Engine's only
-    on cuda) with the pattern's pipeline stage sizes and the Mamba mixers' keyword arguments
-    (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``)."""
+    on cuda) with the pattern's pipeline stage sizes, the Mamba mixers' keyword arguments
+    (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``) and ``peft``'s adapters."""
     if implementation(backend, transformer_impl) == "transformer_engine":
+        if peft is not None and peft.enabled:
+            raise ConfigError("peft.method=lora adapts the local spec's linears: set "
+                              "model.transformer_impl=local")
         submodules, final_norm = te_stack_submodules(mixer_params), mcore.te_norm_class()
     else:
-        submodules, final_norm = local_stack_submodules(mixer_params), TorchRMSNorm
+        submodules, final_norm = local_stack_submodules(mixer_params, peft), TorchRMSNorm
     return mcore.ModuleSpec(
         module=HybridStack,
         submodules=submodules,
