@@ -42,7 +42,8 @@ from safetensors import SafetensorError, safe_open
 from megatron_hybrid.checkpoint import dist_checkpoint, sharded_io
 from megatron_hybrid.data.cache import sha256_bytes, temporary_sibling
 from megatron_hybrid.model import hf_mapping
-from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model.adapters import merged_weight
+from megatron_hybrid.model.config import ModelConfig, PeftConfig
 from megatron_hybrid.model.hf_mapping import ConversionError, preview
 
 CONFIG_FILE = "config.json"
@@ -84,6 +85,8 @@ class Converted:
     parameters: int
     dtypes: tuple[str, ...]
     tokenizer_files: tuple[str, ...]
+    adapters: str = ""
+    """A LoRA checkpoint's adapters: "merged" into the weights or "left out" (the base)."""
 
     def __str__(self) -> str:
         carried = ", ".join(self.tokenizer_files) or "none (add the tokenizer files yourself)"
@@ -292,23 +295,30 @@ def _tokenizer_identity(directory: Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def export_hf(checkpoint_dir, out, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-              ) -> Converted:
-    """Convert checkpoint ``checkpoint_dir`` into a new HF NemotronH directory ``out``."""
+def export_hf(checkpoint_dir, out, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              merge: bool = False) -> Converted:
+    """Convert checkpoint ``checkpoint_dir`` into a new HF NemotronH directory ``out``. Of a
+    LoRA checkpoint the base weights are written, or with ``merge`` the weights with the
+    adapters folded in (``W + alpha / r * B A``)."""
     checkpoint_dir = Path(checkpoint_dir)
-    cfg = ModelConfig(**dist_checkpoint.read_meta(checkpoint_dir)["model"])
+    meta = dist_checkpoint.read_meta(checkpoint_dir)
+    cfg = ModelConfig(**meta["model"])
     cfg.validate()
+    peft = PeftConfig(**meta["peft"]) if meta.get("peft") else None
     maps = hf_mapping.weight_map(cfg, hf_mapping.HF_CHECKPOINT_PREFIX)
-    with sharded_io.open_checkpoint(checkpoint_dir, cfg) as reader:
+    with sharded_io.open_checkpoint(checkpoint_dir, cfg, peft) as reader:
         specs = _hf_specs(maps, reader)
         hf_config = hf_mapping.hf_config_from_model(
             cfg, architectures=["NemotronHForCausalLM"], dtype=_main_dtype(specs))
+        tensors = _hf_tensors(maps, reader, peft.scaling if peft and merge else None)
         with staged_directory(out) as staging:
-            write_safetensors(staging, specs, _hf_tensors(maps, reader), max_shard_bytes)
+            write_safetensors(staging, specs, tensors, max_shard_bytes)
             write_hf_config(staging, hf_config)
             carried = copy_tokenizer_files(checkpoint_dir, staging)
             _verify_export(staging, cfg)
-    return Converted(Path(out), sum(spec.numel for spec in specs), _dtype_names(specs), carried)
+    adapters = "" if peft is None else "merged" if merge else "left out"
+    return Converted(Path(out), sum(spec.numel for spec in specs), _dtype_names(specs), carried,
+                     adapters)
 
 
 def _hf_specs(maps: list, reader) -> list[TensorSpec]:
@@ -321,13 +331,27 @@ def _hf_specs(maps: list, reader) -> list[TensorSpec]:
     return specs
 
 
-def _hf_tensors(maps: list, reader) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) in ``maps`` order, loading one layer of the checkpoint at a time."""
+def _hf_tensors(maps: list, reader, lora_scaling: float | None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) in ``maps`` order, loading one layer of the checkpoint at a time;
+    with ``lora_scaling`` each adapted weight has its adapter merged in."""
     for _, group in groupby(maps, key=lambda entry: entry.layer):
         group = list(group)
-        loaded = reader.load([entry.mcore for entry in group])
+        names = [entry.mcore for entry in group]
+        adapted = [name for name in names
+                   if lora_scaling is not None and _adapter(name, "A") in reader.entries]
+        loaded = reader.load(names + [_adapter(name, factor) for name in adapted
+                                      for factor in "AB"])
+        for name in adapted:
+            loaded[name] = merged_weight(loaded[name], loaded.pop(_adapter(name, "A")),
+                                         loaded.pop(_adapter(name, "B")), lora_scaling)
         for entry in group:
             yield from zip(entry.hf, entry.split(loaded.pop(entry.mcore)))
+
+
+def _adapter(weight_name: str, factor: str) -> str:
+    """The name of LoRA factor ``factor`` (A or B) of the linear holding ``weight_name``."""
+    return f"{weight_name.removesuffix('.weight')}.lora_{factor}"
 
 
 def _main_dtype(specs: list[TensorSpec]) -> torch.dtype:

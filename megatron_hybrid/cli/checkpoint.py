@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from megatron_hybrid.cli import Command
 
@@ -20,6 +21,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument("out", help="HF directory to create (must not exist)")
     to_hf.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                        help="largest safetensors file, e.g. 5GB or 500MB (default 5GB)")
+    to_hf.add_argument("--merge", action="store_true",
+                       help="of a LoRA checkpoint: fold the adapters into the weights (without "
+                            "it the base weights are written, the adapters left out)")
     to_peft = directions.add_parser(
         "lora-to-peft", help="the LoRA adapters of a checkpoint -> a PEFT adapter directory "
                              "(adapter_config.json, adapter_model.safetensors)")
@@ -41,8 +45,12 @@ def run_convert(args: argparse.Namespace) -> int:
         converted = f"PEFT adapter written to {peft_adapter.export_lora(args.checkpoint, args.out)}"
     else:
         converted = hf_checkpoint.export_hf(
-            args.checkpoint, args.out,
+            args.checkpoint, args.out, merge=args.merge,
             max_shard_bytes=hf_checkpoint.parse_size(args.max_shard_size))
+        if converted.adapters == "left out":
+            print(f"{args.checkpoint} holds LoRA adapters: wrote the base weights without them "
+                  f"(export them with convert lora-to-peft, or merge them with --merge)",
+                  file=sys.stderr)
     print(converted)
     return 0
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_hybrid import mcore
-from megatron_hybrid.model.config import PeftConfig
+from megatron_hybrid.model.config import LORA_COLUMN_TARGETS, PeftConfig
 
 ADAPTER_PARAMETERS = ("lora_A", "lora_B")
 """The names of a LoRA linear's own parameters."""
@@ -90,9 +90,14 @@ class LoraLinear:
     def merge(self) -> None:
         """Fold the adapter into this rank's shard of ``W`` (both factors' shards are local)
         and zero B: the layer computes the same function with the adapter adding nothing."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        self.weight.add_(delta.to(self.weight.dtype))
+        self.weight.copy_(merged_weight(self.weight, self.lora_A, self.lora_B, self.scaling))
         self.lora_B.zero_()
+
+
+def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """``W + scaling * B A`` in ``W``'s dtype (the product in fp32)."""
+    return weight + ((lora_b.float() @ lora_a.float()) * scaling).to(weight.dtype)
 
 
 class LoraColumnParallelLinear(LoraLinear, mcore.ColumnParallelLinear):
@@ -154,14 +159,10 @@ class LoraRowParallelLinear(LoraLinear, mcore.RowParallelLinear):
         return self._sharded_state(prefix, sharded_offsets, metadata, {"weight": 1})
 
 
-COLUMN_TARGETS = ("qkv", "fc1", "in_proj")
-"""Target kinds whose base is column-parallel; the others are row-parallel."""
-
-
 def linear_spec(kind: str, peft: PeftConfig | None):
     """The linear a spec builds for target ``kind``: Megatron-Core's, or its LoRA subclass
     when ``peft`` adapts that kind."""
-    column = kind in COLUMN_TARGETS
+    column = kind in LORA_COLUMN_TARGETS
     if peft is None or not peft.enabled or kind not in peft.target_modules:
         return mcore.ColumnParallelLinear if column else mcore.RowParallelLinear
     return mcore.ModuleSpec(module=LoraColumnParallelLinear if column else LoraRowParallelLinear,

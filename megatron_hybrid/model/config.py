@@ -144,6 +144,9 @@ def _dt_checks(model: ModelConfig) -> list[tuple[bool, str]]:
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2", "in_proj", "out_proj")
 """Linears LoRA can adapt: attention QKV and output projection, MLP fc1 and fc2, Mamba in_proj
 and out_proj."""
+LORA_COLUMN_TARGETS = ("qkv", "fc1", "in_proj")
+"""Target kinds whose base is column-parallel (split by output rows over TP); the others are
+row-parallel (split by input columns)."""
 PEFT_METHODS = ("none", "lora")
 
 

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from megatron_hybrid.model.config import ModelConfig, PeftConfig
+from megatron_hybrid.model.config import LORA_COLUMN_TARGETS, ModelConfig, PeftConfig
 
 KIND_KEYS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 """Pattern symbol -> the key of its per-kind sum in :func:`count_parameters`."""
@@ -50,15 +50,28 @@ def lora_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
             "out_proj": ("M", cfg.mamba_d_inner, cfg.hidden_size)}
 
 
-def lora_parameter_count(cfg: ModelConfig, peft: PeftConfig) -> int:
-    """Trainable parameters of ``peft``'s adapters on ``cfg``: r * (in + out) per adapted
-    linear (A is [r, in], B [out, r])."""
+def lora_layer_parameters(cfg: ModelConfig, peft: PeftConfig, tp: int = 1) -> dict[str, int]:
+    """Layer symbol -> the adapter parameters one layer of that kind holds on one of ``tp``
+    ranks: r * (in + out) per adapted linear (A is [r, in], B [out, r]), a column-parallel
+    base's B split by rows, a row-parallel base's A by columns, the other factor whole."""
+    per_layer: dict[str, int] = {}
     if not peft.enabled:
-        return 0
+        return per_layer
+    for kind, (symbol, fan_in, fan_out) in lora_linear_shapes(cfg).items():
+        if kind in peft.target_modules:
+            if kind in LORA_COLUMN_TARGETS:
+                fan_out //= tp
+            else:
+                fan_in //= tp
+            per_layer[symbol] = per_layer.get(symbol, 0) + peft.rank * (fan_in + fan_out)
+    return per_layer
+
+
+def lora_parameter_count(cfg: ModelConfig, peft: PeftConfig) -> int:
+    """Trainable parameters of ``peft``'s adapters on ``cfg`` (TP=1)."""
     counts = cfg.layer_pattern.counts
-    return sum(counts.get(symbol, 0) * peft.rank * (fan_in + fan_out)
-               for kind, (symbol, fan_in, fan_out) in lora_linear_shapes(cfg).items()
-               if kind in peft.target_modules)
+    return sum(counts.get(symbol, 0) * parameters
+               for symbol, parameters in lora_layer_parameters(cfg, peft).items())
 
 
 def hf_parameter_count(cfg: ModelConfig) -> int:

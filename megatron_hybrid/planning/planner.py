@@ -6,7 +6,9 @@ Training, per GPU (the most loaded pipeline stage):
 - parameters, gradients and optimizer state of the stage's TP shard: fp32 runs keep 4 + 4 + 8
   bytes per parameter (weights, fp32 gradient buffer, Adam m and v); bf16 and FP8 runs
   2 + 4 + 12 (bf16 weights, fp32 gradient buffer, fp32 master weights, m and v). The
-  distributed optimizer shards the optimizer part over DP x CP.
+  distributed optimizer shards the optimizer part over DP x CP. With LoRA (``peft``) only the
+  adapters have gradients and optimizer state; the frozen base keeps its weights alone (its
+  activations are counted as full training's, an upper bound).
 - activations: the bytes each layer kind keeps for backward per token (formulas for the
   ``cuda`` kernels, :func:`cuda_layer_activations`; measured by a probe for the ``cpu``
   backend's kernels, :func:`cpu_layer_activations`), times the micro-batch's tokens on this CP
@@ -37,7 +39,8 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.model import params as model_params
+from megatron_hybrid.model.config import ModelConfig, PeftConfig
 from megatron_hybrid.model.precision import fp8_recipe
 
 if TYPE_CHECKING:
@@ -327,6 +330,8 @@ class TrainingLayout:
     """Micro-batches per step on one data-parallel rank."""
     precision: str = "bf16"
     recompute: str = "none"
+    peft: PeftConfig | None = None
+    """LoRA adapters: only they train (None: full-parameter training)."""
 
     @classmethod
     def from_run(cls, cfg: RunConfig, world_size: int) -> TrainingLayout:
@@ -337,7 +342,8 @@ class TrainingLayout:
                    distributed_optimizer=cfg.parallel.distributed_optimizer,
                    micro_batch_size=train.micro_batch_size,
                    num_microbatches=train.global_batch_size // (train.micro_batch_size * dp),
-                   precision=train.precision, recompute=train.recompute)
+                   precision=train.precision, recompute=train.recompute,
+                   peft=cfg.peft if cfg.peft.enabled else None)
 
     @property
     def world_size(self) -> int:
@@ -423,6 +429,8 @@ def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
     params = stage_parameters(cfg, layout.tp, layout.pp)[stage]
     states = _state_bytes_per_parameter(layout)
     layers = cfg.layer_pattern.stages(layout.pp)[stage]
+    adapters = _stage_adapter_parameters(cfg, layout, layers)
+    trainable = params if layout.peft is None else adapters
     tokens = layout.tokens_per_microbatch
     in_flight = min(layout.pp - stage, layout.num_microbatches)
     b = 4 if kernels == "cpu" or layout.precision == "fp32" else 2
@@ -444,12 +452,21 @@ def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
         # The output's activations are freed before the layers' backward runs; 16-bit logits
         # stay alive beside their fp32 copy while the loss is computed.
         logits = tokens * b * cfg.vocab_size / layout.tp if b == 2 else 0.0
-        output_weight_grad = b * cfg.vocab_size * cfg.hidden_size / layout.tp
+        output_weight_grad = (b * cfg.vocab_size * cfg.hidden_size / layout.tp
+                              if layout.peft is None else 0.0)  # frozen under LoRA
         working = max(working - output, logits) + output_weight_grad
-    return TrainingMemory(stage=stage, parameters=params * states["weights"],
-                          gradients=params * states["gradients"],
-                          optimizer=params * states["optimizer"], activations=activations,
+    return TrainingMemory(stage=stage, parameters=(params + adapters) * states["weights"],
+                          gradients=trainable * states["gradients"],
+                          optimizer=trainable * states["optimizer"], activations=activations,
                           in_flight=in_flight, transient=working)
+
+
+def _stage_adapter_parameters(cfg: ModelConfig, layout: TrainingLayout, layers: str) -> int:
+    """LoRA adapter parameters one TP rank of a stage with ``layers`` holds (0 without)."""
+    if layout.peft is None:
+        return 0
+    per_layer = model_params.lora_layer_parameters(cfg, layout.peft, layout.tp)
+    return sum(per_layer.get(symbol, 0) for symbol in layers)
 
 
 def _state_bytes_per_parameter(layout: TrainingLayout) -> dict[str, float]:
@@ -638,7 +655,8 @@ def format_report(report: dict) -> str:
              f"training per GPU ({layout['precision']}, seq {layout['seq_length']:,}, "
              f"tp {layout['tp']} pp {layout['pp']} cp {layout['cp']} dp {layout['dp']}, "
              f"micro-batch {layout['micro_batch_size']} x {layout['num_microbatches']}, "
-             f"recompute {layout['recompute']}; stage {training['stage']}):"]
+             f"recompute {layout['recompute']}{_lora(layout['peft'])}; "
+             f"stage {training['stage']}):"]
     rows = [("parameters", training["parameters"]), ("gradients", training["gradients"]),
             ("optimizer", training["optimizer"])]
     rows += [(f"activations {kind}", value) for kind, value in training["activations"].items()]
@@ -662,6 +680,10 @@ def format_report(report: dict) -> str:
     lines.append("figures:")
     lines += [f"  {name:<12}{basis}" for name, basis in report["basis"].items()]
     return "\n".join(lines)
+
+
+def _lora(peft: dict | None) -> str:
+    return "" if peft is None else f", LoRA r={peft['rank']} (the base frozen)"
 
 
 def _gib(value: float) -> str:

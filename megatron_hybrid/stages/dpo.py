@@ -9,7 +9,9 @@ pretraining (``engine/training_loop.py``) on preference pairs (``data/chat.py``)
 per pair, where ``pi``/``ref`` are the policy's and the reference's log-probabilities of the
 chosen (c) and rejected (r) response, summed over the response tokens, plus, with
 ``dpo.sft_loss_weight`` w > 0, ``w * (-pi_c / chosen tokens)``. The reference is the
-initial policy: its log-probabilities are computed once, before the first step, by a
+initial policy, or with LoRA (``peft.method=lora``) the frozen base, the policy with its
+adapters switched off (``model.adapters.adapters_disabled``; the two agree when the adapters
+start at zero): its log-probabilities are computed once, before the first step, by a
 forward-only pass of the policy itself, and travel in the batch (``ref_logp``), so no second
 model is held and every TP/PP/DP layout works (CP is refused). The chosen and the rejected
 sequence of a pair are neighbours in one micro-batch (its size must be even); the loss is a
@@ -25,6 +27,7 @@ implicit rewards ``beta * (pi - ref)``) and the DPO loss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -178,7 +181,8 @@ def optimize(cfg: RunConfig, dpo: DPOConfig, backend: str, dims) -> dict:
         datasets=(None, None))
     score = partial(sequence_logps, trainer.model_chunks, seq_length=cfg.seq_length,
                     micro_batch_size=cfg.train.micro_batch_size, dp_size=dims.dp)
-    reference = reference_logps(trainer, cfg, score, train_seqs, heldout_seqs)
+    reference = reference_logps(trainer, cfg, reference_scorer(score, trainer.model_chunks),
+                                train_seqs, heldout_seqs)
     trainer = dataclasses.replace(trainer, **_datasets(cfg, num_samples, train_seqs,
                                                        heldout_seqs, reference))
     training_loop.fit(trainer)
@@ -232,6 +236,20 @@ def pairs_of(dpo: DPOConfig, seed: int, needed: int) -> tuple[list, list]:
                else task.preference_pairs("valid"))
     chosen = numpy.random.default_rng(seed).permutation(len(train))[:needed]
     return [train[i] for i in sorted(chosen)], heldout
+
+
+def reference_scorer(score, model_chunks: list):
+    """``score`` with the LoRA adapters of ``model_chunks`` switched off: the reference is the
+    base the adapters train on, held once (a model without adapters is scored as it is)."""
+    from megatron_hybrid.model import adapters
+
+    def reference(sequences):
+        with contextlib.ExitStack() as stack:
+            for chunk in model_chunks:
+                stack.enter_context(adapters.adapters_disabled(chunk))
+            return score(sequences)
+
+    return reference
 
 
 def reference_logps(trainer, cfg: RunConfig, score, train_seqs, heldout_seqs) -> dict:

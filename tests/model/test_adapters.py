@@ -150,23 +150,30 @@ def test_lora_on_the_transformer_engine_spec_and_under_full_recompute_is_refused
         recipe.load_recipe(SFT_RECIPE, ["peft.method=lora", "train.recompute=full"]).validate()
 
 
-def test_sft_stage_with_lora_saves_the_adapters_with_the_model(tmp_path):
-    import json
-
+def sft_lora_run(model: ModelConfig, out: Path, *, steps: int):
+    """(config, report) of an SFT stage run of ``model`` with rank-4 adapters
+    (recipes/tiny/sft_lora.yaml) into ``out``."""
     from megatron_hybrid import recipe
-    from megatron_hybrid.checkpoint import dist_checkpoint
     from megatron_hybrid.engine import training_loop
     from megatron_hybrid.stages import sft
 
-    out = tmp_path / "sft-lora"
     cfg = recipe.load_recipe(SFT_RECIPE.with_name("sft_lora.yaml"), [
-        *(f"model.{k}={v}" for k, v in MODEL.to_dict().items() if v is not None),
-        "checkpoint.load=null", f"output_dir={out}", "train.max_steps=2",
+        *(f"model.{k}={v}" for k, v in model.to_dict().items() if v is not None),
+        "checkpoint.load=null", f"output_dir={out}", f"train.max_steps={steps}",
         "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_batches=1",
         "scheduler.warmup_steps=1", "logging.progress_bar=off", "logging.tensorboard=false",
         "logging.plot=false", "peft.rank=4"])
     with training_loop.session(cfg) as (backend, dims):
-        report = sft.finetune(cfg, sft.SFTConfig(task_samples=0), backend, dims)
+        return cfg, sft.finetune(cfg, sft.SFTConfig(task_samples=0), backend, dims)
+
+
+def test_sft_stage_with_lora_saves_the_adapters_with_the_model(tmp_path):
+    import json
+
+    from megatron_hybrid.checkpoint import dist_checkpoint
+
+    out = tmp_path / "sft-lora"
+    cfg, report = sft_lora_run(MODEL, out, steps=2)
     assert report["end"]["heldout_loss"]["all"] < report["start"]["heldout_loss"]["all"]
     saved = out / "checkpoints" / "step_000002"
     assert dist_checkpoint.read_meta(saved)["peft"] == {**cfg.peft.to_dict(), "rank": 4}
@@ -179,3 +186,31 @@ def test_sft_stage_with_lora_saves_the_adapters_with_the_model(tmp_path):
     with loaded_model(saved, backend="cpu") as (model, _, _):
         trained = [p for name, p in model.named_parameters() if "lora_B" in name]
         assert trained and any(p.abs().sum() > 0 for p in trained)
+
+
+@pytest.mark.parametrize("peft", [None, LORA], ids=["full", "lora"])
+def test_gradient_and_optimizer_bytes_are_what_the_planner_counts(groups, peft):
+    """Megatron-Core's DDP gradient buffers and Adam state, after a step, hold exactly the
+    planner's bytes (fp32): the whole model's for full training, the adapters' alone with
+    LoRA (3.75% of them for this model at r=4)."""
+    from megatron_hybrid.engine import training_step
+    from megatron_hybrid.planning import planner
+
+    model = build_model(MODEL, ModelLayout(), backend="cpu", peft=peft)
+    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False, backend="cpu")]
+    optimizer = training_step.build_optimizer(chunks, training_step.OptimizerSettings(lr=1e-2))
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.main_grad.normal_()
+    optimizer.step()
+    gradients = sum(buffer.grad_data.nbytes for buffer in chunks[0].buffers)
+    adam = sum(value.nbytes for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+               for state in inner.optimizer.state.values() for value in state.values()
+               if torch.is_tensor(value) and value.dim() > 0)  # not the step counter
+    planned = planner.training_memory(MODEL, planner.TrainingLayout(
+        seq_length=MODEL.seq_length, precision="fp32", peft=peft))
+    trainable = params.lora_parameter_count(MODEL, LORA) if peft else sum(
+        p.numel() for p in model.parameters())
+    assert (gradients, adam) == (planned.gradients, planned.optimizer) == (4 * trainable,
+                                                                          8 * trainable)
+    assert planned.parameters == 4 * sum(p.numel() for p in model.parameters())

@@ -26,15 +26,20 @@ threads per rank); the K/V-gather mutant's smallest error was 3.9e-3, its larges
 NPROC = 4
 
 
+def launch(worker: Path, out: Path, nproc: int, timeout: int) -> dict:
+    """Run parity ``worker`` on ``nproc`` ranks (the tiny model of :data:`PATTERN`); its
+    results."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), str(worker), str(out), PATTERN]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env=rank_environment(nproc))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("layouts") / "results.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(NPROC), str(WORKER), str(out), PATTERN]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                            env=rank_environment(NPROC))
-    assert result.returncode == 0, result.stderr[-4000:]
-    results = torch.load(out, weights_only=True)
+    results = launch(WORKER, tmp_path_factory.mktemp("layouts") / "results.pt", NPROC, 900)
     assert set(results["runs"]) == set(results["gradients"]) == {"tp1", *LAYOUTS, MUTANT}
     return results
 

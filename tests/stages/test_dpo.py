@@ -155,22 +155,29 @@ def test_what_dpo_cannot_train_is_refused_in_one_line(overrides, message):
         dpo.DPOConfig(sft_loss_weight=-1.0).validate()
 
 
-def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
+def stage_run(tmp_path, out, *overrides):
+    """(config, options) of a 2-step DPO stage run of the small model into ``out`` on pair
+    files of the task written in ``tmp_path``."""
     from megatron_hybrid import recipe
-    from megatron_hybrid.engine import training_loop
 
     for split, count in (("train", 8), ("valid", 4)):
         lines = [json.dumps({"prompt": list(p.prompt), "chosen": p.chosen,
                              "rejected": p.rejected}) for p in swapped_pairs(split, count)]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "dpo"
     cfg = recipe.load_recipe(RECIPE.with_name("dpo.yaml"), [
         *SMALL_MODEL, "checkpoint.load=null", f"output_dir={out}", f"train.seq_length={SEQ}",
         "train.max_steps=2", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.eval_batches=1", "scheduler.warmup_steps=1", "logging.progress_bar=off",
-        "logging.tensorboard=false", "logging.plot=false"])
-    options = dpo.DPOConfig(train_path=str(tmp_path / "train.jsonl"),
-                            valid_path=str(tmp_path / "valid.jsonl"))
+        "logging.tensorboard=false", "logging.plot=false", *overrides])
+    return cfg, dpo.DPOConfig(train_path=str(tmp_path / "train.jsonl"),
+                              valid_path=str(tmp_path / "valid.jsonl"))
+
+
+def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
+    from megatron_hybrid.engine import training_loop
+
+    out = tmp_path / "dpo"
+    cfg, options = stage_run(tmp_path, out)
     with training_loop.session(cfg) as (backend, dims):
         report = dpo.optimize(cfg, options, backend, dims)
     assert json.loads((out / "dpo_report.json").read_text()) == report
@@ -179,3 +186,44 @@ def test_dpo_stage_reports_heldout_pairs_before_and_after(tmp_path):
     assert (out / dpo.REFERENCE).is_file() and (out / "checkpoints" / "step_000002").is_dir()
     summary = json.loads((out / "summary.json").read_text())  # for the pipeline's report
     assert summary["task_metrics"]["preference accuracy"] == report["end"]["preference_accuracy"]
+
+
+def test_dpo_with_lora_scores_the_reference_on_the_base_and_trains_the_adapters_only(
+        tmp_path, monkeypatch):
+    """One model is built; its adapters start trained (B drawn non-zero, as a LoRA SFT
+    checkpoint leaves them), so the initial policy is not the base: the reference must be
+    the base's log-probabilities, and the steps must leave the base as it was."""
+    from megatron_hybrid.engine import training_loop
+    from megatron_hybrid.model import adapters
+
+    built = []
+
+    def build_once_more(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for _, linear in adapters.lora_linears(model):
+                linear.lora_B.copy_(0.05 * torch.randn(linear.lora_B.shape, generator=generator))
+        built.append((model, {name: p.detach().clone() for name, p in model.named_parameters()}))
+        return model
+
+    build_model = training_loop.build_model
+    monkeypatch.setattr(training_loop, "build_model", build_once_more)
+    out = tmp_path / "dpo"
+    cfg, options = stage_run(tmp_path, out, "optimizer.lr=1e-2", "peft.method=lora",
+                             "peft.rank=4")
+    heldout = chat.pair_sequences(swapped_pairs("valid", 4), load_tokenizer(TokenizerConfig()),
+                                  seq_length=SEQ)
+    with training_loop.session(cfg) as (backend, dims):
+        dpo.optimize(cfg, options, backend, dims)
+        (model, initial), = built  # no second model for the reference
+        score = partial(dpo.sequence_logps, [model], micro_batch_size=4, seq_length=SEQ,
+                        dp_size=1)
+        policy = score(heldout)
+        with adapters.adapters_disabled(model):
+            base = score(heldout)
+    reference = torch.load(out / dpo.REFERENCE, weights_only=True)["heldout"]
+    assert reference.tolist() == pytest.approx(base.tolist(), rel=1e-5)
+    assert (policy - reference).abs().max() > 0.1  # control: the adapters change the scores
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, initial[name])}
+    assert changed and changed == {name for name in initial if adapters.is_adapter_parameter(name)}

@@ -79,7 +79,8 @@ class FirstStepGradients:
         if self.gradients is None:
             complete_sharded_gradients(self.ddp_model)
             self.gradients = {name: param.main_grad.detach().clone()
-                              for name, param in self.ddp_model.module.named_parameters()}
+                              for name, param in self.ddp_model.module.named_parameters()
+                              if param.requires_grad}  # a frozen (LoRA base) one has none
         return self.optimizer.step()
 
 
@@ -138,6 +139,21 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
                                      backend=ddp_backend)]
     optimizer = FirstStepGradients(training_step.build_optimizer(
         chunks, training_step.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt)), chunks[0])
+    run = train_and_save_gradients(chunks, optimizer, model_cfg, dims,
+                                   work_dir / f"gradients_{name}")
+    mcore.parallel_state.destroy_model_parallel()
+    return run
+
+
+def train_and_save_gradients(chunks, optimizer: FirstStepGradients, model_cfg, dims,
+                             path: Path) -> dict:
+    """Train ``STEPS`` steps on the global batches; save the first step's gradients as the
+    model's weights (a frozen parameter keeps its own) to ``path``. Returns the per-step
+    loss and grad norm."""
+    from megatron_hybrid import mcore
+    from megatron_hybrid.checkpoint import dist_checkpoint
+    from megatron_hybrid.engine import training_step
+
     dp_rank = mcore.parallel_state.get_data_parallel_rank()
     losses, norms = [], []
     for tokens in global_batches(model_cfg.vocab_size, model_cfg.seq_length):
@@ -148,11 +164,12 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
         losses.append(result.loss)
         norms.append(result.grad_norm)
     training_step.sync_params(chunks)
+    model = dist_checkpoint.unwrap(chunks[0])
     with torch.no_grad():  # the gradients, written as this layout's weights
         for param_name, param in model.named_parameters():
-            param.copy_(optimizer.gradients[param_name])
-    dist_checkpoint.save_weights([model], work_dir / f"gradients_{name}")
-    mcore.parallel_state.destroy_model_parallel()
+            if param_name in optimizer.gradients:
+                param.copy_(optimizer.gradients[param_name])
+    dist_checkpoint.save_weights([model], path)
     return {"loss": losses, "grad_norm": norms}
 
 
@@ -191,16 +208,21 @@ def cp_mismatch_error(model_cfg, world_size) -> str:
     return "no error"
 
 
-def main():
+def model_config(pattern: str):
+    """The tiny model the parity workers train."""
     from megatron_hybrid.model.config import ModelConfig
 
-    backends.install("cpu")
-    out_path, pattern = Path(sys.argv[1]), sys.argv[2]
-    model_cfg = ModelConfig(
+    return ModelConfig(
         pattern=pattern, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
         num_query_groups=2, kv_channels=8, mamba_num_heads=4, mamba_head_dim=8,
         mamba_state_dim=8, mamba_num_groups=2, vocab_size=64, seq_length=32,
         mamba_chunk_size=16)
+
+
+def main():
+    backends.install("cpu")
+    out_path, pattern = Path(sys.argv[1]), sys.argv[2]
+    model_cfg = model_config(pattern)
     world_size = int(os.environ["WORLD_SIZE"])
     work_dir = out_path.parent
     runs = {}
