@@ -28,6 +28,10 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
 - Dynamic inference (``inference/engines/dynamic_engine.py``): the kernels register
   ``flash_attn`` too (a paged KV cache in torch), and :func:`_patch_megatron_dynamic_inference`
   swaps its Triton tensor ops and KV append for torch.
+- Mixture of experts: ``transformer/moe/moe_utils.py`` binds ``te_general_gemm`` only when
+  Transformer Engine imports (line 34) yet the router's gating GEMM tests it unguarded (line
+  1192, and 1225 in backward); :func:`_patch_megatron_moe` binds it to None, which selects
+  Megatron-Core's own ``torch.mm`` path there (its other TE-fused MoE ops check ``HAVE_TE``).
 - ``tensor_parallel/random.py``: ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and
   set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
@@ -268,6 +272,16 @@ def _patch_megatron_dynamic_inference() -> None:
     inference_communication_module._is_cuda = _is_present
 
 
+def _patch_megatron_moe() -> None:
+    """The router's gating GEMM on torch (``transformer/moe/moe_utils.py:1192``): without
+    Transformer Engine the module never binds ``te_general_gemm`` and the router's first
+    forward raises NameError; None is the value its own check expects for "no TE"."""
+    from megatron_hybrid.mcore import moe_utils_module
+
+    if not moe_utils_module.HAVE_TE:
+        moe_utils_module.te_general_gemm = None
+
+
 def _is_present(tensor) -> None:
     assert tensor is not None
 
@@ -345,6 +359,7 @@ def install() -> None:
     _redirect.__enter__()  # stays on the mode stack for the life of the process
     _patch_megatron_rng()
     _patch_megatron_dynamic_inference()
+    _patch_megatron_moe()
 
 
 @contextlib.contextmanager

@@ -121,7 +121,8 @@ def _load(model_chunks: list, optimizer, directory: Path) -> dict:
 
 SHAPE_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
-                "mamba_num_groups", "vocab_size", "num_moe_experts", "moe_ffn_hidden_size")
+                "mamba_num_groups", "vocab_size", "num_moe_experts", "moe_ffn_hidden_size",
+                "moe_shared_expert_intermediate_size")
 """Model fields that set parameter shapes: a checkpoint loads only into equal ones."""
 
 

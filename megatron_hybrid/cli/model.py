@@ -25,6 +25,9 @@ def run_params(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.flavor}: {counts['total']:,} parameters "
           f"(embedding {counts['embedding']:,}, output layer {counts['output_layer']:,})")
+    if counts["moe"]:
+        print(f"  active per token {counts['active']:,} "
+              f"({counts['active_without_embedding']:,} without the embedding)")
     for kind in ("mamba", "attention", "mlp", "moe"):
         if counts[kind]:
             print(f"  {kind:<9} {counts[kind]:>16,}")

@@ -137,13 +137,16 @@ def ssd_scan_flops(cfg: ModelConfig, seq_length: int) -> float:
 
 
 def moe_layer_flops(cfg: ModelConfig) -> int:
-    """Forward FLOPs per token of one MoE layer: router ``2*h*E`` + top-k experts, each a
-    squared-ReLU MLP of width ``moe_ffn_hidden_size`` (``ffn_hidden_size`` when unset)."""
+    """Forward FLOPs per token of one MoE layer (the active experts only): router ``2*h*E``
+    + top-k experts, each a squared-ReLU MLP of width ``moe_ffn_hidden_size``
+    (``ffn_hidden_size`` when unset), + the shared expert of width
+    ``moe_shared_expert_intermediate_size`` when there is one."""
     if not cfg.num_moe_experts:
         raise ValueError("model.num_moe_experts must be set to count the FLOPs of 'E' layers")
     expert_ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
     router = 2 * cfg.hidden_size * cfg.num_moe_experts
-    return router + cfg.moe_router_topk * 4 * cfg.hidden_size * expert_ffn
+    active_ffn = cfg.moe_router_topk * expert_ffn + (cfg.moe_shared_expert_intermediate_size or 0)
+    return router + 4 * cfg.hidden_size * active_ffn
 
 
 def logits_flops(cfg: ModelConfig) -> int:

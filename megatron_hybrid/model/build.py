@@ -48,6 +48,25 @@ def fusion_options(backend: str) -> dict:
             "bias_activation_fusion": False}
 
 
+def moe_options(model: ModelConfig) -> dict:
+    """TransformerConfig's MoE fields from the ``model:`` section (none without experts)."""
+    if not model.num_moe_experts:
+        return {}
+    return {
+        "num_moe_experts": model.num_moe_experts,
+        "moe_router_topk": model.moe_router_topk,
+        "moe_ffn_hidden_size": model.moe_ffn_hidden_size or model.ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
+        "moe_router_score_function": model.moe_router_score_function,
+        "moe_router_pre_softmax": model.moe_router_pre_softmax,
+        "moe_router_topk_scaling_factor": model.moe_router_topk_scaling_factor,
+        "moe_router_enable_expert_bias": model.moe_router_enable_expert_bias,
+        "moe_router_bias_update_rate": model.moe_router_bias_update_rate,
+        "moe_aux_loss_coeff": model.moe_aux_loss_coeff,
+        "moe_router_dtype": model.moe_router_dtype,
+    }
+
+
 def recompute_options(recompute: str) -> dict:
     if recompute == "selective":
         return {"recompute_granularity": "selective"}
@@ -83,10 +102,7 @@ def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
-        num_moe_experts=model.num_moe_experts,
-        moe_router_topk=model.moe_router_topk,
-        moe_ffn_hidden_size=(model.moe_ffn_hidden_size or model.ffn_hidden_size
-                             if model.num_moe_experts else None),
+        **moe_options(model),
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,

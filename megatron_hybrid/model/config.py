@@ -63,7 +63,27 @@ class ModelConfig:
     moe_router_topk: int = 2
     """Experts each token is routed to."""
     moe_ffn_hidden_size: int | None = None
-    """Inner width of each expert (defaults to ffn_hidden_size)."""
+    """Inner width of each expert (defaults to ffn_hidden_size; HF ``moe_intermediate_size``)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Inner width of the shared expert every token passes through beside its routed ones
+    (HF ``moe_shared_expert_intermediate_size`` with ``n_shared_experts`` 1); None: none."""
+    moe_router_score_function: str = "softmax"
+    """softmax | sigmoid: the router's score of each expert. With sigmoid the top-k scores are
+    normalized to sum to 1 (topk > 1; HF ``norm_topk_prob: true``), as Megatron-Core does."""
+    moe_router_pre_softmax: bool = False
+    """softmax only: softmax over all experts before the top-k (probabilities not
+    renormalized); otherwise softmax over the top-k logits (normalized)."""
+    moe_router_topk_scaling_factor: float | None = None
+    """The routed experts' weights are multiplied by it (HF ``routed_scaling_factor``)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free load balancing (sigmoid only): a per-expert bias added to the scores for
+    the top-k choice alone, moved after each step towards the under-loaded experts."""
+    moe_router_bias_update_rate: float = 1e-3
+    """How far each step moves the expert bias."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing auxiliary loss (0: none)."""
+    moe_router_dtype: str | None = None
+    """fp32 | fp64: the router's GEMM and scores in that precision; None: the model's."""
     transformer_impl: str = "transformer_engine"
     """transformer_engine | local (Megatron-LM's ``--transformer-impl``), on the cuda backend:
     Megatron-Core's Transformer Engine spec, or its local linears with a torch RMSNorm and SDPA
@@ -107,8 +127,7 @@ class ModelConfig:
         ]
         checks += _dt_checks(self)
         if layer_pattern.counts.get("E"):
-            checks.append((self.num_moe_experts is not None and self.num_moe_experts > 0,
-                           "model.num_moe_experts must be set when the pattern has 'E' layers"))
+            checks += _moe_checks(self)
         for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                      "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
                      "mamba_num_groups", "vocab_size", "seq_length", "mamba_chunk_size"):
@@ -138,6 +157,38 @@ def _dt_checks(model: ModelConfig) -> list[tuple[bool, str]]:
         (number(model.mamba_dt_clamp_min) and 0 <= model.mamba_dt_clamp_min < math.inf,
          f"model.mamba_dt_clamp_min must be a finite number >= 0 (0: no clamp), got "
          f"{model.mamba_dt_clamp_min!r}"),
+    ]
+
+
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_ROUTER_DTYPES = ("fp32", "fp64")
+
+
+def _moe_checks(model: ModelConfig) -> list[tuple[bool, str]]:
+    experts, topk = model.num_moe_experts, model.moe_router_topk
+    check_choice("model.moe_router_score_function", model.moe_router_score_function,
+                 MOE_SCORE_FUNCTIONS)
+    if model.moe_router_dtype is not None:
+        check_choice("model.moe_router_dtype", model.moe_router_dtype, MOE_ROUTER_DTYPES)
+    scaling = model.moe_router_topk_scaling_factor
+    shared = model.moe_shared_expert_intermediate_size
+    return [
+        (isinstance(experts, int) and experts > 0,
+         "model.num_moe_experts must be set when the pattern has 'E' layers"),
+        (isinstance(topk, int) and 0 < topk <= (experts or 0),
+         f"model.moe_router_topk ({topk!r}) must be between 1 and model.num_moe_experts "
+         f"({experts!r})"),
+        (not model.moe_router_enable_expert_bias or model.moe_router_score_function == "sigmoid",
+         "model.moe_router_enable_expert_bias needs model.moe_router_score_function=sigmoid"),
+        (not model.moe_router_pre_softmax or model.moe_router_score_function == "softmax",
+         "model.moe_router_pre_softmax applies to softmax scores: set it false with sigmoid"),
+        (scaling is None or scaling > 0,
+         f"model.moe_router_topk_scaling_factor must be > 0 or null, got {scaling!r}"),
+        (shared is None or (isinstance(shared, int) and shared > 0),
+         f"model.moe_shared_expert_intermediate_size must be a positive integer or null, got "
+         f"{shared!r}"),
+        (model.moe_aux_loss_coeff >= 0,
+         f"model.moe_aux_loss_coeff must be >= 0, got {model.moe_aux_loss_coeff!r}"),
     ]
 
 

@@ -1,4 +1,5 @@
-"""Named model flavors: published Nemotron-H / Nemotron Nano 2 shapes and tiny CPU twins.
+"""Named model flavors: published Nemotron-H / Nemotron Nano 2 / Nemotron 3 Nano shapes and
+tiny CPU twins.
 
 ``FLAVORS`` maps a name to a factory returning a fresh ``ModelConfig``; ``get_flavor`` looks one
 up. Published shapes follow Nemotron-H (arXiv 2504.03624), Nemotron Nano 2 (arXiv 2508.14444)
@@ -117,7 +118,52 @@ def nano_v2_9b() -> ModelConfig:
     )
 
 
-def _tiny(pattern: str, **shape: int) -> ModelConfig:
+NEMOTRON_3_NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+"""52 layers: 23 Mamba-2, 23 MoE, 6 attention (HF ``hybrid_override_pattern``)."""
+TINY_NEMOTRON_3_NANO_PATTERN = "MEMEM*EMEMEMEME"
+"""Its head ``MEMEM*E``, one ``MEMEM*E`` motif reduced to ``MEMEM`` and its tail ``EME``
+(15 layers: 7 Mamba, 7 MoE, 1 attention)."""
+NEMOTRON_3_NANO_ROUTER = dict(
+    moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+    moe_router_topk_scaling_factor=2.5, moe_router_dtype="fp64",
+)
+"""The router of Nemotron 3 Nano (HF config ``routed_scaling_factor`` 2.5, ``n_group`` 1,
+``topk_group`` 1, ``norm_topk_prob`` true; Megatron-LM's Nano v3 MoE model test: sigmoid
+scores, expert bias, fp64 router, aux-loss coefficient 0)."""
+
+
+def nemotron_3_nano_30b_a3b() -> ModelConfig:
+    """Nemotron 3 Nano 30B-A3B (HF nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 config): 128
+    routed experts of width 1856 and one shared expert of width 3712 per MoE layer, 6 active
+    per token; 31.6B parameters, 3.2B active."""
+    return ModelConfig(
+        pattern=NEMOTRON_3_NANO_PATTERN, hidden_size=2688, ffn_hidden_size=1856,
+        num_attention_heads=32, num_query_groups=2, kv_channels=128,
+        mamba_num_heads=64, mamba_head_dim=64, mamba_state_dim=128, mamba_num_groups=8,
+        vocab_size=NEMOTRON_VOCAB_SIZE, seq_length=262144,
+        num_moe_experts=128, moe_router_topk=6, moe_ffn_hidden_size=1856,
+        moe_shared_expert_intermediate_size=3712, **NEMOTRON_3_NANO_ROUTER,
+        mamba_dt_clamp_min=PUBLISHED_TIME_STEP_MIN,
+    )
+
+
+def nemotron_3_nano_30b_a3b_base() -> ModelConfig:
+    """Nemotron 3 Nano 30B-A3B Base (HF nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16): the
+    pretrained model before post-training, the same architecture."""
+    return nemotron_3_nano_30b_a3b()
+
+
+def tiny_nemotron_3_nano_30b_a3b() -> ModelConfig:
+    """Tiny twin of nemotron-3-nano-30b-a3b: its pattern in short, 8 experts of width 32
+    (hidden / 2; published 1856 / 2688) with 2 active, a shared expert twice as wide as
+    published, and its router; Mamba d_inner 1.5x hidden (published 4096 / 2688)."""
+    return _tiny(TINY_NEMOTRON_3_NANO_PATTERN, hidden_size=64, ffn_hidden_size=32,
+                 mamba_num_heads=6, num_moe_experts=8, moe_router_topk=2,
+                 moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=64,
+                 **NEMOTRON_3_NANO_ROUTER)
+
+
+def _tiny(pattern: str, **shape) -> ModelConfig:
     """A CPU-size config: attention 8 heads / 2 KV groups / head dim 16, Mamba groups 2,
     vocab 1024, seq 256, chunk 64; ``shape`` sets the rest."""
     defaults = dict(
@@ -194,6 +240,9 @@ FLAVORS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-nemotron-h-56b": tiny_nemotron_h_56b,
     "tiny-nano-v2-12b": tiny_nano_v2_12b,
     "tiny-nano-v2-9b": tiny_nano_v2_9b,
+    "nemotron-3-nano-30b-a3b": nemotron_3_nano_30b_a3b,
+    "nemotron-3-nano-30b-a3b-base": nemotron_3_nano_30b_a3b_base,
+    "tiny-nemotron-3-nano-30b-a3b": tiny_nemotron_3_nano_30b_a3b,
     "tiny-hybrid": tiny_hybrid,
     "tiny": tiny_hybrid,
 }

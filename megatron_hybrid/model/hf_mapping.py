@@ -37,9 +37,9 @@ Numerics that a config cannot carry and what is done about them:
 - Norm epsilon. Megatron-Core 0.16.1 hard-codes ``eps=1e-5`` for the Mamba gated norm (and
   ``MambaLayer`` builds its pre-norm without passing the config's eps), so only
   ``layer_norm_epsilon == 1e-5`` (every published Nemotron-H config) converts exactly.
-- MoE (``E``) layers are not converted: HF NemotronH's MoE (sigmoid group-limited router with a
-  score-correction bias, a shared expert, optional latent projections) is a different
-  architecture from the ``E`` layers ``megatron_hybrid.model.build`` builds.
+- MoE (``E``) layers: configs convert (model -> HF, :func:`_hf_moe_fields`) for the router
+  HF NemotronH has (sigmoid, score-correction bias, one shared expert, one expert group);
+  their weights do not convert yet.
 
 State dicts are the full, unsharded TP=1/PP=1 ones (Megatron's ``model.state_dict()`` names;
 ``*._extra_state`` entries are skipped on export and not produced on import, see
@@ -90,11 +90,6 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
     from transformers import NemotronHConfig
 
     layers = cfg.layer_pattern.layers
-    if "E" in layers:
-        raise ConversionError(
-            f"pattern {cfg.pattern!r} has MoE ('E') layers: HF NemotronH's MoE differs from "
-            "megatron_hybrid's E layers (router, shared expert), so there is no exact HF config"
-        )
     if cfg.norm_eps != MEGATRON_GATED_NORM_EPS:
         raise ConversionError(
             f"model.norm_eps={cfg.norm_eps}: Megatron-Core's Mamba norms use 1e-5 whatever the "
@@ -132,8 +127,33 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
         initializer_range=cfg.init_std,
         residual_in_fp32=False,
         hidden_dropout=0.0,
+        **_hf_moe_fields(cfg),
     )
     return NemotronHConfig(**{**fields, **overrides})
+
+
+def _hf_moe_fields(cfg: ModelConfig) -> dict:
+    """HF NemotronH's MoE fields for ``cfg``'s ``E`` layers: its router is sigmoid with a
+    score-correction bias and always has one shared expert (a model without expert bias
+    converts with the bias at zero); top-k normalization as Megatron-Core's sigmoid router
+    does it (topk > 1); one expert group."""
+    if "E" not in cfg.layer_pattern.layers:
+        return {}
+    if cfg.moe_router_score_function != "sigmoid" or not cfg.moe_shared_expert_intermediate_size:
+        raise ConversionError(
+            "HF NemotronH's MoE routes by sigmoid scores and has a shared expert: set "
+            "model.moe_router_score_function=sigmoid and model.moe_shared_expert_intermediate_size")
+    return dict(
+        n_routed_experts=cfg.num_moe_experts,
+        num_experts_per_tok=cfg.moe_router_topk,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        n_shared_experts=1,
+        routed_scaling_factor=cfg.moe_router_topk_scaling_factor or 1.0,
+        norm_topk_prob=cfg.moe_router_topk > 1,
+        n_group=1,
+        topk_group=1,
+    )
 
 
 def _check_dt_clamp(cfg: ModelConfig) -> None:

@@ -2,8 +2,9 @@
 
 :func:`count_parameters` builds this project's Megatron-Core ``MambaModel`` (TP=1, PP=1) with
 its weights on ``meta`` (:func:`build_on_meta`), so even the 56B builds in well under a second
-and without allocating weights, on either backend. :func:`hf_parameter_count` builds HF's ``NemotronHForCausalLM`` for the
-same config on ``meta``: the independent count the published flavors are checked against.
+and without allocating weights, on either backend. :func:`hf_parameter_counts` builds HF's
+``NemotronHForCausalLM`` for the same config on ``meta``: the independent count (total and
+active) the published flavors are checked against.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ def count_parameters(cfg: ModelConfig) -> dict:
     """Parameters of the Megatron-Core model of ``cfg`` (TP=1, PP=1, untied output layer).
 
     Returns ``total``, ``embedding``, ``output_layer``, ``final_norm``, one sum per layer kind
-    (``mamba``, ``attention``, ``mlp``, ``moe``; zero when absent) and ``per_layer`` (a list
-    in pattern order, as ``pattern.describe(params_per_layer=...)`` takes).
+    (``mamba``, ``attention``, ``mlp``, ``moe``; zero when absent), ``per_layer`` (a list
+    in pattern order, as ``pattern.describe(params_per_layer=...)`` takes), and what one token
+    uses: ``active`` (all but the routed experts it is not sent to: ``num_moe_experts -
+    moe_router_topk`` per MoE layer) and ``active_without_embedding`` (without the input
+    embedding table, a lookup; the output layer stays, every token multiplies by it: the
+    convention of Nemotron 3 Nano's published 3.2B active), with ``total_without_embedding``.
 
     Runs on the installed backend (the cpu backend is installed here if none is: counting
     is CPU work) in a TP=1/PP=1 model-parallel state (a 1-process group is started here, and
@@ -74,15 +79,24 @@ def lora_parameter_count(cfg: ModelConfig, peft: PeftConfig) -> int:
                for symbol, parameters in lora_layer_parameters(cfg, peft).items())
 
 
-def hf_parameter_count(cfg: ModelConfig) -> int:
-    """Parameters of HF ``NemotronHForCausalLM`` for ``cfg``, built on the meta device."""
+def hf_parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """``total`` and ``active`` parameters of HF ``NemotronHForCausalLM`` for ``cfg``, built
+    on the meta device; ``active`` leaves out, in each MoE block, the routed experts' share
+    (HF's ``experts.up_proj`` / ``down_proj``, one slice per expert) a token does not use."""
     from transformers import NemotronHForCausalLM
 
     from megatron_hybrid.model.hf_mapping import hf_config_from_model
 
     with torch.device("meta"):
         model = NemotronHForCausalLM(hf_config_from_model(cfg))
-    return sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mixer.experts"):
+            experts = module.up_proj.shape[0]
+            per_expert = (module.up_proj.numel() + module.down_proj.numel()) // experts
+            idle += per_expert * (experts - cfg.moe_router_topk)
+    return {"total": total, "active": total - idle}
 
 
 def _tally(model: torch.nn.Module, cfg: ModelConfig) -> dict:
@@ -103,6 +117,12 @@ def _tally(model: torch.nn.Module, cfg: ModelConfig) -> dict:
     parts = ("embedding", "output_layer", "final_norm", *KIND_KEYS.values())
     if sum(counts[key] for key in parts) != counts["total"]:
         raise AssertionError(f"parameter parts do not add up to the total: {counts}")
+    idle_experts = (cfg.num_moe_experts or 0) - cfg.moe_router_topk
+    idle = sum(numel(layer.mlp.experts) // cfg.num_moe_experts * idle_experts
+               for layer, symbol in zip(model.decoder.layers, layers) if symbol == "E")
+    counts["active"] = counts["total"] - idle
+    counts["total_without_embedding"] = counts["total"] - counts["embedding"]
+    counts["active_without_embedding"] = counts["active"] - counts["embedding"]
     return counts
 
 

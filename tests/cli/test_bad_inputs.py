@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid import cli
+from megatron_hybrid import backends, cli
+
+backends.install("cpu")
+# Megatron-Core's first import enables faulthandler on sys.stderr, which has no file descriptor
+# inside a captured test: import it here, before any case runs, whatever the order.
+from megatron_hybrid import mcore  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = "recipes/tiny/pretrain.yaml"

@@ -85,6 +85,12 @@ def test_mamba_flops_per_token_depend_on_seq_length_only_through_chunking():
     assert metrics.flops_per_token(cfg, 16)["mamba"] < per_token[64]  # shorter than a chunk
 
 
+def test_moe_flops_count_the_shared_expert_as_active():
+    plain = metrics.moe_layer_flops(small_config("E"))
+    shared = metrics.moe_layer_flops(small_config("E", moe_shared_expert_intermediate_size=96))
+    assert shared - plain == 2 * 2 * 64 * 96  # fc1 and fc2 of width 96, for every token
+
+
 def test_moe_pattern_needs_experts():
     with pytest.raises(ValueError, match="num_moe_experts"):
         metrics.flops_per_token(small_config("E", num_moe_experts=None), 64)

@@ -15,10 +15,10 @@ PROBE = textwrap.dedent("""
     backends.install("cuda", need_transformer_engine=False)
     import torch
     from megatron_hybrid.model.flavors import get_flavor
-    from megatron_hybrid.model.params import count_parameters, hf_parameter_count
+    from megatron_hybrid.model.params import count_parameters, hf_parameter_counts
     model = get_flavor("nano-v2-12b")
     counts = count_parameters(model)
-    print(json.dumps({"ours": counts["total"], "hf": hf_parameter_count(model),
+    print(json.dumps({"ours": counts["total"], "hf": hf_parameter_counts(model)["total"],
                       "gpu_bytes": torch.cuda.max_memory_allocated()}))
 """)
 

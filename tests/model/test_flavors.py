@@ -21,6 +21,7 @@ PUBLISHED = {
     "nemotron-h-56b": (118, 8192, 32768, 64, 8, 128, 256, 64, 256, 8, 8192),
     "nano-v2-12b": (62, 5120, 20480, 40, 8, 128, 128, 80, 128, 8, 131072),
     "nano-v2-9b": (56, 4480, 15680, 40, 8, 128, 128, 80, 128, 8, 131072),
+    "nemotron-3-nano-30b-a3b": (52, 2688, 1856, 32, 2, 128, 64, 64, 128, 8, 262144),
 }
 
 # REFERENCE.md, "Patterns", written out symbol by symbol.
@@ -31,7 +32,17 @@ PUBLISHED_PATTERNS = {
                       "---MM---M-M*-M-M-M-M-M-",
     "nano-v2-12b": "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
     "nano-v2-9b": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
+    "nemotron-3-nano-30b-a3b": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
 }
+
+# HF nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 config.json: n_routed_experts,
+# num_experts_per_tok, moe_intermediate_size, moe_shared_expert_intermediate_size,
+# routed_scaling_factor (n_group 1, topk_group 1, norm_topk_prob true: one group, normalized).
+NEMOTRON_3_NANO_MOE = {"num_moe_experts": 128, "moe_router_topk": 6, "moe_ffn_hidden_size": 1856,
+                       "moe_shared_expert_intermediate_size": 3712,
+                       "moe_router_topk_scaling_factor": 2.5,
+                       "moe_router_score_function": "sigmoid",
+                       "moe_router_enable_expert_bias": True}
 
 
 def is_subsequence(short: str, long: str) -> bool:
@@ -46,7 +57,7 @@ def test_every_flavor_builds_a_valid_config(name):
     cfg.validate()
     assert cfg.num_layers == parse(cfg.pattern).num_layers
     assert cfg.seq_length % cfg.mamba_chunk_size == 0
-    assert {"M", "*", "-"} <= set(cfg.pattern)
+    assert {"M", "*"} <= set(cfg.pattern) and {"-", "E"} & set(cfg.pattern)
 
 
 def test_factories_are_named_functions_returning_fresh_configs():
@@ -68,6 +79,14 @@ def test_published_shapes(name):
 @pytest.mark.parametrize("name", PUBLISHED_PATTERNS)
 def test_published_patterns(name):
     assert get_flavor(name).pattern == PUBLISHED_PATTERNS[name]
+
+
+@pytest.mark.parametrize("name", ["nemotron-3-nano-30b-a3b", "nemotron-3-nano-30b-a3b-base"])
+def test_nemotron_3_nano_moe_is_the_published_one(name):
+    cfg = get_flavor(name)
+    assert {key: getattr(cfg, key) for key in NEMOTRON_3_NANO_MOE} == NEMOTRON_3_NANO_MOE
+    assert parse(cfg.pattern).counts == {"M": 23, "E": 23, "*": 6, "-": 0}
+    assert cfg == get_flavor("nemotron-3-nano-30b-a3b")  # the base: the same architecture
 
 
 def test_56b_pattern_as_described():

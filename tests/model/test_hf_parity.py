@@ -521,6 +521,12 @@ def test_config_round_trip(name):
         assert hf.hybrid_override_pattern == cfg.layer_pattern.layers
         clamp = cfg.mamba_dt_clamp_min
         assert (hf.time_step_min, tuple(hf.time_step_limit)) == (clamp, (clamp, math.inf))
+        if cfg.num_moe_experts:  # MoE configs export; importing MoE is refused (not yet)
+            assert (hf.n_routed_experts, hf.num_experts_per_tok) == (cfg.num_moe_experts,
+                                                                     cfg.moe_router_topk)
+            with pytest.raises(hf_mapping.ConversionError, match="MoE layers"):
+                hf_mapping.model_config_from_hf(hf)
+            continue
         assert hf_mapping.model_config_from_hf(hf) == cfg.replace(pattern=cfg.layer_pattern.layers)
 
 

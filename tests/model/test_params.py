@@ -14,13 +14,17 @@ from megatron_hybrid.model.flavors import FLAVORS, get_flavor  # noqa: E402
 from megatron_hybrid.model.params import (  # noqa: E402
     KIND_KEYS,
     count_parameters,
-    hf_parameter_count,
+    hf_parameter_counts,
 )
 from megatron_hybrid.parallel import process_groups
 from megatron_hybrid.pattern import describe  # noqa: E402
 
 NANO_V2_12B_PARAMETERS = 12_310_001_152
 """HF NemotronHForCausalLM's count for the NVIDIA-Nemotron-Nano-12B-v2-Base config."""
+NEMOTRON_3_NANO_PUBLISHED = {"total": 31.6e9, "active_without_embedding": 3.2e9,
+                             "active": 3.6e9}
+"""Nemotron 3 Nano 30B-A3B's model card: 31.6B total, 3.2B active (3.6B with embeddings), to
+the 0.1B it rounds to."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +42,8 @@ def model_parallel():
 def test_count_matches_hf(name):
     cfg = get_flavor(name)
     counts = count_parameters(cfg)
-    assert counts["total"] == hf_parameter_count(cfg)
+    assert {key: counts[key] for key in ("total", "active")} == hf_parameter_counts(cfg)
+    assert (counts["active"] < counts["total"]) == bool(cfg.num_moe_experts)
     parts = ("embedding", "output_layer", "final_norm", *KIND_KEYS.values())
     assert sum(counts[key] for key in parts) == counts["total"]
     assert len(counts["per_layer"]) == cfg.num_layers
@@ -60,6 +65,14 @@ def test_nano_v2_12b_is_the_published_count_and_builds_without_memory():
     # fp32 weights would be 49 GB; the meta build must not allocate them (measured: < 10 MB).
     assert rss_grown < 256 * 2**20, f"meta build grew RSS by {rss_grown / 2**20:.0f} MB"
     assert seconds < 10, f"meta build of the 12B took {seconds:.1f} s"
+
+
+def test_nemotron_3_nano_counts_are_the_published_ones():
+    counts = count_parameters(get_flavor("nemotron-3-nano-30b-a3b"))
+    for key, published in NEMOTRON_3_NANO_PUBLISHED.items():
+        assert abs(counts[key] - published) <= 0.05e9, (key, counts[key])
+    # Measured: 31,577,937,344 total, 3,580,073,408 active, 3,227,751,872 without embedding.
+    assert counts["active"] - counts["active_without_embedding"] == counts["embedding"]
 
 
 def test_per_layer_counts_feed_the_pattern_description():
