@@ -52,7 +52,10 @@ from megatron_hybrid.model.build import ModelLayout, build_model  # noqa: E402
 from megatron_hybrid.model.config import ModelConfig  # noqa: E402
 from megatron_hybrid.model.flavors import FLAVORS, get_flavor  # noqa: E402
 
-TINY_FLAVORS = sorted(name for name in FLAVORS if name.startswith("tiny-"))
+TINY_FLAVORS = sorted(name for name in FLAVORS
+                      if name.startswith("tiny-") and not get_flavor(name).num_moe_experts)
+"""The tiny flavors without experts: converting MoE checkpoints is refused in one line for now
+(``test_hf_parity.test_config_round_trip``)."""
 
 
 @pytest.fixture(scope="module")
