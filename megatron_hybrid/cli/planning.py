@@ -1,11 +1,12 @@
-"""``megatron-hybrid plan`` (memory and step time before any GPU) and ``bench`` (our step
-against HF's, side by side)."""
+"""``megatron-hybrid plan`` (memory and step time before any GPU), ``bench`` (our training
+step against HF's, side by side) and ``bench decode`` (per-token decode latency by context)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from megatron_hybrid.cli import Command
 from megatron_hybrid.planning.bench import (
@@ -15,6 +16,8 @@ from megatron_hybrid.planning.bench import (
     SHAPE_FIELDS,
     BenchSettings,
 )
+from megatron_hybrid.planning.decode_bench import DEFAULT_CONTEXTS, DecodeSettings
+from megatron_hybrid.planning.decode_bench import DEFAULT_MODEL as DECODE_MODEL
 from megatron_hybrid.planning.planner import GPUS
 
 
@@ -69,11 +72,21 @@ def plan_run_config(args: argparse.Namespace):
     return cfg
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, model) -> None:
+    """``--hidden-size 256`` etc.: the :data:`SHAPE_FIELDS` of ``model``, its values the
+    defaults."""
     for name in SHAPE_FIELDS:
-        default = getattr(DEFAULT_MODEL, name)
+        default = getattr(model, name)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(default),
                             default=default, help=f"model.{name} (default {default})")
+
+
+def model_from_args(args: argparse.Namespace, model):
+    return model.replace(**{name: getattr(args, name) for name in SHAPE_FIELDS})
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, DEFAULT_MODEL)
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
@@ -85,10 +98,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         default=[], help="withhold this process setting from the HF side "
                         "(ablation; repeatable)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    benchmarks = parser.add_subparsers(
+        dest="benchmark", metavar="decode", help="bench decode [options]: per-token decode "
+        "latency by cached context, hybrid vs all-attention, cached vs uncached, ours vs HF "
+        "(without it: training throughput)")
+    decode = benchmarks.add_parser("decode", help="per-token decode latency by context")
+    add_decode_arguments(decode)
+    decode.set_defaults(handler=run_decode_bench)
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    model = DEFAULT_MODEL.replace(**{name: getattr(args, name) for name in SHAPE_FIELDS})
+    model = model_from_args(args, DEFAULT_MODEL)
     model.validate()
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 0:
         raise ValueError("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --threads >= 0")
@@ -106,9 +126,60 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def token_counts(text: str) -> tuple[int, ...]:
+    """``128,512,2k`` -> (128, 512, 2048)."""
+    counts = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            counts.append(int(item[:-1]) * 1024 if item.endswith("k") else int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a token count: give e.g. "
+                                             "--contexts 128,512,2k,8k") from None
+    return tuple(counts)
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, DECODE_MODEL)
+    defaults = DecodeSettings(model=DECODE_MODEL)
+    parser.add_argument("--contexts", type=token_counts, default=DEFAULT_CONTEXTS,
+                        help="cached tokens at which decode is timed, comma-separated, k = 1024 "
+                        "(default " + ",".join(map(str, DEFAULT_CONTEXTS)) + ")")
+    parser.add_argument("--batch", type=int, default=defaults.batch,
+                        help=f"sequences decoded together (default {defaults.batch})")
+    parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens,
+                        help="timed decode steps per context, and tokens per generation run "
+                        f"(default {defaults.new_tokens})")
+    parser.add_argument("--prompt", type=int, default=defaults.prompt,
+                        help="prompt tokens of the cached / uncached / HF generation runs "
+                        f"(default {defaults.prompt})")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats,
+                        help=f"timed rounds of the generation runs (default {defaults.repeats})")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch threads per process (default: torch's, i.e. the cores)")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="also write the latency curves to this PNG")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run_decode_bench(args: argparse.Namespace) -> int:
+    from megatron_hybrid.planning.decode_bench import benchmark, format_report, plot
+
+    settings = DecodeSettings(model=model_from_args(args, DECODE_MODEL), contexts=args.contexts,
+                              batch=args.batch, new_tokens=args.new_tokens, prompt=args.prompt,
+                              repeats=args.repeats, threads=args.threads)
+    settings.validate()
+    result = benchmark(settings, progress=sys.stderr)
+    if args.plot is not None:
+        plot(result, args.plot)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
 COMMANDS = {
     "plan": Command("per-GPU memory and step time of a recipe or flavor (training), and "
                     "inference memory", add_plan_arguments, run_plan),
     "bench": Command("training throughput of ours vs HF transformers' NemotronH on the same "
-                     "model (fp32)", add_bench_arguments, run_bench),
+                     "model (fp32); `bench decode`: decode latency by context",
+                     add_bench_arguments, run_bench),
 }

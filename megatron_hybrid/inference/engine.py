@@ -85,7 +85,10 @@ def cache_gigabytes(module, max_requests: int, max_sequence_length: int) -> floa
     config = module.config
     layers = module.decoder.layer_type_list
     itemsize = config.params_dtype.itemsize
-    kv_block = (2 * layers.count("*") * _BLOCK_TOKENS * config.num_query_groups
+    # Without Mamba layers the context keeps a KV cache for every layer, MLPs included
+    # (dynamic_context.py:383-387).
+    cached_layers = layers.count("*") if "M" in layers else len(layers)
+    kv_block = (2 * cached_layers * _BLOCK_TOKENS * config.num_query_groups
                 * config.kv_channels * itemsize)
     mamba = mcore.get_mamba_inference_state_config_from_model(module)
     mamba_request = 0 if mamba is None else (
@@ -115,12 +118,32 @@ def dynamic_engine(model, *, max_requests: int, max_sequence_length: int
     check_decode_layout(model)
     module = unwrap(model)
     config = _wrapper_config(module, max_requests, max_sequence_length)
-    context = mcore.DynamicInferenceContext.from_config(
-        config, module, max_batch_size=max_requests,
-        buffer_size_gb=cache_gigabytes(module, max_requests, max_sequence_length),
-        mamba_inference_state_config=mcore.get_mamba_inference_state_config_from_model(module))
+    context = _context(module, config)
     return mcore.DynamicInferenceEngine(_controller(module, config, context), context,
                                         random_seed=0)  # greedy sampling never draws
+
+
+def _context(module, config) -> "mcore.DynamicInferenceContext":
+    """The dynamic context ``DynamicInferenceContext.from_config`` builds
+    (dynamic_context.py:779-832), but with ``max_requests`` request slots: from_config drops its
+    ``max_batch_size`` and sizes the slots from the cache (about one per block), and every
+    decode step then runs all of them, a Mamba layer updating each padded row's state."""
+    model_config = module.config
+    max_requests = mcore.DynamicInferenceContext.round_up_requests(
+        config.inference_max_requests, model_config.tensor_model_parallel_size)
+    return mcore.DynamicInferenceContext(
+        params_dtype=config.params_dtype,
+        num_layers=model_config.num_layers // model_config.pipeline_model_parallel_size,
+        kv_channels=model_config.kv_channels,
+        num_attention_heads=model_config.num_query_groups,
+        tensor_model_parallel_size=model_config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=model_config.pipeline_model_parallel_size,
+        max_sequence_length=config.inference_max_seq_length,
+        buffer_size_gb=cache_gigabytes(module, max_requests, config.inference_max_seq_length),
+        max_requests=max_requests,
+        materialize_only_last_token_logits=False,
+        mamba_inference_state_config=mcore.get_mamba_inference_state_config_from_model(module),
+    )
 
 
 def _run_dynamic(model, prompts, max_new_tokens) -> list[list[int]]:

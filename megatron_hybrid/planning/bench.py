@@ -120,8 +120,10 @@ def benchmark(settings: BenchSettings, progress=None) -> dict:
     peaks = metrics.PeakProbes(torch.float32)
     with tempfile.TemporaryDirectory(prefix="megatron-hybrid-bench-") as tmp:
         weights = Path(tmp) / "hf_weights.pt"
-        with _Side("ours", settings, weights) as ours:  # writes the weights HF starts from
-            with _Side("hf", settings, weights, ours.started["optimizer"]) as hf:
+        # The ours side writes the weights HF starts from.
+        with WorkerProcess("ours", TrainingSide, "ours", settings, weights) as ours:
+            with WorkerProcess("hf", TrainingSide, "hf", settings, weights,
+                               ours.started["optimizer"]) as hf:
                 sides = {"ours": ours, "hf": hf}
                 runs = _alternate(sides, settings, peaks, progress)
                 for side, process in sides.items():
@@ -174,8 +176,8 @@ def summarise(settings: BenchSettings, runs: dict, peaks: metrics.PeakProbes,
         }
     ratio = per_side["ours"]["tokens_per_s"] / per_side["hf"]["tokens_per_s"]
     loss_diff = max(abs(a - b) for a, b in zip(runs["ours"]["losses"], runs["hf"]["losses"]))
-    unequal = [key for key in EQUAL_SETTINGS
-               if per_side["ours"]["settings"][key] != per_side["hf"]["settings"][key]]
+    unequal = settings_unequal(per_side["ours"]["settings"], per_side["hf"]["settings"],
+                               EQUAL_SETTINGS)
     return {
         "model": settings.model.to_dict(), "parameters": per_side["ours"]["parameters"],
         "batch_size": settings.batch_size, "seq_length": settings.model.seq_length,
@@ -239,21 +241,21 @@ def _probe_place(probe: dict) -> str:
 # The sides: one spawned process each, driven over a pipe
 # ---------------------------------------------------------------------------------------------
 
-class _Side:
-    """A worker process running one side; ``call(command, *args)`` waits for its answer."""
+class WorkerProcess:
+    """A spawned process holding one object, built there as ``build(*args)`` (a class or
+    function of a module, so that it pickles by name); ``call(method, *args)`` runs one of
+    its methods there and waits for the answer. ``started`` is the object's ``started``."""
 
-    def __init__(self, side: str, settings: BenchSettings, weights: Path,
-                 optimizer: dict | None = None):
+    def __init__(self, name: str, build, *args):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self._conn, self._child_conn = context.Pipe()
-        self._process = context.Process(
-            target=_serve, args=(side, settings, weights, optimizer, self._child_conn),
-            name=f"bench-{side}", daemon=True)
-        self.side = side
+        self._process = context.Process(target=_serve, args=(build, args, self._child_conn),
+                                        name=f"bench-{name}", daemon=True)
+        self.name = name
 
-    def __enter__(self) -> "_Side":
+    def __enter__(self) -> "WorkerProcess":
         self._process.start()
         self._child_conn.close()  # the child's end lives in the child: its exit reads as EOF
         self.started = self._receive()
@@ -266,8 +268,8 @@ class _Side:
         if self._process.is_alive():
             self._process.kill()
 
-    def call(self, command: str, *args):
-        self._conn.send((command, *args))
+    def call(self, method: str, *args):
+        self._conn.send((method, *args))
         return self._receive()
 
     def _receive(self):
@@ -275,45 +277,59 @@ class _Side:
             status, payload = self._conn.recv()
         except EOFError:
             self._process.join(timeout=30)
-            raise RuntimeError(f"the {self.side} benchmark process died (exit code "
+            raise RuntimeError(f"the {self.name} benchmark process died (exit code "
                                f"{self._process.exitcode})") from None
         if status == "error":
-            raise RuntimeError(f"the {self.side} benchmark process failed:\n{payload}")
+            raise RuntimeError(f"the {self.name} benchmark process failed:\n{payload}")
         return payload
 
 
-def _serve(side: str, settings: BenchSettings, weights: Path, optimizer: dict | None,
-           conn) -> None:
-    """Worker main loop: build the side, then answer ``step`` / ``report`` / ``stop``."""
-    import time
+def _serve(build, args: tuple, conn) -> None:
+    """Worker main loop: build the object, then run the methods asked for until ``stop``."""
     import traceback
 
-    import torch
-
-    from megatron_hybrid.engine import metrics
-
     try:
-        torch.set_num_threads(settings.threads)
-        if side == "ours":
-            trainer = OursTrainer(settings, weights)
-        else:
-            trainer = HFTrainer(settings, weights, optimizer)
-        _use_adamw_implementation(trainer.torch_optimizers, settings.adamw)
-        conn.send(("ok", {"parameters": trainer.parameters,
-                          "optimizer": trainer.optimizer_settings}))
+        served = build(*args)
+        conn.send(("ok", served.started))
         while (message := conn.recv())[0] != "stop":
-            if message[0] == "step":
-                start = time.perf_counter()
-                loss = trainer.step(message[1])
-                conn.send(("ok", (loss, time.perf_counter() - start)))
-            else:  # after the steps: the peak RSS, then the settings the steps ran with
-                memory = metrics.peak_memory()[0]
-                conn.send(("ok", {"memory": memory, "settings": process_settings_report(
-                    trainer.torch_optimizers, trainer.kernels())}))
+            conn.send(("ok", getattr(served, message[0])(*message[1:])))
     except Exception:  # reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
+
+
+class TrainingSide:
+    """One side of the training bench, in its worker process: ``step`` trains one timed step,
+    ``report`` gives the peak RSS and the settings the steps ran with."""
+
+    def __init__(self, side: str, settings: BenchSettings, weights: Path,
+                 optimizer: dict | None = None):
+        import torch
+
+        torch.set_num_threads(settings.threads)
+        if side == "ours":
+            self.trainer = OursTrainer(settings, weights)
+        else:
+            self.trainer = HFTrainer(settings, weights, optimizer)
+        _use_adamw_implementation(self.trainer.torch_optimizers, settings.adamw)
+        self.started = {"parameters": self.trainer.parameters,
+                        "optimizer": self.trainer.optimizer_settings}
+
+    def step(self, index: int) -> tuple[float, float]:
+        """The step's loss and seconds."""
+        import time
+
+        start = time.perf_counter()
+        loss = self.trainer.step(index)
+        return loss, time.perf_counter() - start
+
+    def report(self) -> dict:
+        from megatron_hybrid.engine import metrics
+
+        settings = process_settings_report(self.trainer.kernels())
+        settings["optimizer"] = adamw_implementation(self.trainer.torch_optimizers)
+        return {"memory": metrics.peak_memory()[0], "settings": settings}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,14 +359,18 @@ def apply_process_settings(without: tuple[str, ...]) -> None:
         cpu.keep_freed_memory_in_heap()
 
 
-def process_settings_report(torch_optimizers: list, kernels: str) -> dict:
-    """This process's settings as they act now: the keys of :data:`EQUAL_SETTINGS` and
-    ``kernels``."""
+def process_settings_report(kernels: str) -> dict:
+    """This process's settings as they act now: ``threads``, the :data:`PROCESS_SETTINGS`
+    and ``kernels`` (the code path, named by the caller)."""
     import torch
 
     return {"threads": torch.get_num_threads(), "flush_denormal": denormals_flushed(),
-            "heap_retention": large_allocations_stay_in_heap(),
-            "optimizer": adamw_implementation(torch_optimizers), "kernels": kernels}
+            "heap_retention": large_allocations_stay_in_heap(), "kernels": kernels}
+
+
+def settings_unequal(ours: dict, peer: dict, keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` whose values differ between two sides' settings reports."""
+    return [key for key in keys if ours[key] != peer[key]]
 
 
 def denormals_flushed() -> bool | str:
@@ -425,17 +445,14 @@ class OursTrainer:
         from megatron_hybrid import backends
 
         backends.install("cpu")
-        import torch
-
         from megatron_hybrid.engine import training_step
-        from megatron_hybrid.model import hf_mapping
         from megatron_hybrid.model.build import ModelLayout, build_model
         from megatron_hybrid.parallel import process_groups
 
         process_groups.init_distributed(process_groups.ParallelDims(), backend="cpu")
         process_groups.seed_everything(settings.seed)
         model = build_model(settings.model, ModelLayout(), backend="cpu")
-        torch.save(hf_mapping.mcore_to_hf_state_dict(model.state_dict(), settings.model), weights)
+        save_hf_weights(model, settings.model, weights)
         self.parameters = sum(p.numel() for p in model.parameters())
         self.chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False,
                                               backend="cpu")]
@@ -448,11 +465,7 @@ class OursTrainer:
 
     @staticmethod
     def kernels() -> str:
-        """The scan Megatron-Core's ``MambaMixer`` bound at import, by its defining module."""
-        from megatron_hybrid import mcore
-
-        scan = sys.modules[mcore.MambaMixer.__module__].mamba_split_conv1d_scan_combined
-        return f"Megatron-Core MambaMixer + {scan.__module__}.{scan.__name__}"
+        return ours_kernels()
 
     def step(self, index: int) -> float:
         from megatron_hybrid.engine import training_step
@@ -473,9 +486,9 @@ class HFTrainer:
     (``engine.OptimizerSettings`` fields)."""
 
     def __init__(self, settings: BenchSettings, weights: Path, optimizer: dict):
-        _require_hf_torch_path()
+        require_hf_torch_path()
         apply_process_settings(settings.peer_without)
-        self.model = _hf_model(settings.model, weights)
+        self.model = hf_model(settings.model, weights).train()
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.optimizer = _adamw_as_megatron(self.model, optimizer)
         self.torch_optimizers = [self.optimizer]
@@ -497,14 +510,26 @@ class HFTrainer:
         return loss.item()
 
     def kernels(self) -> str:
-        """HF's Mamba-2 mixer class; its torch path, as no kernel package can be imported."""
-        _require_hf_torch_path()
-        (mixer,) = {type(module) for module in self.model.modules()
-                    if type(module).__name__.endswith("Mamba2Mixer")}
-        return f"{mixer.__module__}.{mixer.__qualname__} torch path"
+        return hf_kernels(self.model)
 
 
-def _require_hf_torch_path() -> None:
+def ours_kernels() -> str:
+    """The scan Megatron-Core's ``MambaMixer`` bound at import, by its defining module."""
+    from megatron_hybrid import mcore
+
+    scan = sys.modules[mcore.MambaMixer.__module__].mamba_split_conv1d_scan_combined
+    return f"Megatron-Core MambaMixer + {scan.__module__}.{scan.__name__}"
+
+
+def hf_kernels(model) -> str:
+    """HF's Mamba-2 mixer class; its torch path, as no kernel package can be imported."""
+    require_hf_torch_path()
+    (mixer,) = {type(module) for module in model.modules()
+                if type(module).__name__.endswith("Mamba2Mixer")}
+    return f"{mixer.__module__}.{mixer.__qualname__} torch path"
+
+
+def require_hf_torch_path() -> None:
     """transformers binds ``mamba_ssm`` / ``causal_conv1d`` when they import (the cpu
     backend registers ours under those names): then HF would not run its own code."""
     import importlib.util
@@ -515,7 +540,18 @@ def _require_hf_torch_path() -> None:
         raise RuntimeError(f"{', '.join(found)} importable: HF would not run its torch path")
 
 
-def _hf_model(cfg: ModelConfig, weights: Path):
+def save_hf_weights(model, cfg: ModelConfig, path: Path) -> None:
+    """Our model's weights in HF NemotronH's names, for :func:`hf_model`."""
+    import torch
+
+    from megatron_hybrid.model import hf_mapping
+
+    torch.save(hf_mapping.mcore_to_hf_state_dict(model.state_dict(), cfg), path)
+
+
+def hf_model(cfg: ModelConfig, weights: Path):
+    """HF ``NemotronHForCausalLM`` of ``cfg`` with the weights :func:`save_hf_weights`
+    wrote."""
     import torch
     from transformers import NemotronHForCausalLM
     from transformers.utils import logging as hf_logging
@@ -527,7 +563,7 @@ def _hf_model(cfg: ModelConfig, weights: Path):
         model = NemotronHForCausalLM(hf_mapping.hf_config_from_model(cfg))
     model = model.to_empty(device="cpu")
     model.load_state_dict(torch.load(weights), strict=True)
-    return model.train()
+    return model
 
 
 def _adamw_as_megatron(model, optimizer: dict):

@@ -336,6 +336,10 @@ class TrainingLayout:
     @classmethod
     def from_run(cls, cfg: RunConfig, world_size: int) -> TrainingLayout:
         dp = cfg.parallel.check_world_size(world_size)
+        if cfg.parallel.ep > 1:
+            raise PlanError(f"the planner does not shard experts by parallel.ep yet (asked: "
+                            f"ep={cfg.parallel.ep}): plan with parallel.ep=1, an upper bound "
+                            f"on the experts' memory")
         train = cfg.train
         return cls(seq_length=cfg.seq_length, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                    cp=cfg.parallel.cp, dp=dp, sequence_parallel=cfg.parallel.sequence_parallel,

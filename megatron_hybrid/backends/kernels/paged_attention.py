@@ -23,13 +23,21 @@ def _cached(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Ten
 
 
 def _attend(q, k, v, softmax_scale):
-    """q (q_len, heads, dim) at the last q_len positions of k, v (k_len, kv_heads, dim)."""
+    """q (q_len, heads, dim) at the last q_len positions of k, v (k_len, kv_heads, dim).
+
+    Batched 4-D, and without a mask where none is needed (a whole prompt: causal; one query:
+    every key), so SDPA takes its fused CPU kernel; a mask or 3-D inputs send it to the math
+    path, which holds a q_len x k_len score matrix (1.2 GB at 4k tokens)."""
     q_len, k_len = q.shape[0], k.shape[0]
-    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                         v.transpose(0, 1), attn_mask=mask, scale=softmax_scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+    mask = None
+    if q_len not in (1, k_len):
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if q.shape[1] != k.shape[1]:  # grouped queries: each key head serves a group of them
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=mask,
+                                         is_causal=q_len == k_len > 1, scale=softmax_scale)
+    return out[0].transpose(0, 1)
 
 
 def _check_supported(causal: bool, block_table) -> None:
