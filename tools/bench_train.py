@@ -8,23 +8,9 @@ The same as ``megatron-hybrid bench``; the logic lives in ``megatron_hybrid.plan
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from megatron_hybrid.planning import bench
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return bench.run(args)
-    except ValueError as err:
-        print(f"bench_train: error: {err}", file=sys.stderr)
-        return 2
-
+from megatron_hybrid.cli import main
 
 if __name__ == "__main__":  # the benchmark's worker processes re-import this file
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))
