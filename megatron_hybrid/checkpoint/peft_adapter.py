@@ -8,7 +8,7 @@ Megatron's fused QKV is three HF modules: its B splits by output rows as the fus
 (q, k, v rows of each query group), and its A, shared by the three, is written to each.
 Importing fuses them back and refuses q/k/v adapters whose A differ (no fused LoRA computes
 them). peft 0.21 refuses LoRA on a NemotronH Mamba ``out_proj``, so such adapters are not
-exported.
+exported, nor are an MoE model's (see :func:`export_lora`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,12 @@ def export_lora(checkpoint_dir, out) -> Path:
         raise ConversionError(f"{checkpoint_dir} holds no LoRA adapters (its meta.json has no "
                               f"peft section): give a checkpoint of a run with peft.method=lora")
     cfg, peft = ModelConfig(**meta["model"]), PeftConfig(**meta["peft"])
+    if "E" in cfg.layer_pattern.layers:
+        raise ConversionError(f"{checkpoint_dir} is of an MoE model (pattern {cfg.pattern!r}), "
+                              f"which does not convert to HF NemotronH yet, whose routed "
+                              f"experts are fused [experts, out, in] tensors that peft's LoRA "
+                              f"modules cannot adapt: use the adapters from this checkpoint "
+                              f"(inference loads them) or merge them (adapters.merge_adapters)")
     if "out_proj" in peft.target_modules:
         raise ConversionError(f"{checkpoint_dir} adapts Mamba out_proj, which peft refuses on "
                               f"NemotronH (its fused kernels read the weight directly): merge "

@@ -14,6 +14,15 @@ every rank; under sequence parallel it is a partial sum over the rank's tokens a
 ``sequence_parallel`` for Megatron-Core's ``finalize_model_grads`` to all-reduce, as it does
 for norms. Every base parameter is frozen (``requires_grad=False``), so Megatron-Core's DDP
 and optimizer hold gradients and state for the adapters only.
+
+The MoE layer's experts (``fc1`` / ``fc2`` of each routed expert and of the shared expert)
+are the same linears. A routed expert's linear splits over the expert tensor-parallel group,
+and when expert TP or EP is > 1 its tokens are moved by Megatron-Core's token dispatcher,
+which also sums the row-parallel partial outputs (``explicit_expert_comm``): the adapter then
+communicates no activation either, and its replicated factor, whose gradient is partial over
+the expert-TP ranks, all-reduces that gradient itself. Expert adapters carry their base's
+``allreduce`` flag, so DDP reduces them over the expert-data-parallel group as it does the
+experts.
 """
 
 from __future__ import annotations
@@ -55,7 +64,12 @@ class LoraLinear:
         mcore.tensor_parallel.set_tensor_model_parallel_attributes(sharded, True, self.shard_dim, 1)
         replicated = self.lora_B if sharded is self.lora_A else self.lora_A
         # Partial over this rank's tokens under sequence parallel: all-reduced with the norms.
-        setattr(replicated, "sequence_parallel", config.sequence_parallel)
+        # An expert's is not: the token dispatcher, not sequence parallel, splits its tokens
+        # (see _replicated).
+        setattr(replicated, "sequence_parallel", config.sequence_parallel and not self.is_expert)
+        for factor in (self.lora_A, self.lora_B):
+            # False for an expert under EP: DDP reduces it over the expert-data-parallel group.
+            setattr(factor, "allreduce", self.weight.allreduce)
         if config.perform_initialization and device.type != "meta":
             self._initialize_a()
 
@@ -79,6 +93,17 @@ class LoraLinear:
             return self.lora_dropout(input_)
         with mcore.tensor_parallel.get_cuda_rng_tracker().fork():
             return self.lora_dropout(input_)
+
+    def _replicated(self) -> torch.Tensor:
+        """The factor replicated over TP, as the forward uses it. Under the token dispatcher
+        (``explicit_expert_comm``) every expert-TP rank computes this expert's low-rank
+        product for all its tokens, each with its own shard of the other factor, so the
+        gradient of this factor is partial: all-reduced here over the expert-TP group."""
+        replicated = self.lora_B if self.sharded_factor == "lora_A" else self.lora_A
+        if not self.explicit_expert_comm:
+            return replicated
+        return mcore.tensor_parallel.copy_to_tensor_model_parallel_region(
+            replicated, group=self.tp_group)
 
     def _sharded_state(self, prefix, sharded_offsets, metadata, axes: dict):
         state_dict = self.state_dict(prefix="", keep_vars=True)
@@ -112,11 +137,14 @@ class LoraColumnParallelLinear(LoraLinear, mcore.ColumnParallelLinear):
         output, bias = super().forward(input_, weight, runtime_gather_output)
         if not self.adapter_active:
             return output, bias
-        low_rank = F.linear(self._adapter_input(input_, self.sequence_parallel), self.lora_A)
-        if self.sequence_parallel:
+        # Under the token dispatcher the input already holds all of this expert's tokens.
+        split_tokens = self.sequence_parallel and not self.explicit_expert_comm
+        low_rank = F.linear(self._adapter_input(input_, split_tokens), self._replicated())
+        if split_tokens:
             low_rank = mcore.tensor_parallel.gather_from_sequence_parallel_region(
                 low_rank, group=self.tp_group)
-        else:  # backward all-reduces the partial gradients of this rank's B rows
+        elif not self.explicit_expert_comm:
+            # Backward all-reduces the partial gradients of this rank's B rows.
             low_rank = mcore.tensor_parallel.copy_to_tensor_model_parallel_region(
                 low_rank, group=self.tp_group)
         delta = F.linear(low_rank, self.lora_B) * self.scaling
@@ -145,15 +173,15 @@ class LoraRowParallelLinear(LoraLinear, mcore.RowParallelLinear):
         if not self.adapter_active:
             return output, bias
         # Each rank's A x is a partial sum over its input columns: reduce it, as the base
-        # reduces W x.
+        # reduces W x; under the token dispatcher B A x stays partial, as W x does, and the
+        # dispatcher sums both.
         low_rank = F.linear(self._adapter_input(input_, sharded=True), self.lora_A)
-        if self.sequence_parallel:
-            low_rank = mcore.tensor_parallel.reduce_scatter_to_sequence_parallel_region(
-                low_rank, group=self.tp_group)
-        else:
-            low_rank = mcore.tensor_parallel.reduce_from_tensor_model_parallel_region(
-                low_rank, group=self.tp_group)
-        return output + F.linear(low_rank, self.lora_B) * self.scaling, bias
+        if not self.explicit_expert_comm:
+            reduce = (mcore.tensor_parallel.reduce_scatter_to_sequence_parallel_region
+                      if self.sequence_parallel
+                      else mcore.tensor_parallel.reduce_from_tensor_model_parallel_region)
+            low_rank = reduce(low_rank, group=self.tp_group)
+        return output + F.linear(low_rank, self._replicated()) * self.scaling, bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return self._sharded_state(prefix, sharded_offsets, metadata, {"weight": 1})
@@ -179,9 +207,14 @@ def is_adapter_parameter(name: str) -> bool:
 
 
 def freeze_base(model: torch.nn.Module) -> None:
-    """Only the adapters train: no gradient, DDP buffer or optimizer state for the base."""
+    """Only the adapters train: no gradient, DDP buffer or optimizer state for the base, and
+    the MoE routers' expert bias (a buffer) held at the base's as well."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_adapter_parameter(name))
+    # finalize_model_grads moves the expert bias by a load-balancing rule, no gradient, at
+    # this rate of the config the model's layers share: at zero the adapted model routes
+    # tokens as its base does, and merged adapters meet the routing they were trained with.
+    model.config.moe_router_bias_update_rate = 0.0
 
 
 def merge_adapters(model: torch.nn.Module) -> None:

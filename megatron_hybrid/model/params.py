@@ -42,33 +42,43 @@ def count_parameters(cfg: ModelConfig) -> dict:
             del model
 
 
-def lora_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
-    """LoRA target kind -> (the layer symbol holding it, in features, out features), TP=1."""
+def lora_linear_shapes(cfg: ModelConfig) -> list[tuple[str, str, int, int, int]]:
+    """(LoRA target kind, the layer symbol holding it, in features, out features, copies in
+    one such layer) of every linear LoRA can adapt, TP=1. An ``E`` layer holds fc1 and fc2
+    once per routed expert (width ``moe_ffn_hidden_size``) and once in its shared expert,
+    when it has one."""
+    h = cfg.hidden_size
     qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
     in_proj_out = (2 * cfg.mamba_d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
                    + cfg.mamba_num_heads)
-    return {"qkv": ("*", cfg.hidden_size, qkv_out),
-            "proj": ("*", cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size),
-            "fc1": ("-", cfg.hidden_size, cfg.ffn_hidden_size),
-            "fc2": ("-", cfg.ffn_hidden_size, cfg.hidden_size),
-            "in_proj": ("M", cfg.hidden_size, in_proj_out),
-            "out_proj": ("M", cfg.mamba_d_inner, cfg.hidden_size)}
+    shapes = [("qkv", "*", h, qkv_out, 1),
+              ("proj", "*", cfg.num_attention_heads * cfg.kv_channels, h, 1),
+              ("fc1", "-", h, cfg.ffn_hidden_size, 1), ("fc2", "-", cfg.ffn_hidden_size, h, 1),
+              ("in_proj", "M", h, in_proj_out, 1), ("out_proj", "M", cfg.mamba_d_inner, h, 1)]
+    if cfg.num_moe_experts:
+        experts = [(cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size, cfg.num_moe_experts)]
+        if cfg.moe_shared_expert_intermediate_size:
+            experts.append((cfg.moe_shared_expert_intermediate_size, 1))
+        for width, copies in experts:
+            shapes += [("fc1", "E", h, width, copies), ("fc2", "E", width, h, copies)]
+    return shapes
 
 
 def lora_layer_parameters(cfg: ModelConfig, peft: PeftConfig, tp: int = 1) -> dict[str, int]:
     """Layer symbol -> the adapter parameters one layer of that kind holds on one of ``tp``
     ranks: r * (in + out) per adapted linear (A is [r, in], B [out, r]), a column-parallel
-    base's B split by rows, a row-parallel base's A by columns, the other factor whole."""
+    base's B split by rows, a row-parallel base's A by columns, the other factor whole. The
+    routed experts count as split over expert TP = ``tp``, all of them on every rank (EP = 1)."""
     per_layer: dict[str, int] = {}
     if not peft.enabled:
         return per_layer
-    for kind, (symbol, fan_in, fan_out) in lora_linear_shapes(cfg).items():
+    for kind, symbol, fan_in, fan_out, copies in lora_linear_shapes(cfg):
         if kind in peft.target_modules:
             if kind in LORA_COLUMN_TARGETS:
                 fan_out //= tp
             else:
                 fan_in //= tp
-            per_layer[symbol] = per_layer.get(symbol, 0) + peft.rank * (fan_in + fan_out)
+            per_layer[symbol] = per_layer.get(symbol, 0) + copies * peft.rank * (fan_in + fan_out)
     return per_layer
 
 

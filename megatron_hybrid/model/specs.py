@@ -338,25 +338,36 @@ def _mlp_layer(mlp: "mcore.ModuleSpec", keys_map: dict) -> "mcore.ModuleSpec":
     )
 
 
+def _mlp_linears(peft: PeftConfig | None) -> "mcore.MLPSubmodules":
+    return mcore.MLPSubmodules(linear_fc1=adapters.linear_spec("fc1", peft),
+                               linear_fc2=adapters.linear_spec("fc2", peft))
+
+
+def _moe_mlp(peft: PeftConfig | None) -> "mcore.ModuleSpec":
+    """Megatron-Core's local MoE layer (SequentialMLP experts, and a shared expert when the
+    config sets one) with the dense MLP's fc1 / fc2 in every routed expert and the shared
+    expert: ``peft``'s fc1 / fc2 targets adapt them all. Its spec's ``num_experts`` only has
+    to be set; the config's count builds the experts."""
+    spec = mcore.get_moe_module_spec(use_te=False, num_experts=8, moe_grouped_gemm=False)
+    moe = spec.submodules
+    return dataclasses.replace(spec, submodules=dataclasses.replace(
+        moe, experts=dataclasses.replace(moe.experts, submodules=_mlp_linears(peft)),
+        shared_experts=dataclasses.replace(moe.shared_experts, submodules=_mlp_linears(peft))))
+
+
 def local_stack_submodules(mixer_params: dict,
                            peft: PeftConfig | None = None) -> "mcore.MambaStackSubmodules":
     """The local layers (the cpu backend's, and ``transformer_impl=local`` on cuda): local
     linears, torch norms, SDPA, and the Mamba kernels the backend registered (the cpu
     backend's torch kernels or mamba_ssm's); ``mixer_params`` are the Mamba mixers' keyword
-    arguments; the linears ``peft`` targets are LoRA linears (MoE experts keep theirs)."""
-    dense_mlp = mcore.ModuleSpec(
-        module=mcore.MLP,
-        submodules=mcore.MLPSubmodules(
-            linear_fc1=adapters.linear_spec("fc1", peft),
-            linear_fc2=adapters.linear_spec("fc2", peft)),
-    )
-    moe_mlp = mcore.get_moe_module_spec(use_te=False, num_experts=8, moe_grouped_gemm=False)
+    arguments; the linears ``peft`` targets are LoRA linears, MoE experts' included."""
+    dense_mlp = mcore.ModuleSpec(module=mcore.MLP, submodules=_mlp_linears(peft))
     return mcore.MambaStackSubmodules(
         mamba_layer=_mamba_layer(mixer_params, peft),
         attention_layer=_attention_layer(peft),
         mlp_layer=_mlp_layer(dense_mlp, TRANSFORMER_TE_KEY_MAP),
         # The TE spec's MoE layer has its own norm (TENorm) named as ours: no fused name.
-        moe_layer=_mlp_layer(moe_mlp, {}),
+        moe_layer=_mlp_layer(_moe_mlp(peft), {}),
     )
 
 

@@ -2,7 +2,8 @@
 loop's greedy tokens (``--json``: the new tokens and their text); one prompt streams; chat
 prompts (``--reasoning``) stop at the end of the assistant's turn; stop strings cut the text; a
 Hugging Face directory generates as its converted checkpoint;
-TP=2 under torchrun prints what one rank does; bad input fails in one line."""
+TP=2 under torchrun prints what one rank does (bad input: the catalogue,
+``tests/cli/test_bad_inputs.py``)."""
 
 import json
 import os
@@ -82,24 +83,3 @@ def test_tensor_parallel_under_torchrun_prints_what_one_rank_does(checkpoint, or
     lines = json_lines(generate(checkpoint, "--tp", 2, "--prompt", TEXT, "--prompt-ids",
                                 ",".join(map(str, IDS)), "--json", nproc=2))
     assert [line["tokens"] for line in lines] == [oracle["replies"][1], oracle["replies"][0]]
-
-
-@pytest.mark.parametrize("args, message", [
-    ((), "no prompt: give --prompt TEXT, --prompt-ids 1,2,3 or --prompts FILE.jsonl"),
-    (("--prompt-ids", "1,x"), "--prompt-ids '1,x': give comma-separated token ids, e.g. 1,2,3"),
-    (("--prompt", "a", "--greedy", "--temperature", "0.7"),
-     "--greedy with --temperature, --top-k or --top-p: choose greedy or sampling"),
-    (("--prompt", "a", "--top-k", "5"),
-     "top_k=5, top_p=0.0 at temperature 0: sampling needs a temperature > 0 (1.0 keeps the "
-     "model's distribution)"),
-    (("--prompt", "a", "--tp", "2"),
-     "--tp 2 x --pp 1 needs 2 processes, got 1: launch with torchrun --nproc-per-node 2"),
-])
-def test_bad_input_fails_in_one_line(checkpoint, args, message):
-
-    result = subprocess.run([sys.executable, "-c", "import sys; from megatron_hybrid.cli "
-                             "import main; sys.exit(main(sys.argv[1:]))", "generate",
-                             str(checkpoint), *args], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2
-    assert result.stderr == f"megatron-hybrid generate: error: {message}\n"

@@ -1,7 +1,9 @@
-"""LoRA adapters: swapped in through the specs on every targeted linear, the base frozen (no
-gradient, no optimizer state), the trainable count equal to r * (in + out) per adapted linear,
-the merge giving the same logits, and SFT steps changing the adapters only."""
+"""LoRA adapters: swapped in through the specs on every targeted linear (the MoE layer's routed
+and shared experts included), the base frozen (no gradient, no optimizer state, the routers'
+expert bias held), the trainable count equal to r * (in + out) per adapted linear, the merge
+giving the same logits, and SFT steps changing the adapters only."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,12 @@ MODEL = ModelConfig(pattern="M*-M-", hidden_size=32, ffn_hidden_size=64, num_att
                     num_query_groups=2, kv_channels=8, mamba_num_heads=4, mamba_head_dim=8,
                     mamba_state_dim=8, mamba_num_groups=2, vocab_size=1024, seq_length=256,
                     mamba_chunk_size=64)
+MOE_MODEL = MODEL.replace(pattern="M*E-ME", num_moe_experts=4, moe_router_topk=2,
+                          moe_ffn_hidden_size=48, moe_shared_expert_intermediate_size=96,
+                          moe_router_score_function="sigmoid",
+                          moe_router_enable_expert_bias=True)
+"""Nemotron 3's MoE in small: 4 routed experts (2 per token), a shared expert, a biased
+sigmoid router; layers 2 and 5 are MoE, 3 a dense MLP."""
 SFT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "sft.yaml"
 LORA = PeftConfig(method="lora", rank=4, alpha=8.0)
 KIND_MODULES = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1",
@@ -45,12 +53,14 @@ def logits(model, seed: int = 3):
     return model(tokens, torch.arange(24).expand_as(tokens), None).detach()
 
 
-def randomize_b(model) -> None:
-    """Non-zero B everywhere (training would get there), so the adapters change the output."""
+def randomize_b(model, where: str = "") -> None:
+    """Non-zero B in every adapter whose name holds ``where`` (training would get there), so
+    the adapters change the output."""
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for _, linear in adapters.lora_linears(model):
-            linear.lora_B.copy_(0.2 * torch.randn(linear.lora_B.shape, generator=generator))
+        for name, linear in adapters.lora_linears(model):
+            if where in name:
+                linear.lora_B.copy_(0.2 * torch.randn(linear.lora_B.shape, generator=generator))
 
 
 @pytest.mark.parametrize("targets", [list(LORA_TARGETS), ["qkv", "in_proj"], ["fc2"]])
@@ -71,17 +81,41 @@ def test_trainable_parameters_are_the_adapters_and_match_the_formula(groups, tar
     assert params.lora_parameter_count(MODEL, peft) == 4 * sum(by_hand[k] for k in targets)
 
 
+@pytest.mark.parametrize("targets", [["fc1", "fc2"], ["fc2"]])
+def test_every_routed_and_shared_expert_is_adapted_and_counted(groups, targets):
+    peft = PeftConfig(method="lora", rank=4, target_modules=targets)
+    model = build_model(MOE_MODEL, ModelLayout(), backend="cpu", peft=peft)
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(adapters.is_adapter_parameter(name) for name in trainable)
+    assert sum(trainable.values()) == params.lora_parameter_count(MOE_MODEL, peft)
+    experts = [f"experts.local_experts.{e}" for e in range(4)]
+    for layer in (2, 5):
+        for expert in (*experts, "shared_experts"):
+            for kind in targets:
+                module = model.get_submodule(f"decoder.layers.{layer}.mlp.{expert}.linear_{kind}")
+                assert isinstance(module, adapters.LoraLinear), (layer, expert, kind)
+        assert not model.decoder.layers[layer].mlp.router.weight.requires_grad
+    # By hand, r = 4: per MoE layer 4 routed experts (fc1 32->48, fc2 48->32) and the shared
+    # one (32->96, 96->32), 2 MoE layers; the dense MLP layer (32->64, 64->32).
+    per_kind = 2 * (4 * 80 + 128) + 96
+    assert params.lora_parameter_count(MOE_MODEL, peft) == 4 * per_kind * len(targets)
+
+
 def test_without_peft_the_model_has_no_adapters_and_nothing_frozen(groups):
     model = build_model(MODEL, ModelLayout(), backend="cpu")
     assert not adapted(model) and all(p.requires_grad for p in model.parameters())
     assert params.lora_parameter_count(MODEL, PeftConfig()) == 0
 
 
-def test_adapters_start_at_zero_and_merge_into_the_same_logits(groups):
-    model = build_model(MODEL, ModelLayout(), backend="cpu", peft=LORA).eval()
+@pytest.mark.parametrize("cfg", [MODEL, MOE_MODEL], ids=["dense", "moe"])
+def test_adapters_start_at_zero_and_merge_into_the_same_logits(groups, cfg):
+    model = build_model(cfg, ModelLayout(), backend="cpu", peft=LORA).eval()
     with adapters.adapters_disabled(model):
         base = logits(model)
     assert torch.equal(logits(model), base)  # B = 0: the adapted model starts as its base
+    if cfg.num_moe_experts:  # control: the routed experts' adapters alone change the output
+        randomize_b(model, ".local_experts.")
+        assert (logits(model) - base).abs().max() > 0.1
     randomize_b(model)
     unmerged = logits(model)
     assert (unmerged - base).abs().max() > 0.1  # control: the adapters change the output
@@ -92,14 +126,15 @@ def test_adapters_start_at_zero_and_merge_into_the_same_logits(groups):
         assert (logits(model) - unmerged).abs().max() < 1e-5
 
 
-def test_optimizer_steps_change_the_adapters_only(groups):
+@pytest.mark.parametrize("cfg", [MODEL, MOE_MODEL], ids=["dense", "moe"])
+def test_optimizer_steps_change_the_adapters_only(groups, cfg):
     from megatron_hybrid.data import chat
     from megatron_hybrid.data.datasets import microbatch_iterator
     from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
     from megatron_hybrid.engine import training_step
     from megatron_hybrid.stages import task
 
-    model = build_model(MODEL, ModelLayout(), backend="cpu", peft=LORA)
+    model = build_model(cfg, ModelLayout(), backend="cpu", peft=LORA)
     chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=False, backend="cpu")]
     optimizer = training_step.build_optimizer(
         chunks, training_step.OptimizerSettings(lr=1e-2, weight_decay=0.0))
@@ -107,6 +142,9 @@ def test_optimizer_steps_change_the_adapters_only(groups):
     assert optimized == {id(p) for name, p in model.named_parameters()
                          if adapters.is_adapter_parameter(name)}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # The routers' expert bias, a buffer that load balancing moves without LoRA (test_moe).
+    biases = {name: b.clone() for name, b in model.named_buffers() if name.endswith("expert_bias")}
+    assert len(biases) == cfg.layer_pattern.counts.get("E", 0)
     sequences = chat.pack_conversations(task.conversations("train")[:64],
                                         load_tokenizer(TokenizerConfig()), seq_length=256)
     data = microbatch_iterator(chat.ChatDataset(sequences, num_samples=24, seed=0),
@@ -115,8 +153,10 @@ def test_optimizer_steps_change_the_adapters_only(groups):
     losses = [training_step.train_step(chunks, optimizer, data, num_microbatches=2,
                                        micro_batch_size=4, seq_length=256).loss
               for _ in range(3)]
+    # Every adapter trains, each routed expert's included.
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {name for name in before if adapters.is_adapter_parameter(name)}
+    assert all(torch.equal(model.get_buffer(name), bias) for name, bias in biases.items())
     assert losses[-1] < losses[0], losses
     assert all(p.grad is None and getattr(p, "main_grad", None) is None
                for name, p in model.named_parameters() if not adapters.is_adapter_parameter(name))
@@ -127,6 +167,47 @@ def test_in_proj_adapter_is_saved_in_the_pieces_of_its_weight(groups):
     factory = model.sharded_state_dict()["decoder.layers.0.mixer.in_proj.lora_B"]
     assert [piece.key for piece in factory.build()] == [
         f"decoder.layers.0.mixer.in_proj.lora_B.{part}" for part in ("z", "x", "B", "C", "dt")]
+
+
+def test_expert_adapters_are_saved_by_global_expert_and_reload(groups, tmp_path):
+    """Megatron-Core saves a SequentialMLP's experts as one tensor per weight, indexed by the
+    global expert (``...mlp.experts.experts.linear_fc1.weight`` [experts, out, in]): the
+    adapters follow, so they reload per expert, at any expert-parallel split."""
+    from megatron_hybrid import mcore
+    from megatron_hybrid.checkpoint import dist_checkpoint
+
+    model = build_model(MOE_MODEL, ModelLayout(), backend="cpu", peft=LORA)
+    randomize_b(model)
+    saved = tmp_path / "step_000001"
+    dist_checkpoint.save_weights([model], saved)
+    shapes = {key: tuple(meta.global_shape) for key, meta in
+              mcore.dist_checkpointing.load_tensors_metadata(str(saved)).items()}
+    experts = "decoder.layers.2.mlp.experts.experts"
+    assert shapes[f"{experts}.linear_fc1.lora_A"] == (4, 4, 32)
+    assert shapes[f"{experts}.linear_fc1.lora_B"] == (4, 48, 4)
+    assert shapes[f"{experts}.linear_fc2.lora_A"] == (4, 4, 48)
+    assert shapes["decoder.layers.5.mlp.shared_experts.linear_fc2.lora_B"] == (32, 4)
+    process_groups.seed_everything(1)  # other initial adapters, A included
+    fresh = build_model(MOE_MODEL, ModelLayout(), backend="cpu", peft=LORA)
+    dist_checkpoint.load_weights([fresh], saved)
+    trained = dict(model.named_parameters())
+    loaded = [(name, p) for name, p in fresh.named_parameters() if ".local_experts." in name]
+    assert len(loaded) == 2 * 4 * 6  # 2 MoE layers, 4 experts, fc1 and fc2: W, A, B
+    assert all(torch.equal(p, trained[name]) for name, p in fresh.named_parameters())
+
+
+def test_peft_export_of_an_moe_model_is_refused_in_one_line(tmp_path):
+    """HF NemotronH fuses its routed experts into [experts, out, in] tensors, which peft's
+    LoRA modules cannot adapt, and MoE weights do not convert to HF yet."""
+    from megatron_hybrid.checkpoint import dist_checkpoint, peft_adapter
+    from megatron_hybrid.model.hf_mapping import ConversionError
+
+    (tmp_path / "metadata.json").write_text("{}")
+    (tmp_path / dist_checkpoint.META).write_text(json.dumps(
+        {"model": MOE_MODEL.to_dict(), "peft": LORA.to_dict()}))
+    with pytest.raises(ConversionError, match="is of an MoE model .* merge them") as error:
+        peft_adapter.export_lora(tmp_path, tmp_path / "adapter")
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -168,8 +249,6 @@ def sft_lora_run(model: ModelConfig, out: Path, *, steps: int):
 
 
 def test_sft_stage_with_lora_saves_the_adapters_with_the_model(tmp_path):
-    import json
-
     from megatron_hybrid.checkpoint import dist_checkpoint
 
     out = tmp_path / "sft-lora"
