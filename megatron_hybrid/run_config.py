@@ -111,6 +111,7 @@ class RunConfig:
         self._check_pipeline()
         self._check_tensor_parallel()
         self._check_context_parallel()
+        self._check_expert_parallel()
         self._check_schedule()
         self._check_vocab()
         self._check_peft()
@@ -202,6 +203,27 @@ class RunConfig:
             raise ConfigError(
                 f"parallel.cp={cp} and the Mamba groups per tensor-parallel rank "
                 f"(model.mamba_num_groups / parallel.tp = {groups}) must divide one another")
+
+    def _check_expert_parallel(self) -> None:
+        ep, etp, model = self.parallel.ep, self.parallel.expert_tp, self.model
+        if ep == 1 and etp == 1:
+            return
+        if not model.layer_pattern.counts["E"]:
+            if ep > 1:
+                raise ConfigError(f"parallel.ep={ep} splits MoE experts and model.pattern has no "
+                                  f"'E' layers: set parallel.ep=1, or add 'E' layers")
+            return
+        if model.num_moe_experts % ep:
+            raise ConfigError(
+                f"parallel.ep={ep} does not divide model.num_moe_experts "
+                f"({model.num_moe_experts}): choose parallel.ep from "
+                f"{', '.join(map(str, divisors(model.num_moe_experts)))}")
+        width = model.moe_ffn_hidden_size or model.ffn_hidden_size
+        if width % etp:
+            raise ConfigError(
+                f"the expert tensor-parallel size ({etp}, parallel.etp or else parallel.tp) "
+                f"does not divide the expert width ({width}, model.moe_ffn_hidden_size): set "
+                f"parallel.etp from {', '.join(map(str, divisors(width)[:8]))}")
 
     def _check_schedule(self) -> None:
         scheduler, steps = self.scheduler, self.total_steps

@@ -32,6 +32,10 @@ CPU, once per process and only when asked. What each piece serves (Megatron-Core
   Transformer Engine imports (line 34) yet the router's gating GEMM tests it unguarded (line
   1192, and 1225 in backward); :func:`_patch_megatron_moe` binds it to None, which selects
   Megatron-Core's own ``torch.mm`` path there (its other TE-fused MoE ops check ``HAVE_TE``).
+  Expert parallelism: the all-to-all token dispatcher's splits reach gloo as numpy, as its
+  host copy makes them of a CUDA tensor (:func:`_host_copy`); its copy stream's event can be
+  waited on (``_InertStream.record_event``); expert tensor parallelism's gathers of unequal
+  token counts run on gloo (:func:`_gloo_accepts_uneven_lists`).
 - ``tensor_parallel/random.py``: ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and
   set the CPU generator, so ``CudaRNGStatesTracker.fork()`` (used by ``MambaMixer`` init and
   tensor-parallel weight init) and ``model_parallel_cuda_manual_seed`` work as on a GPU; its
@@ -163,6 +167,11 @@ class _InertStream:
     def __getattr__(self, name):
         return _no_op
 
+    def record_event(self, event=None) -> "_InertStream":
+        """An event to wait on: the all-to-all token dispatcher records one on its copy stream
+        and later synchronizes it (``transformer/moe/token_dispatcher.py:895`` and ``:899``)."""
+        return _InertStream()
+
     def __enter__(self):
         return self
 
@@ -275,11 +284,59 @@ def _patch_megatron_dynamic_inference() -> None:
 def _patch_megatron_moe() -> None:
     """The router's gating GEMM on torch (``transformer/moe/moe_utils.py:1192``): without
     Transformer Engine the module never binds ``te_general_gemm`` and the router's first
-    forward raises NameError; None is the value its own check expects for "no TE"."""
-    from megatron_hybrid.mcore import moe_utils_module
+    forward raises NameError; None is the value its own check expects for "no TE". And the
+    all-to-all dispatcher's host copies (:func:`_host_copy`) and uneven collectives
+    (:func:`_gloo_accepts_uneven_lists`)."""
+    from megatron_hybrid.mcore import moe_utils_module, token_dispatcher_module
 
     if not moe_utils_module.HAVE_TE:
         moe_utils_module.te_general_gemm = None
+    token_dispatcher_module.maybe_move_tensor_to_cpu = _host_copy
+    _gloo_accepts_uneven_lists()
+
+
+def _gloo_accepts_uneven_lists() -> None:
+    """``torch.distributed.all_gather`` and ``reduce_scatter`` over lists of unequal tensors,
+    which NCCL takes and gloo refuses ("invalid tensor size"): the all-to-all dispatcher
+    gathers and scatters the tokens of expert tensor parallelism with per-rank counts
+    (``tensor_parallel/mappings.py:150`` and ``:192``, from
+    ``transformer/moe/token_dispatcher.py:696``). Lists of equal tensors go to gloo as
+    before."""
+    all_gather, reduce_scatter = torch.distributed.all_gather, torch.distributed.reduce_scatter
+
+    def uneven_all_gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or len({part.shape for part in tensor_list}) == 1:
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(part.shape[0] for part in tensor_list)
+        padded = [tensor.new_empty((longest, *tensor.shape[1:])) for _ in tensor_list]
+        all_gather(padded, torch.cat([tensor, tensor.new_zeros(
+            (longest - tensor.shape[0], *tensor.shape[1:]))]), group=group)
+        for part, received in zip(tensor_list, padded):
+            part.copy_(received[:part.shape[0]])
+        return None
+
+    def uneven_reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM,
+                              group=None, async_op=False):
+        if async_op or len({part.shape for part in input_list}) == 1:
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        everything = torch.cat(input_list)
+        torch.distributed.all_reduce(everything, op=op, group=group)
+        rank = torch.distributed.get_rank(group)
+        output.copy_(everything.split([part.shape[0] for part in input_list])[rank])
+        return None
+
+    torch.distributed.all_gather = uneven_all_gather
+    torch.distributed.reduce_scatter = uneven_reduce_scatter
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``moe_utils.maybe_move_tensor_to_cpu`` for tensors that are already on the CPU: the
+    original copies (and turns into numpy) only tensors that are ``is_cuda`` (line 1093), and
+    the all-to-all dispatcher hands its splits, which gloo wants as a list of ints, to
+    ``all_to_all_single`` as numpy (``transformer/moe/token_dispatcher.py:879-887``)."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
 
 
 def _is_present(tensor) -> None:

@@ -104,7 +104,7 @@ def format_report(report: dict) -> str:
         f"shapes      {_shapes_text(model)}",
         f"parameters  {report['parameters']:,} "
         f"({', '.join(f'{n:,} {dtype}' for dtype, n in report['parameters_by_dtype'].items())})",
-        f"saved as    {_layout_text(report['layout'])} (loads in any TP/PP/CP layout)",
+        f"saved as    {_layout_text(report['layout'])} (loads in any TP/PP/CP/EP layout)",
         f"trained     step {report['step']}, {report['tokens']:,} tokens, "
         f"{report['consumed_samples']:,} samples{_origin_text(report)}",
         f"optimizer   {'saved' if report['optimizer_state'] else 'not saved (weights only)'}",

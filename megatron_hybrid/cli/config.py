@@ -89,8 +89,7 @@ def resolved_settings(cfg, backend: str) -> dict:
     from megatron_hybrid.parallel.process_groups import ParallelDims
 
     parallel = cfg.parallel
-    dims = ParallelDims(tp=parallel.tp, pp=parallel.pp, cp=parallel.cp,
-                        world_size=parallel.model_parallel_size)
+    dims = ParallelDims.of(parallel, parallel.model_parallel_size)
     transformer = build.transformer_config(cfg.model, training_loop.model_layout(cfg, dims),
                                            backend=backend)
     ddp = training_step.ddp_config(

@@ -129,8 +129,7 @@ def session(cfg: RunConfig) -> Iterator[tuple[str, process_groups.ParallelDims]]
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg.validate(world_size)
     cfg.validate_for_backend(backend)
-    dims = process_groups.ParallelDims(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
-                                 world_size=world_size)
+    dims = process_groups.ParallelDims.of(cfg.parallel, world_size)
     process_groups.init_distributed(dims, backend=backend,
                               timeout_minutes=cfg.parallel.timeout_minutes)
     try:
@@ -176,7 +175,7 @@ def build_trainer(cfg: RunConfig, backend: str, dims: process_groups.ParallelDim
     checkpointer = Checkpointer(
         run_dir, save_interval=cfg.checkpoint.save_interval, keep_last=cfg.checkpoint.keep_last,
         meta={"model": cfg.model.to_dict(), "tokenizer": tokenizer.unique_identifiers,
-              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp},
+              "layout": dims.layout,
               **({"peft": cfg.peft.to_dict()} if cfg.peft.enabled else {})},
         config_yaml=sections.dump_yaml(cfg))
     latest = _starting_checkpoint(cfg, checkpointer)
@@ -243,7 +242,8 @@ def collective_timeout(minutes: float, *, then: float):
 
 def model_layout(cfg: RunConfig, dims: process_groups.ParallelDims) -> ModelLayout:
     """How this run lays its model out across ranks."""
-    return ModelLayout(tp=dims.tp, pp=dims.pp, cp=dims.cp,
+    return ModelLayout(tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, etp=dims.etp,
+                       moe_dispatcher=cfg.parallel.moe_dispatcher,
                        sequence_parallel=cfg.parallel.sequence_parallel,
                        tp_comm_overlap=cfg.parallel.tp_comm_overlap,
                        precision=cfg.train.precision, recompute=cfg.train.recompute)

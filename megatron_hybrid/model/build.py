@@ -21,6 +21,12 @@ class ModelLayout:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    ep: int = 1
+    """Expert parallel: each rank holds num_moe_experts / ep of every MoE layer's experts."""
+    etp: int | None = None
+    """Expert tensor parallel (None: tp, Megatron-Core's default)."""
+    moe_dispatcher: str = "alltoall"
+    """Megatron-Core's token dispatcher: alltoall or allgather."""
     sequence_parallel: bool = False
     precision: str = "fp32"
     """fp32, bf16 or an FP8 recipe of :data:`precision.FP8_RECIPES` (bf16 weights around it)."""
@@ -106,6 +112,9 @@ def transformer_config(model: ModelConfig, layout: ModelLayout = ModelLayout(), 
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        moe_token_dispatcher_type=layout.moe_dispatcher,
         sequence_parallel=layout.sequence_parallel,
         params_dtype=layout.params_dtype,
         pipeline_dtype=layout.params_dtype,

@@ -13,6 +13,7 @@ from megatron_hybrid.errors import (
 )
 
 BACKENDS = ("auto", "cpu", "cuda")
+MOE_DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclass(kw_only=True)
@@ -23,6 +24,15 @@ class ParallelConfig:
     """Pipeline-parallel size: splits the pattern's layers into stages (``|`` marks them)."""
     cp: int = 1
     """Context-parallel size: splits each sequence."""
+    ep: int = 1
+    """Expert-parallel size: splits each MoE layer's routed experts (carved out of dp * cp *
+    tp, as Megatron-Core does; needs ``E`` layers and must divide model.num_moe_experts)."""
+    etp: int | None = None
+    """Expert tensor-parallel size: splits each expert's width; null: tp (Megatron-Core's
+    default). ``etp * ep * pp`` must divide the world size."""
+    moe_dispatcher: str = "alltoall"
+    """How tokens reach their experts' ranks: ``alltoall`` (Megatron-Core's all-to-all token
+    dispatcher) or ``allgather`` (every rank gathers all tokens, keeps its experts')."""
     sequence_parallel: bool = False
     """Shard norms and dropout activations along the sequence across the TP group (needs tp > 1)."""
     distributed_optimizer: bool = False
@@ -46,6 +56,11 @@ class ParallelConfig:
         """Ranks holding one model replica: tp * pp * cp."""
         return self.tp * self.pp * self.cp
 
+    @property
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size: ``etp``, or tp when unset."""
+        return self.tp if self.etp is None else self.etp
+
     def check_world_size(self, world_size: int) -> int:
         """The data-parallel size the world size leaves; ConfigError if tp*pp*cp does not
         divide it."""
@@ -59,12 +74,16 @@ class ParallelConfig:
                 f"divide world size {world_size}: use a world size that is a multiple of "
                 f"tp * pp * cp = {product} (e.g. {product}, {2 * product}, {3 * product}), or "
                 f"choose tp * pp * cp among {working} (the divisors of {world_size})")
+        check_expert_world_size(self.expert_tp, self.ep, self.pp, world_size)
         return world_size // product
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep"):
             check_positive_int(f"parallel.{name}", getattr(self, name))
+        if self.etp is not None:
+            check_positive_int("parallel.etp", self.etp)
         check_choice("parallel.backend", self.backend, BACKENDS)
+        check_choice("parallel.moe_dispatcher", self.moe_dispatcher, MOE_DISPATCHERS)
         for name in ("timeout_minutes", "index_build_timeout_minutes"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be > 0")
@@ -74,3 +93,16 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (tp is 1): "
                               "set parallel.tp=2 or more, or parallel.sequence_parallel=false")
+
+
+def check_expert_world_size(etp: int, ep: int, pp: int, world_size: int) -> int:
+    """The expert-data-parallel size (Megatron-Core's ``initialize_model_parallel``: experts
+    lay out as etp * ep * pp * expert-dp over the world); ConfigError if etp*ep*pp does not
+    divide the world size."""
+    product = etp * ep * pp
+    if world_size % product:
+        raise ConfigError(
+            f"parallel: etp({etp}) * ep({ep}) * pp({pp}) does not divide world size "
+            f"{world_size} (experts lay out as etp * ep * pp * expert-dp): choose parallel.ep "
+            f"and parallel.etp so that etp * ep * pp divides {world_size}")
+    return world_size // product

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.parallel.config import check_expert_world_size
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,26 @@ class ParallelDims:
     pp: int = 1
     cp: int = 1
     world_size: int = 1
+    ep: int = 1
+    """Expert parallel: the routed experts split over ``ep`` ranks."""
+    etp: int | None = None
+    """Expert tensor parallel; None: tp (Megatron-Core's default)."""
+
+    @classmethod
+    def of(cls, parallel, world_size: int) -> "ParallelDims":
+        """The dims of a ``parallel:`` section (:class:`~megatron_hybrid.parallel.config.
+        ParallelConfig`) on ``world_size`` ranks."""
+        return cls(tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, ep=parallel.ep,
+                   etp=parallel.etp, world_size=world_size)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """The layout as checkpoints record it."""
+        return {"tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep, "dp": self.dp}
 
     @property
     def model_parallel(self) -> int:
@@ -58,11 +79,14 @@ def init_distributed(dims: ParallelDims, *, backend: str, timeout_minutes: int =
             timeout=timeout,
             device_id=device,
         )
-    dims.dp  # noqa: B018  (raises the one-line layout error before any group exists)
+    dims.dp  # noqa: B018  (raises the one-line layout errors before any group exists)
+    check_expert_world_size(dims.expert_tp, dims.ep, dims.pp, dims.world_size)
     mcore.parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
         context_parallel_size=dims.cp,
+        expert_model_parallel_size=dims.ep,
+        expert_tensor_parallel_size=dims.expert_tp,
         distributed_timeout_minutes=timeout_minutes,
     )
 

@@ -311,7 +311,7 @@ def save_outputs(cfg: RunConfig, pruned_cfg: ModelConfig, pruned, tokenizer, rep
     checkpointer = Checkpointer(
         run_dir, save_interval=None, keep_last=cfg.checkpoint.keep_last,
         meta={"model": pruned_cfg.to_dict(), "tokenizer": tokenizer.unique_identifiers,
-              "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp},
+              "layout": dims.layout,
               "pruned_from": cfg.checkpoint.load},
         config_yaml=sections.dump_yaml(pruned_run))
     saved = checkpointer.save(TrainState(), [pruned], None, None)

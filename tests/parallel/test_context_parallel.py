@@ -69,7 +69,7 @@ def cp1_run(tmp_path_factory):
 def test_torchrun_cp2_reproduces_cp1_losses(cp1_run, tmp_path):
     train("pretrain.yaml", tmp_path, *SMALL, "train.max_steps=4", "parallel.cp=2", nproc=2)
     meta = json.loads((tmp_path / "checkpoints" / "step_000004" / "meta.json").read_text())
-    assert meta["layout"] == {"tp": 1, "pp": 1, "cp": 2, "dp": 1}
+    assert meta["layout"] == {"tp": 1, "pp": 1, "cp": 2, "ep": 1, "dp": 1}
     reference = step_losses(cp1_run)
     # Measured over 4 steps (seeds 1234, 1, 2; 1 thread too): the loss falls 0.30-0.40.
     assert len(reference) == 4 and reference[-1] < reference[0] - 0.15

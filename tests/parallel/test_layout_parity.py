@@ -26,11 +26,13 @@ threads per rank); the K/V-gather mutant's smallest error was 3.9e-3, its larges
 NPROC = 4
 
 
-def launch(worker: Path, out: Path, nproc: int, timeout: int) -> dict:
-    """Run parity ``worker`` on ``nproc`` ranks (the tiny model of :data:`PATTERN`); its
-    results."""
+def launch(worker: Path, out: Path, nproc: int, timeout: int, *, pattern: str = PATTERN,
+           layouts: tuple[str, ...] = ()) -> dict:
+    """Run parity ``worker`` on ``nproc`` ranks (the tiny model of ``pattern``; ``layouts``
+    for the layout worker); its results."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(nproc), str(worker), str(out), PATTERN]
+               "--nproc-per-node", str(nproc), str(worker), str(out), pattern,
+               *([",".join(layouts)] if layouts else [])]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                             env=rank_environment(nproc))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -39,7 +41,8 @@ def launch(worker: Path, out: Path, nproc: int, timeout: int) -> dict:
 
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory):
-    results = launch(WORKER, tmp_path_factory.mktemp("layouts") / "results.pt", NPROC, 900)
+    results = launch(WORKER, tmp_path_factory.mktemp("layouts") / "results.pt", NPROC, 900,
+                     layouts=(*LAYOUTS, MUTANT))
     assert set(results["runs"]) == set(results["gradients"]) == {"tp1", *LAYOUTS, MUTANT}
     return results
 
@@ -57,15 +60,22 @@ def gradient_errors(results: dict, layout: str) -> dict[str, float]:
     return errors
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_reproduces_every_tp1_gradient_and_the_loss_curve(layout_results, layout):
-    errors = gradient_errors(layout_results, layout)
+def assert_reproduces_tp1(results: dict, layout: str, *, tolerance: float = GRADIENT_TOLERANCE,
+                          grad_norm_rel: float = 1e-5) -> None:
+    """``layout``'s gradients within ``tolerance`` of TP=1's (relative, see
+    ``gradient_errors``), and its loss and grad norm those of TP=1 at every step."""
+    errors = gradient_errors(results, layout)
     worst = max(errors, key=errors.get)
-    assert errors[worst] < GRADIENT_TOLERANCE, (worst, errors[worst])
-    reference, run = layout_results["runs"]["tp1"], layout_results["runs"][layout]
+    assert errors[worst] < tolerance, (worst, errors[worst])
+    reference, run = results["runs"]["tp1"], results["runs"][layout]
     assert len(run["loss"]) == len(reference["loss"]) == 3
     assert run["loss"] == pytest.approx(reference["loss"], rel=1e-5)
-    assert run["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert run["grad_norm"] == pytest.approx(reference["grad_norm"], rel=grad_norm_rel)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_reproduces_every_tp1_gradient_and_the_loss_curve(layout_results, layout):
+    assert_reproduces_tp1(layout_results, layout)
 
 
 def test_a_cp_attention_that_does_not_gather_kv_fails_the_comparison(layout_results):

@@ -1,12 +1,18 @@
 """torchrun worker: train the same weights under several parallel layouts in one launch.
 
-Every layout loads the checkpoint written by the first (TP=1, PP=1, CP=1) layout and trains a
-few steps on the same global batches. Rank 0 writes, with ``torch.save`` to argv[1]:
+Arguments: the results file, the model's pattern and the layouts to run (comma-separated
+names of :data:`LAYOUTS`). The first layout, ``tp1`` (TP=PP=CP=EP=1), writes the checkpoint
+every layout loads; each trains a few steps on the same global batches. Rank 0 writes, with
+``torch.save`` to argv[1]:
 
-- ``runs``: {layout: {"loss": [...], "grad_norm": [...]}} per step;
+- ``runs``: {layout: {"loss": [...], "grad_norm": [...]}} per step; the :data:`RESHARDED`
+  layout's also has ``logits``, of its trained weights for a fixed batch;
 - ``gradients``: {layout: {parameter: gradient}}, the first step's reduced gradient of every
   parameter (before clipping), in full, under the TP=1 model's names and shapes;
-- ``cp_mismatch``: the error of a model whose TransformerConfig says CP=1 inside CP=2 groups.
+- ``resharded_logits`` (with :data:`RESHARDED`): the logits of the same trained weights read
+  into a TP=1, EP=1 model;
+- ``cp_mismatch`` (with ``MUTANT``): the error of a model whose TransformerConfig says CP=1
+  inside CP=2 groups.
 
 A layout's gradients reach TP=1 names and shapes through the project's reshardable
 checkpoints: written as the weights of that layout's model, read into a TP=1 model. The
@@ -19,6 +25,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,21 +33,41 @@ import torch.distributed as dist
 from megatron_hybrid import backends
 
 MUTANT = "cp2_without_kv_gather"
+
+
+class Layout(NamedTuple):
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sp: bool = False
+    distopt: bool = False
+    ep: int = 1
+    dispatcher: str = "alltoall"
+
+
 LAYOUTS = {
-    # name: (tp, pp, cp, sequence_parallel, distributed_optimizer)
-    "tp1": (1, 1, 1, False, False),
-    "tp2": (2, 1, 1, False, False),
-    "pp2": (1, 2, 1, False, False),
-    "tp2pp2": (2, 2, 1, False, False),
-    "tp2sp": (2, 1, 1, True, False),
-    "tp2sp_distopt": (2, 1, 1, True, True),
-    "cp2": (1, 1, 2, False, False),
-    "tp2cp2": (2, 1, 2, False, False),
-    "tp2cp2sp": (2, 1, 2, True, False),
-    "pp2cp2": (1, 2, 2, False, False),
-    "distopt_overlap": (1, 1, 1, False, True),
-    MUTANT: (1, 1, 2, False, False),
+    "tp1": Layout(),
+    "tp2": Layout(tp=2),
+    "pp2": Layout(pp=2),
+    "tp2pp2": Layout(tp=2, pp=2),
+    "tp2sp": Layout(tp=2, sp=True),
+    "tp2sp_distopt": Layout(tp=2, sp=True, distopt=True),
+    "cp2": Layout(cp=2),
+    "tp2cp2": Layout(tp=2, cp=2),
+    "tp2cp2sp": Layout(tp=2, cp=2, sp=True),
+    "pp2cp2": Layout(pp=2, cp=2),
+    "distopt_overlap": Layout(distopt=True),
+    MUTANT: Layout(cp=2),
+    # Expert parallel (an E pattern): the experts split over 2 or 4 ranks; expert tensor
+    # parallel is tp (Megatron-Core's default).
+    "ep2": Layout(ep=2),
+    "ep2_allgather": Layout(ep=2, dispatcher="allgather"),
+    "ep4": Layout(ep=4),
+    "ep2tp2sp": Layout(ep=2, tp=2, sp=True),
+    "ep2pp2_distopt": Layout(ep=2, pp=2, distopt=True),
 }
+RESHARDED = "ep2"
+"""The layout whose trained weights are read back at EP=1 and must give its logits."""
 GPU_DDP = {"distopt_overlap"}
 """Layouts wrapped with the DDP settings of the cuda backend: the gradient reduce overlapped
 with the backward (once per step, after the last micro-batch: ``no_sync``) and the weight
@@ -125,31 +152,46 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
     from megatron_hybrid.model.build import ModelLayout, build_model
     from megatron_hybrid.parallel import process_groups
 
-    tp, pp, cp, sp, distopt = LAYOUTS[name]
-    dims = process_groups.ParallelDims(tp=tp, pp=pp, cp=cp, world_size=world_size)
+    layout = LAYOUTS[name]
+    dims = process_groups.ParallelDims(tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep,
+                                       world_size=world_size)
     process_groups.init_distributed(dims, backend="cpu")
     process_groups.seed_everything(0)
-    model = build_model(model_cfg, ModelLayout(tp=tp, pp=pp, cp=cp, sequence_parallel=sp),
-                        backend="cpu")
+    model = build_model(model_cfg, ModelLayout(
+        tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, moe_dispatcher=layout.dispatcher,
+        sequence_parallel=layout.sp), backend="cpu")
     if name == "tp1":
         dist_checkpoint.save_weights([model], work_dir / "initial_weights")
     dist_checkpoint.load_weights([model], work_dir / "initial_weights")
     ddp_backend = "cuda" if name in GPU_DDP else "cpu"
-    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=distopt,
+    chunks = [training_step.wrap_ddp(model, use_distributed_optimizer=layout.distopt,
                                      backend=ddp_backend)]
     optimizer = FirstStepGradients(training_step.build_optimizer(
-        chunks, training_step.OptimizerSettings(lr=1e-2, use_distributed_optimizer=distopt)), chunks[0])
+        chunks, training_step.OptimizerSettings(lr=1e-2, use_distributed_optimizer=layout.distopt)),
+        chunks[0])
+    trained = work_dir / f"trained_{name}" if name == RESHARDED else None
     run = train_and_save_gradients(chunks, optimizer, model_cfg, dims,
-                                   work_dir / f"gradients_{name}")
+                                   work_dir / f"gradients_{name}", trained_weights=trained)
+    if trained is not None:  # the trained weights, read back at this layout
+        dist_checkpoint.load_weights([model], trained)
+        run["logits"] = logits(model, model_cfg)
     mcore.parallel_state.destroy_model_parallel()
     return run
 
 
+def logits(model, model_cfg) -> torch.Tensor:
+    """The model's logits (one pipeline stage, TP=1 vocabulary) for a fixed batch."""
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length),
+                           generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        return model(tokens, None, None).detach().clone()
+
+
 def train_and_save_gradients(chunks, optimizer: FirstStepGradients, model_cfg, dims,
-                             path: Path) -> dict:
-    """Train ``STEPS`` steps on the global batches; save the first step's gradients as the
-    model's weights (a frozen parameter keeps its own) to ``path``. Returns the per-step
-    loss and grad norm."""
+                             path: Path, *, trained_weights: Path | None = None) -> dict:
+    """Train ``STEPS`` steps on the global batches (then save the trained weights to
+    ``trained_weights`` if given); save the first step's gradients as the model's weights (a
+    frozen parameter keeps its own) to ``path``. Returns the per-step loss and grad norm."""
     from megatron_hybrid import mcore
     from megatron_hybrid.checkpoint import dist_checkpoint
     from megatron_hybrid.engine import training_step
@@ -165,6 +207,8 @@ def train_and_save_gradients(chunks, optimizer: FirstStepGradients, model_cfg, d
         norms.append(result.grad_norm)
     training_step.sync_params(chunks)
     model = dist_checkpoint.unwrap(chunks[0])
+    if trained_weights is not None:
+        dist_checkpoint.save_weights([model], trained_weights)
     with torch.no_grad():  # the gradients, written as this layout's weights
         for param_name, param in model.named_parameters():
             if param_name in optimizer.gradients:
@@ -173,8 +217,9 @@ def train_and_save_gradients(chunks, optimizer: FirstStepGradients, model_cfg, d
     return {"loss": losses, "grad_norm": norms}
 
 
-def gradients_at_tp1(model_cfg, work_dir: Path, world_size) -> dict[str, dict]:
-    """Every layout's saved gradients, read into a TP=1 model: {layout: {name: tensor}}."""
+def read_at_tp1(model_cfg, names, work_dir: Path, world_size) -> dict:
+    """Every layout's saved gradients, read into a TP=1 model ({layout: {name: tensor}}), and
+    the logits of the :data:`RESHARDED` layout's trained weights read the same way."""
     from megatron_hybrid import mcore
     from megatron_hybrid.checkpoint import dist_checkpoint
     from megatron_hybrid.model.build import ModelLayout, build_model
@@ -183,12 +228,16 @@ def gradients_at_tp1(model_cfg, work_dir: Path, world_size) -> dict[str, dict]:
     process_groups.init_distributed(process_groups.ParallelDims(world_size=world_size), backend="cpu")
     model = build_model(model_cfg, ModelLayout(), backend="cpu")
     gradients = {}
-    for name in LAYOUTS:
+    for name in names:
         dist_checkpoint.load_weights([model], work_dir / f"gradients_{name}")
         gradients[name] = {param_name: param.detach().clone()
                            for param_name, param in model.named_parameters()}
+    results = {"gradients": gradients}
+    if RESHARDED in names:
+        dist_checkpoint.load_weights([model], work_dir / f"trained_{RESHARDED}")
+        results["resharded_logits"] = logits(model, model_cfg)
     mcore.parallel_state.destroy_model_parallel()
-    return gradients
+    return results
 
 
 def cp_mismatch_error(model_cfg, world_size) -> str:
@@ -209,28 +258,31 @@ def cp_mismatch_error(model_cfg, world_size) -> str:
 
 
 def model_config(pattern: str):
-    """The tiny model the parity workers train."""
+    """The tiny model the parity workers train (4 experts, top 2, where it has E layers)."""
     from megatron_hybrid.model.config import ModelConfig
 
+    experts = {"num_moe_experts": 4, "moe_router_topk": 2} if "E" in pattern else {}
     return ModelConfig(
         pattern=pattern, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
         num_query_groups=2, kv_channels=8, mamba_num_heads=4, mamba_head_dim=8,
         mamba_state_dim=8, mamba_num_groups=2, vocab_size=64, seq_length=32,
-        mamba_chunk_size=16)
+        mamba_chunk_size=16, **experts)
 
 
 def main():
     backends.install("cpu")
-    out_path, pattern = Path(sys.argv[1]), sys.argv[2]
+    out_path, pattern, layouts = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+    names = ["tp1", *layouts]
     model_cfg = model_config(pattern)
     world_size = int(os.environ["WORLD_SIZE"])
     work_dir = out_path.parent
     runs = {}
-    for name in LAYOUTS:
+    for name in names:
         with attention_without_kv_gather() if name == MUTANT else contextlib.nullcontext():
             runs[name] = run_layout(model_cfg, name, work_dir, world_size)
-    results = {"runs": runs, "gradients": gradients_at_tp1(model_cfg, work_dir, world_size),
-               "cp_mismatch": cp_mismatch_error(model_cfg, world_size)}
+    results = {"runs": runs, **read_at_tp1(model_cfg, names, work_dir, world_size)}
+    if MUTANT in names:
+        results["cp_mismatch"] = cp_mismatch_error(model_cfg, world_size)
     if dist.get_rank() == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
