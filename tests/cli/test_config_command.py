@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid import cli
+from megatron_hybrid import backends, cli
+
+backends.install("cpu")
+# Megatron-Core's first import enables faulthandler on sys.stderr, which has no file descriptor
+# inside a captured test: import it here, before any case runs, whatever the order.
+from megatron_hybrid import mcore  # noqa: E402, F401
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY = str(RECIPES / "tiny" / "pretrain.yaml")
@@ -25,6 +30,7 @@ SPEC_OF_PUBLISHED = {  # recipe -> (spec built on cuda, full recompute)
     "dpo.yaml": ("transformer_engine", False),
     "prune_12b_to_9b.yaml": ("local", False),  # ModelOpt converts only the local spec
     "distill_9b.yaml": ("local", False),
+    "sft_lora.yaml": ("local", False),  # LoRA adapts the local spec's linears
 }
 LAYER_CLASSES = {  # spec -> layer kind -> Megatron-Core's class
     "transformer_engine": {"mamba": "megatron.core.ssm.mamba_layer.MambaLayer",
