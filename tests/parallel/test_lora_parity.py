@@ -1,4 +1,4 @@
-"""LoRA under TP=2 (with and without sequence parallel) and PP=2 reproduces TP=1: the same
+"""LoRA under TP=2 (with and without sequence parallel), PP=2 and CP=2 reproduces TP=1: the same
 base weights and non-zero adapters (saved at TP=1, resharded on load) give the same loss and
 grad norm step by step and the same first-step gradient of every adapter factor (gathered to
 TP=1 names and shapes), through Megatron-Core's DDP, optimizer and schedules on gloo (one
@@ -10,7 +10,7 @@ import pytest
 from test_layout_parity import assert_reproduces_tp1, gradient_errors, launch
 
 WORKER = Path(__file__).parents[1] / "workers" / "lora_parity.py"
-LAYOUTS = ["tp2", "tp2sp", "pp2"]
+LAYOUTS = ["tp2", "tp2sp", "pp2", "cp2"]
 MUTANT = "tp2_b_zeroed"
 GRADIENT_TOLERANCE = 1e-4
 """About ten times the worst measured relative error (7.7e-6, a fc2 lora_A at TP=2); the

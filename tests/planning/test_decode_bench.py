@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_hybrid.cli import build_parser, main
 from megatron_hybrid.cli.planning import run_bench, run_decode_bench
@@ -140,8 +141,10 @@ def test_engines_decoding_in_rounds_give_the_uncached_loops_tokens(tmp_path):
         "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 16,
         "mamba_num_heads": 4, "mamba_head_dim": 16, "mamba_state_dim": 16,
         "mamba_num_groups": 2, "vocab_size": 256, "seq_length": 512, "mamba_chunk_size": 32})
+    # In this process: at the session's own thread count, which the workers' setting would
+    # otherwise change for the tests after this one.
     settings = decode_bench.DecodeSettings(model=model, contexts=(16, 300), new_tokens=4,
-                                           threads=1)
+                                           threads=torch.get_num_threads())
     ours = decode_bench.OursDecoding(settings, tmp_path / "hf_weights.pt")
     try:
         for context in settings.contexts:

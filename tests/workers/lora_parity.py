@@ -25,19 +25,20 @@ from layout_parity import FirstStepGradients, model_config, train_and_save_gradi
 from megatron_hybrid import backends
 
 MUTANT = "tp2_b_zeroed"
-LAYOUTS = {  # name: (tp, pp, sequence_parallel)
-    "tp1": (1, 1, False),
-    "tp2": (2, 1, False),
-    "tp2sp": (2, 1, True),
-    "pp2": (1, 2, False),
-    MUTANT: (2, 1, False),
+LAYOUTS = {  # name: (tp, pp, cp, sequence_parallel)
+    "tp1": (1, 1, 1, False),
+    "tp2": (2, 1, 1, False),
+    "tp2sp": (2, 1, 1, True),
+    "pp2": (1, 2, 1, False),
+    "cp2": (1, 1, 2, False),
+    MUTANT: (2, 1, 1, False),
 }
 
 
-def build(model_cfg, peft, tp: int, pp: int, sp: bool):
+def build(model_cfg, peft, tp: int, pp: int, cp: int, sp: bool):
     from megatron_hybrid.model.build import ModelLayout, build_model
 
-    return build_model(model_cfg, ModelLayout(tp=tp, pp=pp, sequence_parallel=sp),
+    return build_model(model_cfg, ModelLayout(tp=tp, pp=pp, cp=cp, sequence_parallel=sp),
                        backend="cpu", peft=peft)
 
 
@@ -56,11 +57,11 @@ def run_layout(model_cfg, peft, name: str, work_dir: Path, world_size: int) -> d
     from megatron_hybrid.engine import training_step
     from megatron_hybrid.parallel import process_groups
 
-    tp, pp, sp = LAYOUTS[name]
-    dims = process_groups.ParallelDims(tp=tp, pp=pp, world_size=world_size)
+    tp, pp, cp, sp = LAYOUTS[name]
+    dims = process_groups.ParallelDims(tp=tp, pp=pp, cp=cp, world_size=world_size)
     process_groups.init_distributed(dims, backend="cpu")
     process_groups.seed_everything(0)
-    model = build(model_cfg, peft, tp, pp, sp)
+    model = build(model_cfg, peft, tp, pp, cp, sp)
     if name == "tp1":
         randomize_b(model)
         dist_checkpoint.save_weights([model], work_dir / "initial_weights")
@@ -87,7 +88,7 @@ def gradients_at_tp1(model_cfg, peft, work_dir: Path, world_size: int) -> dict[s
 
     process_groups.init_distributed(process_groups.ParallelDims(world_size=world_size),
                                     backend="cpu")
-    model = build(model_cfg, peft, 1, 1, False)
+    model = build(model_cfg, peft, 1, 1, 1, False)
     gradients = {}
     for name in LAYOUTS:
         dist_checkpoint.load_weights([model], work_dir / f"gradients_{name}")
