@@ -64,6 +64,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.moe import moe_utils as moe_utils_module
 from megatron.core.transformer.moe import token_dispatcher as token_dispatcher_module
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig

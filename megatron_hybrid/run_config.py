@@ -206,6 +206,12 @@ class RunConfig:
 
     def _check_expert_parallel(self) -> None:
         ep, etp, model = self.parallel.ep, self.parallel.expert_tp, self.model
+        if (model.layer_pattern.counts["E"] and self.parallel.tp > 1
+                and not self.parallel.sequence_parallel):
+            # Megatron-Core's MoE layer raises this at the first training forward otherwise.
+            raise ConfigError(f"MoE layers at parallel.tp={self.parallel.tp} need sequence "
+                              "parallelism (Megatron-Core's MoE layer): set "
+                              "parallel.sequence_parallel=true")
         if ep == 1 and etp == 1:
             return
         if not model.layer_pattern.counts["E"]:

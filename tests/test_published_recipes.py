@@ -1,6 +1,7 @@
 """The published recipes hold the published numbers (../shared/REFERENCE.md, written out here),
 validate on 8-GPU nodes, and chain into the published pipeline; the tiny pipeline mirrors it."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ SHAPES = {
     "nemotron-h-56b": (118, 8192, 32768, 64, 8, 128, 256, 64, 256, 8),
     "nano-v2-12b": (62, 5120, 20480, 40, 8, 128, 128, 80, 128, 8),
     "nano-v2-9b": (56, 4480, 15680, 40, 8, 128, 128, 80, 128, 8),
+    "nemotron-3-nano": (52, 2688, 1856, 32, 2, 128, 64, 64, 128, 8),
 }
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim",
@@ -31,6 +33,7 @@ PATTERNS = {
     "nemotron-h-56b": "M-M-M-M*-M-M-M-M-M*" + "-M-M-M-M-M*" * 8 + "-M-M-M-M-M-",
     "nano-v2-12b": "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
     "nano-v2-9b": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
+    "nemotron-3-nano": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
 }
 
 # recipe: (model shape, tp, precision, sequence length); REFERENCE.md: 12B pretraining in FP8
@@ -48,6 +51,10 @@ LAYOUTS = {
     "nemotron_h/pretrain_8b.yaml": ("nemotron-h-8b", 2, "bf16", 8192),
     "nemotron_h/pretrain_47b.yaml": ("nemotron-h-47b", 8, "fp8-nemotron-h", 8192),
     "nemotron_h/pretrain_56b.yaml": ("nemotron-h-56b", 8, "fp8-nemotron-h", 8192),
+    # Nemotron 3 Nano as Megatron-Bridge publishes it (EP=8, expert TP 1): SFT at TP=1;
+    # pretraining at TP=2 where Bridge has TP=4 (tp must divide the 2 KV groups here).
+    "nemotron_3_nano/pretrain.yaml": ("nemotron-3-nano", 2, "bf16", 8192),
+    "nemotron_3_nano/sft.yaml": ("nemotron-3-nano", 1, "bf16", 2048),
 }
 STAGE_GRAPH = [  # the published 12B -> 9B pipeline, by stage name, in the paper's order
     ("pretrain", "train", {}),
@@ -64,7 +71,8 @@ def recipe(name: str):
 
 
 def test_every_published_file_is_checked_here():
-    published = {str(p.relative_to(RECIPES)) for folder in ("nemotron_nano_v2", "nemotron_h")
+    published = {str(p.relative_to(RECIPES))
+                 for folder in ("nemotron_nano_v2", "nemotron_h", "nemotron_3_nano")
                  for p in (RECIPES / folder).glob("*.yaml")}
     checked = {*LAYOUTS, "nemotron_nano_v2/pipeline.yaml",
                "nemotron_nano_v2/long_context_128k.yaml"}
@@ -104,6 +112,30 @@ def test_nemotron_h_pretraining_batch_and_sequence(size):
     cfg = recipe(f"nemotron_h/pretrain_{size}.yaml")
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.seq_length) == (
         768, 1, 8192)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_nemotron_3_nano_holds_the_published_moe_recipe(stage):
+    from megatron_hybrid.planning import planner
+
+    cfg = recipe(f"nemotron_3_nano/{stage}.yaml")
+    model = cfg.model
+    assert (model.num_moe_experts, model.moe_router_topk, model.moe_ffn_hidden_size,
+            model.moe_shared_expert_intermediate_size) == (128, 6, 1856, 3712)
+    assert (cfg.parallel.ep, cfg.parallel.expert_tp, cfg.parallel.moe_dispatcher) == (
+        8, 1, "alltoall")
+    assert cfg.parallel.distributed_optimizer
+    published = {"pretrain": (3072, 2, 39735, 1.6e-3, 1.6e-5, 333),
+                 "sft": (128, 1, 1000, 5e-6, 0.0, 50)}[stage]
+    assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.max_steps,
+            cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.scheduler.warmup_steps) == published
+    assert cfg.scheduler.kind == "cosine"
+    # The plan shards the routed experts by EP: at EP=8 each GPU holds 1/8 of EP=1's.
+    layout = planner.TrainingLayout.from_run(cfg, NODE_GPUS)
+    plans = {ep: planner.training_memory(model, dataclasses.replace(layout, ep=ep))
+             for ep in (1, 8)}
+    assert plans[8].experts["parameters"] == pytest.approx(plans[1].experts["parameters"] / 8)
+    assert plans[8].experts["parameters"] > 6 * 2**30  # 16 of 128 experts x 23 layers, bf16
 
 
 def test_12b_lora_is_the_sft_recipe_with_adapters_and_a_fraction_of_its_state():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         "inference (default: the recipe's / the model's)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the GPU to plan for")
     parser.add_argument("--gpus", type=int, help="GPUs of the training job (default: tp*pp*cp, "
-                        "one model replica)")
+                        "one model replica, or as many as the experts' etp*ep*pp need)")
     parser.add_argument("--batch", type=int, default=1, help="sequences served at once")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -41,7 +42,10 @@ def run_plan(args: argparse.Namespace) -> int:
 
     cfg = plan_run_config(args)
     gpu = GPUS[args.gpu]
-    world_size = args.gpus or cfg.parallel.model_parallel_size
+    parallel = cfg.parallel
+    # One model replica, enough of them for the expert layout (etp * ep * pp ranks).
+    world_size = args.gpus or math.lcm(parallel.model_parallel_size,
+                                       parallel.expert_tp * parallel.ep * parallel.pp)
     cfg.validate(world_size)
     layout = TrainingLayout.from_run(cfg, world_size)
     report = plan_report(cfg.model, layout, gpu, context=args.seq or cfg.model.seq_length,

@@ -349,12 +349,17 @@ class MetricsTracker:
 
                 self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
+    def is_log_step(self, step: int) -> bool:
+        """Whether ``step`` ends a log interval (the same answer on every rank)."""
+        return step % self.log_interval == 0 or step == self.total_steps
+
     def step(self, step: int, *, loss, grad_norm, lr: float, tokens: int,
-             seconds: float) -> dict | None:
+             seconds: float, extra: dict | None = None) -> dict | None:
         """Record one optimizer step (``tokens``: global tokens of the step, all data-parallel
         ranks); returns the interval's record at a log step, else None. ``loss`` and
         ``grad_norm`` may be tensors: they are summed as given and read once per interval,
-        so logging adds no device sync per step."""
+        so logging adds no device sync per step. ``extra`` adds fields to a log step's
+        record (e.g. the expert load)."""
         if not self.enabled:
             return None
         self._loss_sum += loss
@@ -364,9 +369,9 @@ class MetricsTracker:
         self._seconds += seconds
         self.tokens_seen += tokens
         self._advance_bar(step)
-        if step % self.log_interval and step != self.total_steps:
+        if not self.is_log_step(step):
             return None
-        record = self._interval_record(step, lr)
+        record = {**self._interval_record(step, lr), **(extra or {})}
         self._reset_interval()
         self._emit(record, _train_line(record, self.total_steps, self.world_size))
         return record
@@ -445,6 +450,8 @@ _TENSORBOARD_TAGS = {
     ("train", "tokens_per_s_per_device"): "perf/tokens_per_s_per_device",
     ("train", "tflops_per_device"): "perf/tflops_per_device", ("train", "mfu"): "perf/mfu",
     ("train", "peak_memory_bytes"): "memory/peak_bytes", ("eval", "loss"): "eval/loss",
+    ("train", "expert_load_max_over_mean"): "moe/expert_load_max_over_mean",
+    ("train", "expert_load_cv"): "moe/expert_load_cv",
 }
 
 
@@ -472,6 +479,8 @@ def _train_line(record: dict, total_steps: int | None, world_size: int) -> str:
         parts.append(f"{record['tflops_per_device']:.3g} {unit}")
     parts.append(f"MFU {record['mfu']:.1%}" if record["mfu"] is not None else "MFU n/a")
     parts.append(f"mem {record['peak_memory_bytes'] / 2**30:.1f} GiB ({record['memory_source']})")
+    if "expert_load_max_over_mean" in record:
+        parts.append(f"expert load max/mean {record['expert_load_max_over_mean']:.2f}")
     return " | ".join(parts)
 
 

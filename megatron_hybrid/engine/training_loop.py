@@ -27,7 +27,7 @@ from megatron_hybrid.checkpoint.dist_checkpoint import (
 )
 from megatron_hybrid.data.datasets import build_datasets, microbatch_iterator
 from megatron_hybrid.data.tokenizer import load_tokenizer
-from megatron_hybrid.engine import metrics, training_step
+from megatron_hybrid.engine import expert_load, metrics, training_step
 from megatron_hybrid.model.build import ModelLayout, build_model, tp_comm_overlap_buffers
 from megatron_hybrid.parallel import process_groups
 
@@ -49,6 +49,8 @@ class Trainer:
     state: TrainState
     forward_step: Callable = training_step.lm_forward_step
     """(data iterator, model) -> (output, loss function), for training and evaluation."""
+    expert_meter: expert_load.ExpertLoadMeter | None = None
+    """Counts each expert's routed tokens (models with MoE layers)."""
 
     @property
     def num_microbatches(self) -> int:
@@ -97,9 +99,11 @@ class Trainer:
                 state.step += 1
                 state.consumed_samples += cfg.train.global_batch_size
                 state.tokens += tokens
+                loads = (self.expert_meter.interval(state.step) if self.expert_meter is not None
+                         and tracker.is_log_step(state.step) else None)
                 tracker.step(state.step, loss=result.loss, grad_norm=result.grad_norm,
                              lr=self.optimizer.param_groups[0]["lr"], tokens=tokens,
-                             seconds=time.perf_counter() - started)
+                             seconds=time.perf_counter() - started, extra=loads)
                 watchdog.after_step(state.step, loss=result.loss, grad_norm=result.grad_norm,
                                     applied=self.optimizer.update_applied)
                 if _due(state.step, cfg.train.eval_interval) or state.step == total:
@@ -160,6 +164,10 @@ def fit(trainer: Trainer) -> TrainState:
     if dist.get_rank() == 0 and cfg.logging.plot:
         metrics.plot_loss_curve(trainer.run_dir / "metrics.jsonl",
                                 trainer.run_dir / "loss.png", title=cfg.name)
+    if dist.get_rank() == 0 and (trainer.run_dir / expert_load.HISTORY).exists():
+        if cfg.logging.plot:
+            expert_load.plot(trainer.run_dir, cfg.name)
+        expert_load.write_report(trainer.run_dir, cfg.name)
     return state
 
 
@@ -212,7 +220,19 @@ def build_trainer(cfg: RunConfig, backend: str, dims: process_groups.ParallelDim
         run_dir.mkdir(parents=True, exist_ok=True)
         sections.save_resolved(cfg, run_dir / "config.yaml")
     return Trainer(cfg, run_dir, dims, chunks, optimizer, scheduler, checkpointer, train_data,
-                   valid_data, state, forward_step)
+                   valid_data, state, forward_step, _expert_load_meter(cfg, chunks, run_dir))
+
+
+def _expert_load_meter(cfg: RunConfig, chunks: list,
+                       run_dir: Path) -> expert_load.ExpertLoadMeter | None:
+    from megatron_hybrid import mcore
+
+    if "E" not in cfg.model.layer_pattern.layers:
+        return None
+    return expert_load.ExpertLoadMeter(
+        chunks, cfg.model, pp=mcore.parallel_state.get_pipeline_model_parallel_world_size(),
+        pp_rank=mcore.parallel_state.get_pipeline_model_parallel_rank(), run_dir=run_dir,
+        is_logging_rank=dist.get_rank() == 0)
 
 
 def _starting_checkpoint(cfg: RunConfig, checkpointer: Checkpointer) -> Path | None:

@@ -84,6 +84,9 @@ class ModelConfig:
     """Weight of the load-balancing auxiliary loss (0: none)."""
     moe_router_dtype: str | None = None
     """fp32 | fp64: the router's GEMM and scores in that precision; None: the model's."""
+    mtp_num_layers: int = 0
+    """Multi-token-prediction layers after the decoder (HF ``num_nextn_predict_layers``).
+    Only 0 builds: Megatron-Core 0.16.1's MambaModel has no MTP block (its GPTModel has)."""
     transformer_impl: str = "transformer_engine"
     """transformer_engine | local (Megatron-LM's ``--transformer-impl``), on the cuda backend:
     Megatron-Core's Transformer Engine spec, or its local linears with a torch RMSNorm and SDPA
@@ -126,6 +129,7 @@ class ModelConfig:
              f"model.mamba_num_groups ({self.mamba_num_groups})"),
         ]
         checks += _dt_checks(self)
+        checks.append((self.mtp_num_layers == 0, MTP_UNSUPPORTED.format(self.mtp_num_layers)))
         if layer_pattern.counts.get("E"):
             checks += _moe_checks(self)
         for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -160,6 +164,11 @@ def _dt_checks(model: ModelConfig) -> list[tuple[bool, str]]:
     ]
 
 
+MTP_UNSUPPORTED = (
+    "model.mtp_num_layers={} cannot build: Megatron-Core 0.16.1's MambaModel has no "
+    "multi-token-prediction block (only its GPTModel has one); set model.mtp_num_layers=0 "
+    "(MTP adds an auxiliary loss on later tokens and a draft head for speculative decoding; "
+    "the model trains and generates without it)")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_ROUTER_DTYPES = ("fp32", "fp64")
 

@@ -9,6 +9,13 @@ Training, per GPU (the most loaded pipeline stage):
   distributed optimizer shards the optimizer part over DP x CP. With LoRA (``peft``) only the
   adapters have gradients and optimizer state; the frozen base keeps its weights alone (its
   activations are counted as full training's, an upper bound).
+- mixture-of-experts layers: the routed experts' weights split over EP x expert-TP ranks,
+  their optimizer state sharded by the distributed optimizer over the expert-data-parallel
+  group (world / (etp * ep * pp), Megatron-Core's expert layout), the rest (shared expert,
+  router) as the dense layers'. Routing is taken as balanced: each rank's experts receive as
+  many routed copies as its own tokens make (``topk`` each), so EP shards the experts'
+  weights, not their activations; the all-to-all volume of a step is reported beside the
+  memory (:func:`expert_exchange`).
 - activations: the bytes each layer kind keeps for backward per token (formulas for the
   ``cuda`` kernels, :func:`cuda_layer_activations`; measured by a probe for the ``cpu``
   backend's kernels, :func:`cpu_layer_activations`), times the micro-batch's tokens on this CP
@@ -25,9 +32,11 @@ Inference on one GPU (bf16 weights): weights + KV cache (attention layers only) 
 (fp32) and conv state (Mamba layers) + the working set of one prefill chunk (chunked prefill,
 as vLLM serves long prompts).
 
-Step time: model FLOPs per GPU (:func:`metrics.flops_per_token`, counted by layer kind) plus
+Step time: model FLOPs per GPU (:func:`metrics.flops_per_token`, counted by layer kind; an
+MoE layer's router, top-k routed experts and shared expert, not every expert) plus
 recompute FLOPs, over the GPU's dense peak at :data:`KERNEL_EFFICIENCY`, stretched by the 1F1B
-pipeline bubble ``(m + pp - 1) / m``. Communication is assumed hidden.
+pipeline bubble ``(m + pp - 1) / m``. Communication (the experts' all-to-all included) is
+assumed hidden.
 
 One module because the memory model, the step-time model and the per-GPU verdicts all read
 the same widths of one layer kind at a time (``Widths``); split, each would re-derive them.
@@ -36,12 +45,13 @@ the same widths of one layer kind at a time (``Widths``); split, each would re-d
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 from megatron_hybrid.model import params as model_params
 from megatron_hybrid.model.config import ModelConfig, PeftConfig
 from megatron_hybrid.model.precision import fp8_recipe
+from megatron_hybrid.parallel.config import check_expert_world_size
 
 if TYPE_CHECKING:
     from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
@@ -144,42 +154,70 @@ class Widths:
         return 2 * self.d_inner + 2 * self.groups * self.state + self.heads
 
 
-def layer_parameters(cfg: ModelConfig, symbol: str) -> tuple[int, int]:
-    """``(sharded, replicated)`` parameters of one layer: the part split across TP ranks and
-    the part every TP rank holds (its pre-norm; an MoE layer's router)."""
+def layer_parameters(cfg: ModelConfig, symbol: str) -> tuple[int, int, int]:
+    """``(sharded, replicated, experts)`` parameters of one layer: the part split across TP
+    ranks, the part every TP rank holds (its pre-norm; an MoE layer's router) and an MoE
+    layer's routed experts, split across EP x expert-TP ranks (its shared expert is TP's)."""
     w = Widths.of(cfg)
     if symbol == "M":  # in_proj, conv weight + bias, dt_bias / A_log / D, gated norm, out_proj
         mixer = (w.h * w.in_proj_width + w.conv_width * (CONV_KERNEL + 1) + 3 * w.heads
                  + w.d_inner + w.d_inner * w.h)
-        return mixer, w.h
+        return mixer, w.h, 0
     if symbol == "*":
-        return w.h * w.d * (w.a + 2 * w.g) + w.a * w.d * w.h, w.h
+        return w.h * w.d * (w.a + 2 * w.g) + w.a * w.d * w.h, w.h, 0
     if symbol == "-":
-        return 2 * w.h * w.f, w.h
+        return 2 * w.h * w.f, w.h, 0
     experts = cfg.num_moe_experts or 0
-    return experts * 2 * w.h * (cfg.moe_ffn_hidden_size or w.f), w.h + w.h * experts
+    shared = 2 * w.h * (cfg.moe_shared_expert_intermediate_size or 0)
+    return shared, w.h + w.h * experts, experts * 2 * w.h * expert_width(cfg)
 
 
-def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
-    """Parameters one TP rank of each pipeline stage holds (embedding on the first stage,
-    final norm and untied output layer on the last)."""
+def expert_width(cfg: ModelConfig) -> int:
+    """Inner width of one routed expert."""
+    return cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
+
+
+class StageParameters(NamedTuple):
+    """Parameters one rank of a pipeline stage holds."""
+
+    dense: int
+    """Everything but the routed experts: the TP shard and the replicated rest."""
+    experts: int
+    """This rank's share of the routed experts (1 / (ep * etp) of the stage's)."""
+
+
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int, *, ep: int = 1,
+                     etp: int | None = None) -> list[StageParameters]:
+    """Parameters one rank of each pipeline stage holds (embedding on the first stage, final
+    norm and untied output layer on the last); routed experts split over ``ep`` x ``etp``
+    (None: tp, as Megatron-Core defaults)."""
     stages = cfg.layer_pattern.stages(pp)
+    expert_shards = ep * (tp if etp is None else etp)
     counts = []
     for index, stage in enumerate(stages):
-        total = 0
+        dense = experts = 0
         for symbol in stage:
-            sharded, replicated = layer_parameters(cfg, symbol)
-            total += sharded // tp + replicated
+            sharded, replicated, routed = layer_parameters(cfg, symbol)
+            dense += sharded // tp + replicated
+            experts += routed // expert_shards
         if index == 0:
-            total += cfg.vocab_size * cfg.hidden_size // tp
+            dense += cfg.vocab_size * cfg.hidden_size // tp
         if index == len(stages) - 1:
-            total += cfg.vocab_size * cfg.hidden_size // tp + cfg.hidden_size
-        counts.append(total)
+            dense += cfg.vocab_size * cfg.hidden_size // tp + cfg.hidden_size
+        counts.append(StageParameters(dense, experts))
     return counts
 
 
 def total_parameters(cfg: ModelConfig) -> int:
-    return sum(stage_parameters(cfg, tp=1, pp=1))
+    return sum(map(sum, stage_parameters(cfg, tp=1, pp=1)))
+
+
+def active_parameters(cfg: ModelConfig) -> int:
+    """Parameters one token uses: all but the routed experts it is not sent to
+    (``model.params``'s ``active``)."""
+    idle = (cfg.num_moe_experts or 0) - cfg.moe_router_topk
+    return (total_parameters(cfg)
+            - cfg.layer_pattern.counts["E"] * idle * 2 * cfg.hidden_size * expert_width(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +235,23 @@ class Sharding:
 
     tp: int = 1
     sequence_parallel: bool = False
+    etp: int | None = None
+    """Expert tensor-parallel size (None: tp)."""
 
     def hidden(self, width: float) -> float:
         """A hidden-size activation: split across TP ranks only under sequence parallel."""
         return width / self.tp if self.sequence_parallel else width
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def routed_rows(self) -> float:
+        """Routed copies of one micro-batch token an MoE layer's experts hold on this rank,
+        per experts chosen: tokens reach it through the EP all-to-all (balanced routing: as
+        many as its own tokens send) and the expert-TP all-gather (``etp`` ranks' at once)."""
+        return self.hidden(self.expert_tp)
 
 
 @dataclass(frozen=True)
@@ -220,7 +271,10 @@ def cuda_layer_activations(cfg: ModelConfig, symbol: str, *, precision: str,
       output, the gated output and the normed output ``3 d_inner``; norm statistics;
     - attention: ``2h``; q, k, v ``(a + 2g) d``; output ``a d``; softmax statistics ``a``;
     - MLP: ``2h``; fc1 output and activation ``2f``;
-    - MoE: ``2h``; each routed copy ``h + 2 f_expert``; router probabilities.
+    - MoE: ``2h``; the shared expert's ``2 f_shared``; router scores; the routed copies
+      (:attr:`Sharding.routed_rows` per expert chosen), each ``h`` (the experts' input) and
+      ``2 f_expert / etp`` (fc1 output and activation). Routing is taken as balanced over the
+      EP ranks, so EP splits the experts' weights, not these activations.
 
     The working set of a layer is taken as its saved size (gradients of the same tensors).
     """
@@ -233,8 +287,9 @@ def cuda_layer_activations(cfg: ModelConfig, symbol: str, *, precision: str,
     elif symbol == "-":
         values, stats = 2 * w.f / tp, 1
     else:
-        expert_ffn = cfg.moe_ffn_hidden_size or w.f
-        values = cfg.moe_router_topk * (w.h + 2 * expert_ffn / tp)
+        etp, shared = sharding.expert_tp, cfg.moe_shared_expert_intermediate_size or 0
+        routed = cfg.moe_router_topk * sharding.routed_rows
+        values = routed * (w.h + 2 * expert_width(cfg) / etp) + 2 * shared / tp
         stats = 1 + (cfg.num_moe_experts or 0)
     saved = b * (2 * h + values) + 4 * stats
     return LayerActivations(saved=saved, working=saved)
@@ -323,6 +378,13 @@ class TrainingLayout:
     pp: int = 1
     cp: int = 1
     dp: int = 1
+    ep: int = 1
+    """Expert-parallel size: the routed experts split over ``ep`` ranks (carved out of
+    tp * cp * dp, as Megatron-Core lays experts out)."""
+    etp: int | None = None
+    """Expert tensor-parallel size (None: tp)."""
+    moe_dispatcher: str = "alltoall"
+    """How tokens reach their experts' ranks (``parallel.moe_dispatcher``)."""
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     micro_batch_size: int = 1
@@ -336,13 +398,11 @@ class TrainingLayout:
     @classmethod
     def from_run(cls, cfg: RunConfig, world_size: int) -> TrainingLayout:
         dp = cfg.parallel.check_world_size(world_size)
-        if cfg.parallel.ep > 1:
-            raise PlanError(f"the planner does not shard experts by parallel.ep yet (asked: "
-                            f"ep={cfg.parallel.ep}): plan with parallel.ep=1, an upper bound "
-                            f"on the experts' memory")
         train = cfg.train
         return cls(seq_length=cfg.seq_length, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                   cp=cfg.parallel.cp, dp=dp, sequence_parallel=cfg.parallel.sequence_parallel,
+                   cp=cfg.parallel.cp, dp=dp, ep=cfg.parallel.ep, etp=cfg.parallel.etp,
+                   moe_dispatcher=cfg.parallel.moe_dispatcher,
+                   sequence_parallel=cfg.parallel.sequence_parallel,
                    distributed_optimizer=cfg.parallel.distributed_optimizer,
                    micro_batch_size=train.micro_batch_size,
                    num_microbatches=train.global_batch_size // (train.micro_batch_size * dp),
@@ -354,8 +414,18 @@ class TrainingLayout:
         return self.tp * self.pp * self.cp * self.dp
 
     @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts (Megatron-Core's expert-data-parallel group:
+        world / (etp * ep * pp)), over which the distributed optimizer shards their state."""
+        return check_expert_world_size(self.expert_tp, self.ep, self.pp, self.world_size)
+
+    @property
     def sharding(self) -> Sharding:
-        return Sharding(tp=self.tp, sequence_parallel=self.sequence_parallel)
+        return Sharding(tp=self.tp, sequence_parallel=self.sequence_parallel, etp=self.etp)
 
     @property
     def tokens_per_microbatch(self) -> int:
@@ -379,6 +449,9 @@ class TrainingMemory:
     """On top, at the peak: one layer's working set (recomputed activations included), or the
     loss's 16-bit logits, and the output layer's weight gradient before it joins the fp32
     gradient buffer."""
+    experts: dict[str, float] = field(default_factory=dict)
+    """The routed experts' share of ``parameters``, ``gradients`` and ``optimizer`` (bytes,
+    included in those; empty without MoE layers)."""
     total: float = field(init=False)
 
     def __post_init__(self):
@@ -401,6 +474,7 @@ def stage_memories(cfg: ModelConfig, layout: TrainingLayout, *,
     """Peak memory per GPU of each pipeline stage, first to last."""
     if kernels not in KERNELS:
         raise PlanError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
+    check_experts(cfg, layout)
     per_kind = _layer_activations(cfg, layout, kernels)
     return [_stage_memory(cfg, layout, kernels, per_kind, stage) for stage in range(layout.pp)]
 
@@ -428,13 +502,32 @@ def _layer_activations(cfg: ModelConfig, layout: TrainingLayout,
                                  recompute=layout.recompute)
 
 
+def check_experts(cfg: ModelConfig, layout: TrainingLayout) -> None:
+    """PlanError (ConfigError for the world size) if the experts cannot split as asked."""
+    if not cfg.layer_pattern.counts["E"]:
+        return
+    if cfg.num_moe_experts % layout.ep:
+        raise PlanError(f"ep={layout.ep} does not divide the {cfg.num_moe_experts} experts "
+                        f"(model.num_moe_experts): choose parallel.ep among their divisors")
+    if expert_width(cfg) % layout.expert_tp:
+        raise PlanError(f"etp={layout.expert_tp} does not divide the expert width "
+                        f"{expert_width(cfg)}: choose parallel.etp among its divisors")
+    layout.expert_dp  # noqa: B018  (raises when etp * ep * pp does not divide the world)
+
+
 def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
                   per_kind: dict[str, LayerActivations], stage: int) -> TrainingMemory:
-    params = stage_parameters(cfg, layout.tp, layout.pp)[stage]
-    states = _state_bytes_per_parameter(layout)
+    dense, experts = stage_parameters(cfg, layout.tp, layout.pp, ep=layout.ep,
+                                      etp=layout.etp)[stage]
+    states = _state_bytes_per_parameter(layout, layout.dp * layout.cp)
+    expert_states = _state_bytes_per_parameter(layout, layout.expert_dp if experts else 1)
     layers = cfg.layer_pattern.stages(layout.pp)[stage]
     adapters = _stage_adapter_parameters(cfg, layout, layers)
-    trainable = params if layout.peft is None else adapters
+    # Under LoRA only the adapters train (their state sharded as the dense part's).
+    trainable, trainable_experts = ((dense, experts) if layout.peft is None else (adapters, 0))
+    expert_part = {"parameters": experts * expert_states["weights"],
+                   "gradients": trainable_experts * expert_states["gradients"],
+                   "optimizer": trainable_experts * expert_states["optimizer"]}
     tokens = layout.tokens_per_microbatch
     in_flight = min(layout.pp - stage, layout.num_microbatches)
     b = 4 if kernels == "cpu" or layout.precision == "fp32" else 2
@@ -459,10 +552,12 @@ def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
         output_weight_grad = (b * cfg.vocab_size * cfg.hidden_size / layout.tp
                               if layout.peft is None else 0.0)  # frozen under LoRA
         working = max(working - output, logits) + output_weight_grad
-    return TrainingMemory(stage=stage, parameters=(params + adapters) * states["weights"],
-                          gradients=trainable * states["gradients"],
-                          optimizer=trainable * states["optimizer"], activations=activations,
-                          in_flight=in_flight, transient=working)
+    return TrainingMemory(
+        stage=stage, parameters=(dense + adapters) * states["weights"] + expert_part["parameters"],
+        gradients=trainable * states["gradients"] + expert_part["gradients"],
+        optimizer=trainable * states["optimizer"] + expert_part["optimizer"],
+        activations=activations, in_flight=in_flight, transient=working,
+        experts=expert_part if experts else {})
 
 
 def _stage_adapter_parameters(cfg: ModelConfig, layout: TrainingLayout, layers: str) -> int:
@@ -473,11 +568,63 @@ def _stage_adapter_parameters(cfg: ModelConfig, layout: TrainingLayout, layers: 
     return sum(per_layer.get(symbol, 0) for symbol in layers)
 
 
-def _state_bytes_per_parameter(layout: TrainingLayout) -> dict[str, float]:
-    shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
+def _state_bytes_per_parameter(layout: TrainingLayout, data_parallel: int) -> dict[str, float]:
+    """Bytes per parameter of weights, gradients and optimizer state; the distributed
+    optimizer shards the optimizer part over the ``data_parallel`` ranks holding the same
+    parameters (dp * cp for the dense part, the expert-data-parallel group for experts)."""
+    shards = data_parallel if layout.distributed_optimizer else 1
     if layout.precision == "fp32":
         return {"weights": 4, "gradients": 4, "optimizer": 8 / shards}
     return {"weights": 2, "gradients": 4, "optimizer": 12 / shards}
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert-parallel all-to-all
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ExpertExchange:
+    """Bytes one rank sends through the expert-parallel all-to-all in one optimizer step,
+    and receives as many (routing balanced), on the stage with the most MoE layers.
+    Megatron-Core's alltoall dispatcher sends each MoE layer's routed hidden rows to their
+    experts' ranks (dispatch) and the expert outputs back (combine); the backward sends
+    their gradients the other way, the same sizes."""
+
+    per_all_to_all: float
+    """One all-to-all of one MoE layer and micro-batch: the routed copies of this rank's
+    tokens bound for the other ``ep - 1`` ranks, ``tokens * topk * (ep - 1) / ep`` rows of
+    ``h`` 16-bit values (the routing probabilities beside them, 4 bytes a row, left out)."""
+    moe_layers: int
+    microbatches: int
+    dispatch_forward: float
+    combine_forward: float
+    dispatch_backward: float
+    combine_backward: float
+    recompute: float
+    """Dispatch and combine again when full recompute reruns the layers' forward."""
+    total: float = field(init=False)
+
+    def __post_init__(self):
+        self.total = (self.dispatch_forward + self.combine_forward + self.dispatch_backward
+                      + self.combine_backward + self.recompute)
+
+
+def expert_exchange(cfg: ModelConfig, layout: TrainingLayout) -> ExpertExchange | None:
+    """The all-to-all volume of a step per rank (None without one: no MoE layers, ep 1, or
+    the allgather dispatcher, whose all-gather and reduce-scatter are not counted)."""
+    moe_layers = max(stage.count("E") for stage in cfg.layer_pattern.stages(layout.pp))
+    if not moe_layers or layout.ep == 1 or layout.moe_dispatcher != "alltoall":
+        return None
+    b = 4 if layout.precision == "fp32" else 2
+    rows = (layout.tokens_per_microbatch * layout.sharding.hidden(1) * cfg.moe_router_topk
+            * (layout.ep - 1) / layout.ep)
+    one = rows * cfg.hidden_size * b
+    per_kind = one * moe_layers * layout.num_microbatches
+    return ExpertExchange(per_all_to_all=one, moe_layers=moe_layers,
+                          microbatches=layout.num_microbatches, dispatch_forward=per_kind,
+                          combine_forward=per_kind, dispatch_backward=per_kind,
+                          combine_backward=per_kind,
+                          recompute=2 * per_kind if layout.recompute == "full" else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,20 +777,51 @@ def _rng_state_kept():
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+def _remedies(layout: TrainingLayout) -> list[tuple[str, TrainingLayout]]:
+    """Changes that lower per-GPU memory with the same global batch, cheapest first: smaller
+    micro-batches, full recompute, both, then more GPUs (data parallel shards the optimizer,
+    and with experts the expert-data-parallel group grows with it)."""
+    tokens = layout.micro_batch_size * layout.num_microbatches
+    small = replace(layout, micro_batch_size=1, num_microbatches=tokens)
+    remedies = [("train.micro_batch_size=1", small),
+                ("train.recompute=full", replace(layout, recompute="full")),
+                ("train.micro_batch_size=1 train.recompute=full", replace(small, recompute="full"))]
+    for factor in (2, 4, 8):
+        if layout.num_microbatches % factor == 0:
+            remedies.append((f"--gpus {layout.world_size * factor}",
+                             replace(layout, dp=layout.dp * factor,
+                                     num_microbatches=layout.num_microbatches // factor)))
+    return [(text, changed) for text, changed in remedies if changed != layout]
+
+
+def what_fits(cfg: ModelConfig, layout: TrainingLayout, gpu: Gpu) -> dict | None:
+    """The first of :func:`_remedies` whose plan fits ``gpu`` (None if none does)."""
+    for text, changed in _remedies(layout):
+        total = training_memory(cfg, changed).total
+        if total <= gpu.usable_bytes:
+            return {"change": text, "total": total}
+    return None
+
+
 
 def plan_report(cfg: ModelConfig, layout: TrainingLayout, gpu: Gpu, *, context: int,
                 batch: int = 1) -> dict:
     """The plan as plain data: training memory and step time, inference memory, verdicts."""
     training = training_memory(cfg, layout)
+    fits = training.total <= gpu.usable_bytes
+    exchange = expert_exchange(cfg, layout)
     inference = inference_memory(cfg, context=context, batch=batch)
     peak = gpu.peak_flops(layout.precision)
     step = step_estimate(cfg, layout, peak) if peak else None
     counterpart = inference_memory(all_attention_counterpart(cfg), context=context, batch=batch)
     return {
         "gpu": gpu.device_name, "usable_bytes": gpu.usable_bytes,
-        "parameters": total_parameters(cfg), "layout": asdict(layout),
-        "training": {**asdict(training), "fits": training.total <= gpu.usable_bytes,
-                     "step": asdict(step) if step else None},
+        "parameters": total_parameters(cfg), "active_parameters": active_parameters(cfg),
+        "layout": asdict(layout),
+        "training": {**asdict(training), "fits": fits,
+                     "fits_with": None if fits else what_fits(cfg, layout, gpu),
+                     "step": asdict(step) if step else None,
+                     "all_to_all": asdict(exchange) if exchange else None},
         "inference": {**asdict(inference), "fits": inference.total <= gpu.usable_bytes,
                       "kv_cache_vs_all_attention": inference.kv_cache / counterpart.kv_cache
                       if counterpart.kv_cache else None},
@@ -653,25 +831,39 @@ def plan_report(cfg: ModelConfig, layout: TrainingLayout, gpu: Gpu, *, context: 
 
 def format_report(report: dict) -> str:
     training, inference, layout = report["training"], report["inference"], report["layout"]
+    experts = training["experts"]
+    active = (f" ({report['active_parameters'] / 1e9:.2f}B active per token, the embedding "
+              f"table included)" if experts else "")
+    expert_layout = (f" ep {layout['ep']} etp {layout['etp'] or layout['tp']}" if experts
+                     else "")
     lines = [f"{report['gpu']}: {_gib(report['usable_bytes'])} usable "
              f"({_gib(RUNTIME_RESERVE_BYTES)} kept for the CUDA runtime); model "
-             f"{report['parameters'] / 1e9:.2f}B parameters",
+             f"{report['parameters'] / 1e9:.2f}B parameters{active}",
              f"training per GPU ({layout['precision']}, seq {layout['seq_length']:,}, "
-             f"tp {layout['tp']} pp {layout['pp']} cp {layout['cp']} dp {layout['dp']}, "
+             f"tp {layout['tp']} pp {layout['pp']} cp {layout['cp']} dp {layout['dp']}"
+             f"{expert_layout}, "
              f"micro-batch {layout['micro_batch_size']} x {layout['num_microbatches']}, "
              f"recompute {layout['recompute']}{_lora(layout['peft'])}; "
              f"stage {training['stage']}):"]
-    rows = [("parameters", training["parameters"]), ("gradients", training["gradients"]),
-            ("optimizer", training["optimizer"])]
+    rows = []
+    for part in ("parameters", "gradients", "optimizer"):
+        rows.append((part, training[part]))
+        if experts:
+            rows.append(("  of which routed experts", experts[part]))
     rows += [(f"activations {kind}", value) for kind, value in training["activations"].items()]
     rows += [("working set at the peak", training["transient"])]
     lines += [f"  {name:<30}{_gib(value):>12}" for name, value in rows]
     lines.append(f"  {'total':<30}{_gib(training['total']):>12}  {_verdict(training['fits'])}"
                  f" ({training['in_flight']} micro-batches in flight)")
+    if training["fits_with"]:
+        lines.append(f"  fits with {training['fits_with']['change']}: "
+                     f"{_gib(training['fits_with']['total'])}")
     if training["step"]:
         step = training["step"]
         lines.append(f"  step ~{step['seconds']:.3g} s, MFU ~{step['mfu']:.0%}, "
                      f"{step['tokens_per_second_per_gpu']:,.0f} tokens/s/GPU")
+    if training["all_to_all"]:
+        lines.append(_all_to_all_line(training["all_to_all"], layout["ep"]))
     ratio = inference["kv_cache_vs_all_attention"]
     lines += [f"inference (bf16, context {inference['context']:,} x batch {inference['batch']}):"]
     rows = [("weights", inference["weights"]), ("KV cache", inference["kv_cache"]),
@@ -684,6 +876,15 @@ def format_report(report: dict) -> str:
     lines.append("figures:")
     lines += [f"  {name:<12}{basis}" for name, basis in report["basis"].items()]
     return "\n".join(lines)
+
+
+def _all_to_all_line(exchange: dict, ep: int) -> str:
+    kinds = 6 if exchange["recompute"] else 4
+    return (f"  expert all-to-all (ep {ep}, routing balanced): {_gib(exchange['total'])} per "
+            f"step sent and as much received by each GPU = {exchange['moe_layers']} MoE layers"
+            f" x {exchange['microbatches']} micro-batches x {kinds} (dispatch and combine, "
+            f"forward and backward{', recomputed forward' if kinds == 6 else ''}) x "
+            f"{exchange['per_all_to_all'] / MIB:.1f} MiB")
 
 
 def _lora(peft: dict | None) -> str:

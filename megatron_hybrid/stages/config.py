@@ -14,11 +14,17 @@ from megatron_hybrid.errors import (
 )
 from megatron_hybrid.model.config import ModelConfig
 
+MOE_PRUNABLE = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+"""MoE sizes (models with ``E`` layers): experts ranked by their routed activations, expert
+and shared-expert FFN neurons as the dense FFN's."""
 PRUNABLE = ("hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim",
-            "num_attention_heads", "num_layers")
+            "num_attention_heads", "num_layers", *MOE_PRUNABLE)
 """Model sizes Minitron pruning (ModelOpt ``mcore_minitron``) can shrink here."""
 GROUPED_HEADS = {"mamba_num_heads": "mamba_num_groups", "num_attention_heads": "num_query_groups"}
 """Head counts that are pruned within their groups, so stay multiples of the group count."""
+SHARED_DIVISORS = {"moe_ffn_hidden_size": "ffn_hidden_size",
+                   "moe_shared_expert_intermediate_size": "ffn_hidden_size"}
+"""Sizes ModelOpt rounds with another size's divisor (its FFN divisor covers every FFN)."""
 
 
 @dataclass(kw_only=True)
@@ -51,6 +57,9 @@ class PruneConfig:
     """Pruned mamba_head_dim must be a multiple of this (or stay unchanged)."""
     num_layers_divisor: int = 1
     """Pruned num_layers must be a multiple of this (or stay unchanged)."""
+    num_moe_experts_divisor: int = 8
+    """Pruned num_moe_experts must be a multiple of this (or stay unchanged); ModelOpt's
+    default. Expert and shared-expert widths use ffn_hidden_size_divisor."""
     max_width_pruning: float = 0.4
     """Search mode: the largest fraction of each width's choices the search may cut."""
     max_depth_pruning: float = 0.2
@@ -69,7 +78,8 @@ class PruneConfig:
 
     def validate(self) -> None:
         for name in ("calibration_samples", "heldout_samples", "top_k", "hidden_size_divisor",
-                     "ffn_hidden_size_divisor", "mamba_head_dim_divisor", "num_layers_divisor"):
+                     "ffn_hidden_size_divisor", "mamba_head_dim_divisor", "num_layers_divisor",
+                     "num_moe_experts_divisor"):
             check_positive_int(f"prune.{name}", getattr(self, name))
         for name in ("max_width_pruning", "max_depth_pruning"):
             if not 0 <= getattr(self, name) < 1:
@@ -99,6 +109,15 @@ class PruneConfig:
         """Refuse an export_config the model cannot be pruned to, naming the allowed values."""
         for name, value in (self.export_config or {}).items():
             current = getattr(model, name)
+            if name in MOE_PRUNABLE and current is None:
+                raise ConfigError(f"prune.export_config.{name}: the model has no "
+                                  f"{'MoE layers' if 'E' not in model.pattern else name}: "
+                                  "remove the key")
+            if name == "num_moe_experts" and is_positive_int(value) and value < \
+                    model.moe_router_topk:
+                raise ConfigError(f"prune.export_config.num_moe_experts={value} is fewer than "
+                                  f"the {model.moe_router_topk} experts each token is routed "
+                                  "to (model.moe_router_topk): keep at least that many")
             step, unit = self._step(name, model)
             fits = value % step == 0 or value == current if is_positive_int(value) else False
             if not (fits and value <= current):
@@ -112,6 +131,7 @@ class PruneConfig:
         group_key = GROUPED_HEADS.get(name)
         if group_key:
             return getattr(model, group_key), f"model.{group_key} ({getattr(model, group_key)})"
+        name = SHARED_DIVISORS.get(name, name)
         divisor = getattr(self, f"{name}_divisor", 1)
         return divisor, f"prune.{name}_divisor ({divisor})"
 

@@ -154,6 +154,7 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
         hidden_size_divisor=options.hidden_size_divisor,
         ffn_hidden_size_divisor=options.ffn_hidden_size_divisor,
         mamba_head_dim_divisor=options.mamba_head_dim_divisor,
+        num_moe_experts_divisor=options.num_moe_experts_divisor,
         num_layers_divisor=options.num_layers_divisor)
     budget = parameter_budget(options, cfg.model)
     constraints, search = minitron_request(options, data, budget)

@@ -60,6 +60,8 @@ CASES = [
     train("model.pattern=M-E-", area=P,
           message="model.num_moe_experts must be set when the pattern has 'E' layers"),
     train("model.pattern=M-|", area=P, message="every stage needs at least one layer"),
+    train("model.mtp_num_layers=1", area=R,
+          message="MambaModel has no multi-token-prediction block"),
     Case(P, ("launch", "torchrun", "--nproc-per-node", "2", PRETRAIN, "model.pattern=M-M-*",
              "parallel.pp=2"), "cannot split the 5 layers of 'M-M-*' evenly into 2"),
     train("train.max_step=3", area=R, message="did you mean train.max_steps?"),

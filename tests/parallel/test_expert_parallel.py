@@ -4,8 +4,7 @@ too), and EP=2 x PP=2 with the distributed optimizer reproduce, for the same wei
 gradient of every parameter (each expert under its EP=1 name and shape) and the EP=1 loss and
 grad norm step by step (one 4-rank launch of the layout parity worker). Trained weights saved
 under EP=2 load at EP=1 and give the EP=2 logits. A reshard that mixed experts up would fail
-the comparison; layouts that cannot build are refused in one line, and the planner, which does
-not count experts sharded yet, refuses EP."""
+the comparison; layouts that cannot build are refused in one line."""
 
 from pathlib import Path
 
@@ -70,6 +69,7 @@ def test_weights_saved_under_ep2_give_its_logits_at_ep1(expert_results):
                                                   "model.pattern has no 'E' layers"),
     (["parallel.etp=3", "parallel.tp=1"], 3, r"expert tensor-parallel size \(3, "),
     (["parallel.moe_dispatcher=alltoal"], 1, "did you mean 'alltoall'"),
+    (["parallel.tp=2"], 2, r"MoE layers at parallel.tp=2 need sequence parallelism"),
 ])
 def test_expert_layouts_that_cannot_build_are_refused_in_one_line(overrides, world_size,
                                                                   message):
@@ -78,11 +78,3 @@ def test_expert_layouts_that_cannot_build_are_refused_in_one_line(overrides, wor
     with pytest.raises(ConfigError, match=message) as error:
         cfg.validate(world_size)
     assert "\n" not in str(error.value)
-
-
-def test_the_planner_refuses_expert_parallel_layouts_it_would_count_as_replicated():
-    from megatron_hybrid.planning.planner import PlanError, TrainingLayout
-
-    cfg = load_recipe(RECIPE, [*MOE, "parallel.ep=2"])
-    with pytest.raises(PlanError, match="does not shard experts by parallel.ep yet"):
-        TrainingLayout.from_run(cfg, 2)

@@ -2,6 +2,9 @@
 measured on the CPU.
 
 - parameter counts per stage equal the Megatron-Core model's (built on meta);
+- mixture of experts: routed experts split over EP x expert TP and their optimizer state over
+  the expert-data-parallel group, MFU from the active experts' FLOPs, the all-to-all volume by
+  hand, and the published Nemotron 3 Nano recipes' verdicts on one 8x H100 node;
 - serving 128k tokens: nano-v2-9b fits one A10G in bf16, nano-v2-12b does not (its weights
   alone are too big); Nemotron-H-8B's KV cache is a small fraction of an all-attention twin's;
 - every CPU run docs/planner.md quotes, single-process and PP=2 (a 2-rank torchrun of this
@@ -49,7 +52,8 @@ def run_cli(*argv: str, capsys) -> tuple[int, str]:
 MOE_HYBRID = get_flavor("tiny-hybrid").replace(pattern="M*-E", num_moe_experts=4,
                                                 moe_ffn_hidden_size=48)
 COUNTED = {name: get_flavor(name) for name in ("nano-v2-9b", "nano-v2-12b", "nemotron-h-8b",
-                                               "tiny-nano-v2-12b")}
+                                               "tiny-nano-v2-12b", "nemotron-3-nano-30b-a3b",
+                                               "tiny-nemotron-3-nano-30b-a3b")}
 COUNTED["moe"] = MOE_HYBRID
 
 
@@ -65,6 +69,7 @@ def counted():
 def test_parameter_counts_match_the_megatron_model(counted, name):
     cfg, counts = COUNTED[name], counted[name]
     assert planner.total_parameters(cfg) == counts["total"]
+    assert planner.active_parameters(cfg) == counts["active"]
     per_layer = [sum(planner.layer_parameters(cfg, s)) for s in cfg.layer_pattern.layers]
     assert per_layer == counts["per_layer"]
 
@@ -74,9 +79,9 @@ def test_pipeline_stages_hold_their_layers_and_the_ends(counted):
     first, last = planner.stage_parameters(cfg, tp=1, pp=2)
     per_layer = counted["tiny-nano-v2-12b"]["per_layer"]
     embedding = cfg.vocab_size * cfg.hidden_size
-    assert first == sum(per_layer[:18]) + embedding
-    assert last == sum(per_layer[18:]) + embedding + cfg.hidden_size
-    assert first + last == planner.total_parameters(cfg)
+    assert first == (sum(per_layer[:18]) + embedding, 0)  # (dense, routed experts)
+    assert last == (sum(per_layer[18:]) + embedding + cfg.hidden_size, 0)
+    assert sum(first) + sum(last) == planner.total_parameters(cfg)
 
 
 # -- the published claims ----------------------------------------------------------------------
@@ -145,6 +150,125 @@ def test_step_estimate_pays_for_the_pipeline_bubble_and_recompute():
     assert step.mfu == pytest.approx(planner.KERNEL_EFFICIENCY * 6 / 7)
     recomputed = planner.step_estimate(cfg, dataclasses.replace(base, recompute="full"), peak)
     assert recomputed.seconds > 1.25 * step.seconds and recomputed.mfu < step.mfu
+
+
+# -- mixture of experts ------------------------------------------------------------------------
+
+NANO3 = get_flavor("nemotron-3-nano-30b-a3b")
+NANO3_PRETRAIN = RECIPES / "nemotron_3_nano" / "pretrain.yaml"
+NANO3_SFT = RECIPES / "nemotron_3_nano" / "sft.yaml"
+
+
+def moe_layout(**overrides) -> planner.TrainingLayout:
+    """Nemotron 3 Nano's pretraining shape on one 8-GPU node (TP 2 x DP 4, EP 8)."""
+    layout = dict(seq_length=8192, tp=2, dp=4, ep=8, etp=1, sequence_parallel=True,
+                  distributed_optimizer=True, micro_batch_size=2, num_microbatches=4)
+    return planner.TrainingLayout(**{**layout, **overrides})
+
+
+def test_expert_parameters_split_over_ep_times_etp_and_the_rest_does_not():
+    counts = {(ep, etp): planner.stage_parameters(NANO3, tp=2, pp=1, ep=ep, etp=etp)[0]
+              for ep, etp in ((1, 1), (8, 1), (4, 2))}
+    routed = NANO3.layer_pattern.counts["E"] * 128 * 2 * 2688 * 1856
+    assert counts[1, 1].experts == routed and routed > 0.9 * planner.total_parameters(NANO3)
+    assert counts[8, 1].experts == counts[4, 2].experts == routed // 8
+    assert counts[1, 1].dense == counts[8, 1].dense == counts[4, 2].dense
+    # The non-expert part is TP's: tp=2 holds half the sharded weights of tp=1.
+    assert planner.stage_parameters(NANO3, tp=1, pp=1, ep=8, etp=1)[0].dense > 1.8 * counts[
+        8, 1].dense
+
+
+def test_expert_state_shards_over_the_expert_data_parallel_group():
+    one, eight = (planner.training_memory(NANO3, moe_layout(ep=ep)) for ep in (1, 8))
+    assert eight.experts["parameters"] == pytest.approx(one.experts["parameters"] / 8)
+    assert eight.experts["gradients"] == pytest.approx(one.experts["gradients"] / 8)
+    # EP=1: 8 expert-data-parallel ranks shard the experts' optimizer; EP=8: 1 rank holds it.
+    assert eight.experts["optimizer"] == pytest.approx(one.experts["optimizer"])
+    assert moe_layout(ep=8).expert_dp == 1 and moe_layout(ep=1).expert_dp == 8
+    routed_per_rank = planner.stage_parameters(NANO3, tp=2, pp=1, ep=8, etp=1)[0].experts
+    assert eight.experts == pytest.approx({"parameters": 2 * routed_per_rank,
+                                           "gradients": 4 * routed_per_rank,
+                                           "optimizer": 12 * routed_per_rank})
+    # Balanced routing: EP moves the routed copies between ranks, not their number.
+    assert eight.activations["moe"] == one.activations["moe"]
+    # Two nodes: the expert-data-parallel group doubles and the optimizer halves.
+    two_nodes = planner.training_memory(NANO3, moe_layout(dp=8, num_microbatches=2))
+    assert two_nodes.experts["optimizer"] == pytest.approx(eight.experts["optimizer"] / 2)
+
+
+def test_moe_mfu_counts_the_active_experts_not_all():
+    from megatron_hybrid.engine import metrics
+
+    layout, peak = moe_layout(), planner.GPUS["h100"].peak_flops("bf16")
+    step = planner.step_estimate(NANO3, layout, peak)
+    tokens = step.tokens_per_second_per_gpu * step.seconds
+    active = metrics.flops_per_token(NANO3, layout.seq_length)["total"]
+    every_expert = metrics.flops_per_token(NANO3.replace(moe_router_topk=128),
+                                           layout.seq_length)["total"]
+    assert step.mfu == pytest.approx(active * tokens / (step.seconds * peak))
+    # Counting every expert's FLOPs would claim several times the MFU for the same step.
+    assert every_expert * tokens / (step.seconds * peak) > 9 * step.mfu  # 9.09x at 8192
+
+
+def test_all_to_all_volume_by_hand():
+    cfg = get_flavor("tiny-nemotron-3-nano-30b-a3b")  # h 64, top-2 of 8 experts, 7 MoE layers
+    layout = planner.TrainingLayout(seq_length=256, tp=2, dp=2, ep=4, etp=1,
+                                    sequence_parallel=True, micro_batch_size=2,
+                                    num_microbatches=3)
+    exchange = planner.expert_exchange(cfg, layout)
+    # 512 tokens / 2 (sequence parallel) x top-2 = 512 routed rows; 3 of 4 leave the rank;
+    # 64 bf16 values each.
+    one = 512 * 3 / 4 * 64 * 2
+    assert exchange.per_all_to_all == one == 49152
+    assert exchange.dispatch_forward == exchange.combine_backward == 7 * 3 * one
+    assert exchange.total == 4 * 7 * 3 * one and exchange.recompute == 0
+    recomputed = planner.expert_exchange(cfg, dataclasses.replace(layout, recompute="full"))
+    assert recomputed.total == 6 * 7 * 3 * one
+    assert planner.expert_exchange(cfg, dataclasses.replace(layout, ep=1)) is None
+    assert planner.expert_exchange(
+        cfg, dataclasses.replace(layout, moe_dispatcher="allgather")) is None
+
+
+def test_experts_that_do_not_split_are_refused_in_one_line(capsys):
+    with pytest.raises(planner.PlanError, match=r"ep=3 does not divide the 128 experts") as error:
+        planner.training_memory(NANO3, moe_layout(ep=3, dp=3, tp=1, etp=1))
+    assert "\n" not in str(error.value)
+    from megatron_hybrid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parallel.ep=3 does not divide model.num_moe_experts"):
+        run_cli(str(NANO3_SFT), "parallel.ep=3", "train.global_batch_size=96", "--gpus", "24",
+                capsys=capsys)
+
+
+def test_published_moe_recipes_on_one_h100_node(capsys):
+    plans = {}
+    for path in (NANO3_PRETRAIN, NANO3_SFT):
+        code, out = run_cli(str(path), "--gpus", "8", "--json", capsys=capsys)
+        plans[path.stem] = json.loads(out)["training"]
+        assert code == 0
+    # One node: expert data parallel is 1, every GPU keeps its 16 experts' whole Adam state,
+    # and the published micro-batches do not fit; the plan names what does (the recipes'
+    # comments quote these figures).
+    pretrain, sft = plans["pretrain"], plans["sft"]
+    assert not pretrain["fits"] and pretrain["total"] / GIB == pytest.approx(106.5, abs=0.1)
+    assert pretrain["fits_with"]["change"] == "train.micro_batch_size=1 train.recompute=full"
+    assert pretrain["fits_with"]["total"] / GIB == pytest.approx(75.3, abs=0.1)
+    assert not sft["fits"] and sft["total"] / GIB == pytest.approx(86.4, abs=0.1)
+    assert sft["fits_with"] == {"change": "--gpus 16", "total": pytest.approx(64.4 * GIB,
+                                                                               abs=0.1 * GIB)}
+    assert pretrain["all_to_all"]["per_all_to_all"] == 8192 * 6 * 7 / 8 * 2688 * 2
+    _, out = run_cli(str(NANO3_SFT), "parallel.tp=2", "parallel.sequence_parallel=true",
+                     "--gpus", "8", "--json", capsys=capsys)
+    one_node = json.loads(out)["training"]
+    assert one_node["fits"] and one_node["total"] / GIB == pytest.approx(75.6, abs=0.1)
+    _, out = run_cli(str(NANO3_PRETRAIN), "--gpus", "32", "--json", capsys=capsys)
+    four_nodes = json.loads(out)["training"]
+    assert four_nodes["fits"] and four_nodes["total"] / GIB == pytest.approx(73.4, abs=0.1)
+    _, out = run_cli(str(NANO3_SFT), "--json", capsys=capsys)  # one node: what EP=8 needs
+    assert json.loads(out)["layout"]["dp"] == 8
+    _, text = run_cli(str(NANO3_PRETRAIN), "--gpus", "8", capsys=capsys)
+    assert "of which routed experts" in text and "expert all-to-all (ep 8" in text
+    assert "fits with train.micro_batch_size=1 train.recompute=full" in text
 
 
 # -- measured on the CPU -------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def run_in_process(*args):
     ("prune.export_config.num_query_groups=1",
      "'num_query_groups' cannot be pruned: choose from " + ", ".join(PRUNABLE)),
     ("prune.export_config.hiden_size=64", "did you mean hidden_size?"),
+    ("prune.export_config.num_moe_experts=4",
+     "prune.export_config.num_moe_experts: the model has no MoE layers: remove the key"),
 ])
 def test_bad_targets_are_refused_before_loading(override, expected):
     with pytest.raises(ConfigError) as error:  # the checkpoint does not exist: never read
