@@ -8,17 +8,25 @@
   step_N``) -> config.json, safetensors shards with NVIDIA's published names (``backbone.``)
   and their index, and the checkpoint's tokenizer files if it has any.
 
+MoE routed experts are written as published (and as transformers 5.23's ``save_pretrained``
+writes them): one tensor per expert, ``mixer.experts.{j}.up_proj.weight``. Import also reads
+files that hold transformers' stacked 3-D ``mixer.experts.up_proj`` (e.g. a saved
+``state_dict()``), one expert's rows at a time (``hf_mapping.stacked_expert``).
+
 Memory stays near the largest tensor (import) or layer (export), never the model: import reads
 each HF tensor when the checkpoint writer reaches it (one safetensors file opening per tensor,
 so no shard stays mapped), export loads one layer at a time and streams it into shards whose
 headers are planned up front. Tests measure it.
 
 Exactness: every tensor keeps its dtype and bytes, so HF -> Megatron -> HF gives the same
-tensors. Before writing, the weights are checked against the config (names and shapes of HF's
-own model built on the meta device; a checkpoint's tensors against its meta.json), and an export
-is read back by the import checks; a config whose layer pattern disagrees with its layer count,
-or with the weights, is refused. Output is written beside OUT and renamed at the end, so OUT
-appears complete or not at all.
+tensors (one exception: Megatron keeps an MoE router's expert bias in float32, so a
+lower-precision HF bias comes back upcast, equal in value; published files hold it in float32).
+Before writing, the weights are checked against the config (names and shapes of HF's own model
+built on the meta device; a checkpoint's tensors against its meta.json), and an export is read
+back by the import checks; a config whose layer pattern disagrees with its layer count, or with
+the weights, is refused. Output is written beside OUT and renamed at the end, so OUT appears
+complete or not at all. One module because the two directions share those checks (an export
+is verified by the import's reader) and the safetensors format code.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from megatron_hybrid.model import hf_mapping
 from megatron_hybrid.model.adapters import merged_weight
 from megatron_hybrid.model.config import ModelConfig, PeftConfig
 from megatron_hybrid.model.hf_mapping import ConversionError, preview
+from megatron_hybrid.parallel.process_groups import ParallelDims
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,6 +84,10 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    def meta(self) -> torch.Tensor:
+        """A tensor of this dtype and shape on the meta device (no data)."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
 
 @dataclass(frozen=True)
@@ -121,14 +134,16 @@ def import_hf(hf_dir, out) -> Converted:
 class HFCheckpoint:
     """An HF NemotronH model directory, checked before any tensor is read: config.json is a
     NemotronH config that converts exactly, every shard is present and whole, and the tensors
-    are exactly those of HF's model for that config (names and shapes)."""
+    are exactly those of HF's model for that config (names and shapes). ``specs`` name the
+    tensors as ``hf_mapping.weight_map`` does (one per routed expert), whichever expert layout
+    the files hold."""
 
     def __init__(self, directory):
         self.directory = Path(directory)
         self.hf_config = read_hf_config(self.directory)
         self.model_config = hf_mapping.model_config_from_hf(self.hf_config)
         self.files = _tensor_files(self.directory)
-        self.specs = _read_specs(self.files)
+        self.specs = _per_expert(_read_specs(self.files))
         self.prefix = hf_mapping.detect_prefix(self.specs)
         _check_against_config(self.specs, hf_model_shapes(self.hf_config, self.prefix),
                               self.directory)
@@ -136,8 +151,13 @@ class HFCheckpoint:
                      for entry in hf_mapping.weight_map(self.model_config, self.prefix)}
 
     def read(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[name], framework="pt") as shard:
-            return shard.get_tensor(name)
+        """HF tensor ``name`` (a ``specs`` name): stored whole, or a row of a stacked one."""
+        if name in self.files:
+            with safe_open(self.files[name], framework="pt") as shard:
+                return shard.get_tensor(name)
+        stacked, row = hf_mapping.stacked_expert(name)
+        with safe_open(self.files[stacked], framework="pt") as shard:
+            return shard.get_slice(stacked)[row]
 
     def mcore_tensor(self, mcore_name: str) -> torch.Tensor:
         """A Megatron parameter (full, TP=1) made from its HF tensors."""
@@ -145,6 +165,7 @@ class HFCheckpoint:
         return entry.fuse([self.read(name) for name in entry.hf])
 
     def mcore_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype of each Megatron tensor: its HF tensors' (the expert bias: float32)."""
         dtypes = {}
         for entry in self.maps.values():
             found = {self.specs[name].dtype for name in entry.hf}
@@ -152,7 +173,7 @@ class HFCheckpoint:
                 raise ConversionError(f"{self.directory}: {', '.join(entry.hf)} have different "
                                       f"dtypes {sorted(map(str, found))}; they are fused into "
                                       f"one Megatron tensor and must share one")
-            dtypes[entry.mcore] = found.pop()
+            dtypes[entry.mcore] = entry.fuse([self.specs[name].meta() for name in entry.hf]).dtype
         return dtypes
 
     def parameters(self) -> int:
@@ -227,6 +248,13 @@ def _read_specs(files: dict[str, Path]) -> dict[str, TensorSpec]:
     return specs
 
 
+def _per_expert(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """``specs`` with transformers' stacked expert tensors as the per-expert ones they hold."""
+    split = hf_mapping.unfuse_experts({name: spec.meta() for name, spec in specs.items()})
+    return {name: TensorSpec(name, tensor.dtype, tuple(tensor.shape))
+            for name, tensor in split.items()}
+
+
 def _open_shard(path: Path):
     try:
         return safe_open(path, framework="pt")
@@ -245,14 +273,15 @@ def _spec(shard, name: str, path: Path) -> TensorSpec:
 
 
 def hf_model_shapes(hf_config, prefix: str) -> dict[str, tuple[int, ...]]:
-    """Tensor names (decoder under ``prefix``) and shapes of HF's own ``NemotronHForCausalLM``
-    for ``hf_config``, built on the meta device."""
+    """Tensor names (decoder under ``prefix``, one tensor per routed expert) and shapes of HF's
+    own ``NemotronHForCausalLM`` for ``hf_config``, built on the meta device."""
     from transformers import NemotronHForCausalLM
 
     with torch.device("meta"):
         model = NemotronHForCausalLM(hf_config)
+    tensors = hf_mapping.unfuse_experts(model.state_dict())
     return {re.sub(f"^{re.escape(hf_mapping.HF_PREFIX)}", prefix, name): tuple(tensor.shape)
-            for name, tensor in model.state_dict().items()}
+            for name, tensor in tensors.items()}
 
 
 def _check_against_config(specs: dict[str, TensorSpec], expected: dict[str, tuple],
@@ -269,9 +298,10 @@ def _check_against_config(specs: dict[str, TensorSpec], expected: dict[str, tupl
 
 
 def _write_meta(directory: Path, cfg: ModelConfig, tokenizer: dict | None) -> None:
-    """meta.json as a training run writes it (checkpoint/dist_checkpoint.py), at step 0 and layout TP1/PP1."""
+    """meta.json as a training run writes it (checkpoint/dist_checkpoint.py), at step 0 and
+    the one-process layout."""
     meta = {"model": cfg.to_dict(), "tokenizer": tokenizer,
-            "layout": {"tp": 1, "pp": 1, "cp": 1, "dp": 1},
+            "layout": ParallelDims().layout,
             "train_state": asdict(dist_checkpoint.TrainState()), "scheduler": None, "world_size": 1,
             "converted_from": "hf"}
     (directory / dist_checkpoint.META).write_text(json.dumps(meta, indent=2))
@@ -325,9 +355,9 @@ def _hf_specs(maps: list, reader) -> list[TensorSpec]:
     """Names, dtypes and shapes of the HF tensors, in writing order."""
     specs = []
     for entry in maps:
-        parts = entry.split(torch.empty(reader.shapes[entry.mcore], device="meta"))
-        specs += [TensorSpec(name, reader.dtypes[entry.mcore], tuple(part.shape))
-                  for name, part in zip(entry.hf, parts)]
+        saved = TensorSpec(entry.mcore, reader.dtypes[entry.mcore], reader.shapes[entry.mcore])
+        specs += [TensorSpec(name, part.dtype, tuple(part.shape))
+                  for name, part in zip(entry.hf, entry.split(saved.meta()))]
     return specs
 
 
@@ -377,9 +407,11 @@ def write_hf_config(directory: Path, hf_config) -> None:
 
 
 def _verify_export(directory: Path, cfg: ModelConfig) -> None:
-    """Read the export back as an import would, and check it describes ``cfg``'s model."""
+    """Read the export back as an import would, and check it describes ``cfg``'s model (in
+    what an HF config carries)."""
     exported = HFCheckpoint(directory).model_config
-    expected = cfg.replace(pattern=cfg.layer_pattern.layers)
+    expected = cfg.replace(pattern=cfg.layer_pattern.layers, **{
+        name: getattr(exported, name) for name in hf_mapping.NOT_IN_HF_CONFIG})
     if exported != expected:
         differences = {key: (value, getattr(expected, key))
                        for key, value in exported.to_dict().items()

@@ -70,10 +70,10 @@ def export_lora(checkpoint_dir, out) -> Path:
     cfg, peft = ModelConfig(**meta["model"]), PeftConfig(**meta["peft"])
     if "E" in cfg.layer_pattern.layers:
         raise ConversionError(f"{checkpoint_dir} is of an MoE model (pattern {cfg.pattern!r}), "
-                              f"which does not convert to HF NemotronH yet, whose routed "
-                              f"experts are fused [experts, out, in] tensors that peft's LoRA "
-                              f"modules cannot adapt: use the adapters from this checkpoint "
-                              f"(inference loads them) or merge them (adapters.merge_adapters)")
+                              f"whose routed experts HF NemotronH holds as fused [experts, out, "
+                              f"in] tensors that peft's LoRA modules cannot adapt: use the "
+                              f"adapters from this checkpoint (inference loads them) or export "
+                              f"them merged (megatron-hybrid convert mcore-to-hf --merge)")
     if "out_proj" in peft.target_modules:
         raise ConversionError(f"{checkpoint_dir} adapts Mamba out_proj, which peft refuses on "
                               f"NemotronH (its fused kernels read the weight directly): merge "

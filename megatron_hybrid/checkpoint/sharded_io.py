@@ -14,7 +14,11 @@ itself, and the result is exactly what ``checkpoint.save_weights`` writes and
   one tensor (the torch_dist format does not care how tensors are spread over files).
 - :func:`open_checkpoint` checks that a checkpoint holds exactly the tensors of the model its
   config describes, then :meth:`CheckpointReader.load` loads named parameters in full (all
-  TP/PP shards joined) through ``dist_checkpointing.load``.
+  TP/PP/EP shards joined) through ``dist_checkpointing.load``.
+
+"Parameters" here are the model's tensors a checkpoint holds: its parameters and its
+persistent buffers (an MoE router's ``expert_bias``; its ``local_tokens_per_expert`` count is
+not persistent and not saved), not the ``_extra_state`` slots.
 
 Needs an installed cpu backend (meta-device builds) and runs in a single process.
 """
@@ -54,7 +58,7 @@ def save_model(cfg: ModelConfig, directory, *, dtypes: dict[str, torch.dtype],
                produce: Callable[[str], torch.Tensor]) -> None:
     """Write the weights of ``cfg``'s model to ``directory`` (an existing, empty directory).
 
-    ``produce(name)`` returns parameter ``name`` (a ``model.state_dict()`` name) in full, with
+    ``produce(name)`` returns parameter ``name`` (a :func:`saved_tensors` name) in full, with
     dtype ``dtypes[name]``; it is called when the writer reaches that parameter (once: the
     pieces Megatron splits a parameter into are written one after another), and the tensor is
     dropped when the writer moves on.
@@ -66,13 +70,21 @@ def save_model(cfg: ModelConfig, directory, *, dtypes: dict[str, torch.dtype],
                                       sharded_strategy=strategy)
 
 
+def saved_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` a checkpoint holds, by ``state_dict`` name: parameters and
+    persistent buffers (the objects themselves), without the ``_extra_state`` slots."""
+    return {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
+            if not name.endswith("._extra_state")}
+
+
 def _set_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
-    names = {name for name, _ in model.named_parameters()}
-    if names != set(dtypes):
-        raise ConversionError(f"dtypes given for {preview(sorted(set(dtypes) - names))} that "
-                              f"the model lacks, none for {preview(sorted(names - set(dtypes)))}")
-    for name, param in model.named_parameters():
-        param.data = torch.empty(param.shape, dtype=dtypes[name], device="meta")
+    tensors = saved_tensors(model)
+    if tensors.keys() != dtypes.keys():
+        raise ConversionError(
+            f"dtypes given for {preview(sorted(dtypes.keys() - tensors.keys()))} that the model "
+            f"lacks, none for {preview(sorted(tensors.keys() - dtypes.keys()))}")
+    for name, tensor in tensors.items():
+        tensor.data = torch.empty(tensor.shape, dtype=dtypes[name], device="meta")
 
 
 def _storage_id(tensor: torch.Tensor) -> int:
@@ -86,7 +98,7 @@ class _Materializer:
     produced parameter. The last parameter is kept while its splits are written."""
 
     def __init__(self, model: torch.nn.Module, produce: Callable[[str], torch.Tensor]):
-        self.params = {_storage_id(p): (name, p) for name, p in model.named_parameters()}
+        self.params = {_storage_id(p): (name, p) for name, p in saved_tensors(model).items()}
         self.produce = produce
         self.current: tuple[str, torch.Tensor] | None = None
 
@@ -104,7 +116,10 @@ class _Materializer:
         if tensor.shape != param.shape or tensor.dtype != param.dtype:
             raise ConversionError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the model "
                                   f"needs {tuple(param.shape)} {param.dtype}")
-        return tensor.contiguous()
+        tensor = tensor.contiguous()
+        # as_strided counts offsets from the storage's start: a view (one expert's rows of a
+        # stacked tensor) gets a storage of its own.
+        return tensor if tensor.storage_offset() == 0 else tensor.clone()
 
 
 class _LazySavePlanner(_torch_dist.MCoreSavePlanner):
@@ -161,9 +176,9 @@ class CheckpointReader:
 
     def __init__(self, directory, cfg: ModelConfig, model: torch.nn.Module):
         self.directory = str(directory)
-        parameters = {name for name, _ in model.named_parameters()}
+        tensors = saved_tensors(model)
         self.entries = {name: entry for name, entry in model.sharded_state_dict().items()
-                        if name in parameters}
+                        if name in tensors}
         saved = mcore.dist_checkpointing.load_tensors_metadata(self.directory)
         expected = {piece.key: piece for entry in self.entries.values()
                     for piece in _pieces(entry)}

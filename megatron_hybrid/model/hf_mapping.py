@@ -2,10 +2,12 @@
 
 The one place that knows both naming schemes: :func:`weight_map` lists every Megatron tensor with
 the HF tensors it is made of, and the state-dict converters and the streaming checkpoint tools
-(``checkpoint/hf_checkpoint.py``) all follow it. This module also holds the ``megatron-hybrid convert``
-command; it imports torch only where a tensor is built, so building the CLI parser stays light.
-Pinned against transformers 5.23 (``transformers/models/nemotron_h``) and Megatron-Core 0.16.1
-(``megatron/core/ssm/mamba_mixer.py``, ``transformer/attention.py``).
+(``checkpoint/hf_checkpoint.py``) all follow it. It imports torch only where a tensor is built,
+so building the CLI parser stays light. Pinned against transformers 5.23
+(``transformers/models/nemotron_h``) and Megatron-Core 0.16.1 (``megatron/core/ssm/
+mamba_mixer.py``, ``transformer/attention.py``, ``transformer/moe/``). One module because
+configs and weights convert by the same rules (a config field decides which tensors exist and
+their shapes) and both directions must refuse the same things.
 
 What differs between the two layouts (everything else is a rename):
 
@@ -37,13 +39,30 @@ Numerics that a config cannot carry and what is done about them:
 - Norm epsilon. Megatron-Core 0.16.1 hard-codes ``eps=1e-5`` for the Mamba gated norm (and
   ``MambaLayer`` builds its pre-norm without passing the config's eps), so only
   ``layer_norm_epsilon == 1e-5`` (every published Nemotron-H config) converts exactly.
-- MoE (``E``) layers: configs convert (model -> HF, :func:`_hf_moe_fields`) for the router
-  HF NemotronH has (sigmoid, score-correction bias, one shared expert, one expert group);
-  their weights do not convert yet.
+- MoE (``E``) layers: Megatron-Core's ``MoELayer`` (``SequentialMLP`` experts, TP=1/EP=1
+  names) and HF's ``NemotronHMoE`` hold the same tensors: per expert ``j``
+  ``mlp.experts.local_experts.{j}.linear_fc1`` / ``linear_fc2`` <-> ``mixer.experts.{j}.up_proj``
+  / ``down_proj``, the router ``mlp.router.weight`` <-> ``mixer.gate.weight``, its expert bias
+  (a buffer) ``mlp.router.expert_bias`` <-> ``mixer.gate.e_score_correction_bias``, and the
+  shared expert ``mlp.shared_experts.linear_fc1/fc2`` <-> ``mixer.shared_experts.up_proj/
+  down_proj``. The per-expert HF names are the published files' (and transformers 5.23's
+  ``save_pretrained``'s); transformers' modules stack them into 3-D ``mixer.experts.up_proj``
+  [E, f, h] and ``down_proj`` [E, h, f] (:func:`fuse_experts` / :func:`unfuse_experts`).
+  The expert bias is float32 on the Megatron side whatever the model's dtype (Megatron-Core's
+  router keeps it so), so a lower-precision HF bias is upcast on import.
+- MoE routing. HF's ``NemotronHTopkRouter``: sigmoid scores, experts chosen on scores + bias,
+  weighted by the unbiased scores, normalized when ``norm_topk_prob``, times
+  ``routed_scaling_factor``; Megatron-Core's sigmoid router with an expert bias computes the
+  same, normalizing exactly when top-k > 1. What else converts: one shared expert (HF always
+  has one), one expert group, no latent projection; anything else is refused in one line
+  (:func:`_moe_problems`, :func:`_check_moe`). HF computes the router in float32 whatever the
+  model's dtype, so import sets ``moe_router_dtype=fp32``; Nemotron 3's own recipe trains it
+  in fp64 (``model.moe_router_dtype=fp64``; the flavors do).
 
-State dicts are the full, unsharded TP=1/PP=1 ones (Megatron's ``model.state_dict()`` names;
-``*._extra_state`` entries are skipped on export and not produced on import, see
-:func:`load_mcore_state_dict`). Converted dicts may share storage with their inputs.
+State dicts are the full, unsharded TP=1/PP=1/EP=1 ones (Megatron's ``model.state_dict()``
+names; ``*._extra_state`` entries are skipped on export and not produced on import, see
+:func:`load_mcore_state_dict`; the router's ``local_tokens_per_expert`` count is a
+non-persistent buffer, in no state dict). Converted dicts may share storage with their inputs.
 """
 
 from __future__ import annotations
@@ -52,7 +71,7 @@ import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from megatron_hybrid.model.config import ModelConfig
@@ -70,6 +89,10 @@ MEGATRON_CONV_KERNEL = 4
 """``MambaMixer``'s ``d_conv`` default (the specs do not override it)."""
 _DEFAULT_DT_MIN = ModelConfig.mamba_dt_min
 """The init's low end a model gets from an HF config without a dt clamp (time_step_min 0)."""
+NOT_IN_HF_CONFIG = ("transformer_impl", "moe_router_dtype", "moe_router_bias_update_rate",
+                    "moe_aux_loss_coeff")
+"""Model fields no HF config carries (how Megatron builds, computes or trains the model, not
+its weights): export drops them, import gives the defaults (the router dtype: HF's fp32)."""
 
 class ConversionError(ValueError):
     """A config or state dict cannot be converted exactly; the message says why."""
@@ -133,16 +156,12 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
 
 
 def _hf_moe_fields(cfg: ModelConfig) -> dict:
-    """HF NemotronH's MoE fields for ``cfg``'s ``E`` layers: its router is sigmoid with a
-    score-correction bias and always has one shared expert (a model without expert bias
-    converts with the bias at zero); top-k normalization as Megatron-Core's sigmoid router
-    does it (topk > 1); one expert group."""
+    """HF NemotronH's MoE fields for ``cfg``'s ``E`` layers (checked by :func:`_check_moe`):
+    top-k normalization as Megatron-Core's sigmoid router does it (topk > 1); one expert
+    group."""
     if "E" not in cfg.layer_pattern.layers:
         return {}
-    if cfg.moe_router_score_function != "sigmoid" or not cfg.moe_shared_expert_intermediate_size:
-        raise ConversionError(
-            "HF NemotronH's MoE routes by sigmoid scores and has a shared expert: set "
-            "model.moe_router_score_function=sigmoid and model.moe_shared_expert_intermediate_size")
+    _check_moe(cfg)
     return dict(
         n_routed_experts=cfg.num_moe_experts,
         num_experts_per_tok=cfg.moe_router_topk,
@@ -154,6 +173,20 @@ def _hf_moe_fields(cfg: ModelConfig) -> dict:
         n_group=1,
         topk_group=1,
     )
+
+
+def _check_moe(cfg: ModelConfig) -> None:
+    """HF NemotronH's MoE routes by sigmoid scores, choosing with a score-correction bias, and
+    always has one shared expert."""
+    fixes = [fix for bad, fix in [
+        (cfg.moe_router_score_function != "sigmoid", "model.moe_router_score_function=sigmoid"),
+        (not cfg.moe_router_enable_expert_bias, "model.moe_router_enable_expert_bias=true"),
+        (not cfg.moe_shared_expert_intermediate_size,
+         "model.moe_shared_expert_intermediate_size (the shared expert's width)"),
+    ] if bad]
+    if fixes:
+        raise ConversionError("HF NemotronH's MoE routes by sigmoid scores with an expert bias "
+                              "and has a shared expert: set " + ", ".join(fixes))
 
 
 def _check_dt_clamp(cfg: ModelConfig) -> None:
@@ -172,7 +205,8 @@ def _check_dt_clamp(cfg: ModelConfig) -> None:
 
 def model_config_from_hf(hf_config, **overrides) -> ModelConfig:
     """The ``ModelConfig`` of an HF ``NemotronHConfig``; ConversionError for what Megatron's
-    model cannot reproduce exactly (biases, tied embeddings, other activations, MoE, MTP)."""
+    model cannot reproduce exactly (biases, tied embeddings, other activations, MoE routing
+    HF NemotronH does not have, MTP)."""
     _check_hf_config(hf_config)
     fields = dict(
         pattern=hf_config.hybrid_override_pattern,
@@ -195,9 +229,40 @@ def model_config_from_hf(hf_config, **overrides) -> ModelConfig:
     )
     if hf_config.time_step_min > 0:  # 0 (no clamp) leaves the init's low end at its default
         fields["mamba_dt_min"] = hf_config.time_step_min
+    if "E" in hf_config.hybrid_override_pattern:
+        fields.update(_model_moe_fields(hf_config))
     cfg = ModelConfig(**{**fields, **overrides})
     cfg.validate()
     return cfg
+
+
+def _model_moe_fields(hf) -> dict:
+    """The MoE fields of HF's router (see the module docstring); its GEMM in fp32, as HF's."""
+    return dict(
+        num_moe_experts=hf.n_routed_experts,
+        moe_router_topk=hf.num_experts_per_tok,
+        moe_ffn_hidden_size=hf.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=hf.moe_shared_expert_intermediate_size,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=(None if hf.routed_scaling_factor == 1.0
+                                        else hf.routed_scaling_factor),
+        moe_router_dtype="fp32",
+    )
+
+
+def _moe_problems(hf) -> list[tuple[bool, str]]:
+    """What Megatron's MoE layer cannot reproduce of HF's (only asked with ``E`` layers)."""
+    topk = hf.num_experts_per_tok
+    return [
+        (hf.n_group != 1 or hf.topk_group != 1,
+         f"expert groups (n_group={hf.n_group}, topk_group={hf.topk_group}; need 1 and 1)"),
+        (hf.moe_latent_size is not None,
+         f"moe_latent_size={hf.moe_latent_size} (latent expert projections)"),
+        (bool(hf.norm_topk_prob) != (topk > 1),
+         f"norm_topk_prob={hf.norm_topk_prob} with num_experts_per_tok={topk} (Megatron's "
+         "sigmoid router normalizes the top-k weights exactly when top-k > 1)"),
+    ]
 
 
 def _check_hf_config(hf) -> None:
@@ -209,11 +274,12 @@ def _check_hf_config(hf) -> None:
         (hf.conv_kernel != MEGATRON_CONV_KERNEL, f"conv_kernel={hf.conv_kernel} (Megatron: 4)"),
         (hf.mlp_hidden_act != "relu2", f"mlp_hidden_act={hf.mlp_hidden_act!r} (need relu2)"),
         (hf.mamba_hidden_act != "silu", f"mamba_hidden_act={hf.mamba_hidden_act!r} (need silu)"),
-        ("E" in hf.hybrid_override_pattern, "MoE layers (not converted, see module docstring)"),
         (hf.num_nextn_predict_layers > 0, "multi-token-prediction layers"),
         (hf.layer_norm_epsilon != MEGATRON_GATED_NORM_EPS,
          f"layer_norm_epsilon={hf.layer_norm_epsilon} (Megatron's gated norm uses 1e-5)"),
     ]
+    if "E" in hf.hybrid_override_pattern:
+        problems += _moe_problems(hf)
     found = [message for bad, message in problems if bad]
     if found:
         raise ConversionError("HF config cannot be converted exactly: " + "; ".join(found))
@@ -226,7 +292,7 @@ def _check_hf_config(hf) -> None:
 
 @dataclass(frozen=True)
 class _Fused:
-    """One Megatron tensor made of several HF tensors."""
+    """One Megatron tensor computed from HF tensors (fused, or cast)."""
 
     mcore: str
     hf: tuple[str, ...]
@@ -240,6 +306,8 @@ class _LayerMap:
 
     renames: Mapping[str, str]
     fused: tuple[_Fused, ...] = ()
+    per_expert: Mapping[str, str] = field(default_factory=dict)
+    """Renames with an ``{expert}`` field, repeated for every routed expert."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +353,17 @@ def _only(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0]
 
 
+def _as_float32(parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """Megatron-Core's router keeps its expert bias in float32 whatever the model's dtype."""
+    import torch
+
+    return parts[0].to(torch.float32)
+
+
+def _unchanged(tensor: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    return [tensor]
+
+
 def _as_list(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor]
 
@@ -317,13 +396,37 @@ _MLP = _LayerMap(renames={
     "mlp.linear_fc1.weight": "mixer.up_proj.weight",
     "mlp.linear_fc2.weight": "mixer.down_proj.weight",
 })
-LAYER_MAPS: dict[str, _LayerMap] = {"M": _MAMBA, "*": _ATTENTION, "-": _MLP}
-"""Pattern symbol -> its weight table (no ``E``: see the module docstring)."""
+_MOE = _LayerMap(
+    renames={
+        "pre_mlp_layernorm.weight": "norm.weight",
+        "mlp.router.weight": "mixer.gate.weight",
+        "mlp.shared_experts.linear_fc1.weight": "mixer.shared_experts.up_proj.weight",
+        "mlp.shared_experts.linear_fc2.weight": "mixer.shared_experts.down_proj.weight",
+    },
+    fused=(_Fused(
+        mcore="mlp.router.expert_bias",
+        hf=("mixer.gate.e_score_correction_bias",),
+        fuse=_as_float32,
+        split=_unchanged,
+    ),),
+    per_expert={  # HF: the published files' names; transformers' modules stack them
+        "mlp.experts.local_experts.{expert}.linear_fc1.weight":
+            "mixer.experts.{expert}.up_proj.weight",
+        "mlp.experts.local_experts.{expert}.linear_fc2.weight":
+            "mixer.experts.{expert}.down_proj.weight",
+    },
+)
+LAYER_MAPS: dict[str, _LayerMap] = {"M": _MAMBA, "*": _ATTENTION, "-": _MLP, "E": _MOE}
+"""Pattern symbol -> its weight table."""
 
 
 def weight_map(cfg: ModelConfig, prefix: str = HF_PREFIX) -> list[TensorMap]:
-    """Every weight of ``cfg``'s model in HF module order (embedding, layers, final norm,
-    output layer); ``prefix`` is the HF decoder's (``model.`` or ``backbone.``)."""
+    """Every tensor of ``cfg``'s model (weights and the routers' expert bias) in HF module
+    order (embedding, layers, final norm, output layer); ``prefix`` is the HF decoder's
+    (``model.`` or ``backbone.``). Routed experts have one HF tensor each, as in the published
+    files (:func:`fuse_experts` gives transformers' stacked tensors)."""
+    if "E" in cfg.layer_pattern.layers:
+        _check_moe(cfg)
     entries = [_renamed("embedding.word_embeddings.weight", f"{prefix}embeddings.weight")]
     for index, symbol in enumerate(cfg.layer_pattern.layers):
         entries += _layer_entries(index, _layer_map(symbol, cfg), prefix, cfg)
@@ -338,6 +441,10 @@ def _renamed(mcore: str, hf: str) -> TensorMap:
 def _layer_entries(index: int, table: _LayerMap, prefix: str, cfg: ModelConfig) -> list:
     mcore_layer, hf_layer = f"decoder.layers.{index}.", f"{prefix}layers.{index}."
     entries = [_renamed(mcore_layer + mcore, hf_layer + hf) for mcore, hf in table.renames.items()]
+    entries += [_renamed(mcore_layer + mcore.format(expert=expert),
+                         hf_layer + hf.format(expert=expert))
+                for expert in range(cfg.num_moe_experts or 0)
+                for mcore, hf in table.per_expert.items()]
     for fused in table.fused:
         entries.append(TensorMap(
             mcore=mcore_layer + fused.mcore, hf=tuple(hf_layer + hf for hf in fused.hf),
@@ -349,14 +456,62 @@ def _layer_entries(index: int, table: _LayerMap, prefix: str, cfg: ModelConfig) 
 def _layer_map(symbol: str, cfg: ModelConfig) -> _LayerMap:
     if symbol not in LAYER_MAPS:
         raise ConversionError(f"layer kind {symbol!r} of pattern {cfg.pattern!r} has no HF "
-                              "mapping (MoE layers are not converted)")
+                              f"mapping (known: {', '.join(LAYER_MAPS)})")
     return LAYER_MAPS[symbol]
 
 
+_EXPERT = re.compile(r"(?P<experts>.+\.mixer\.experts)\.(?P<index>\d+)\."
+                     r"(?P<proj>up_proj|down_proj)\.weight")
+"""An HF routed expert's tensor as the published files name it."""
+_STACKED_EXPERTS = re.compile(r"(?P<experts>.+\.mixer\.experts)\.(?P<proj>up_proj|down_proj)")
+"""transformers' 3-D tensor of all of a layer's routed experts, [E, out, in]."""
+
+
+def stacked_expert(name: str) -> tuple[str, int] | None:
+    """transformers' stacked tensor that holds the published per-expert tensor ``name``, and
+    its row; None if ``name`` is no routed expert's."""
+    found = _EXPERT.fullmatch(name)
+    return (f"{found['experts']}.{found['proj']}", int(found["index"])) if found else None
+
+
+def fuse_experts(hf_state: Mapping[str, torch.Tensor]) -> dict:
+    """``hf_state`` with each layer's per-expert ``mixer.experts.{j}.up_proj.weight`` [f, h]
+    stacked into transformers' ``mixer.experts.up_proj`` [E, f, h] (``down_proj`` alike)."""
+    import torch
+
+    out, stacks = {}, {}
+    for name, tensor in hf_state.items():
+        found = stacked_expert(name)
+        if found is None:
+            out[name] = tensor
+        else:
+            out.setdefault(found[0], None)  # keeps the place of the layer's first expert
+            stacks.setdefault(found[0], {})[found[1]] = tensor
+    for name, experts in stacks.items():
+        out[name] = torch.stack([experts[index] for index in range(len(experts))])
+    return out
+
+
+def unfuse_experts(hf_state: Mapping[str, torch.Tensor]) -> dict:
+    """``hf_state`` with transformers' stacked expert tensors split into the published
+    per-expert ones (views); the inverse of :func:`fuse_experts`, and a no-op on dicts that
+    have none (meta tensors work too)."""
+    out = {}
+    for name, tensor in hf_state.items():
+        found = _STACKED_EXPERTS.fullmatch(name)
+        if found is None:
+            out[name] = tensor
+            continue
+        out.update((f"{found['experts']}.{index}.{found['proj']}.weight", row)
+                   for index, row in enumerate(tensor.unbind(0)))
+    return out
+
+
 def hf_to_mcore_state_dict(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict:
-    """Megatron-Core (TP=1, PP=1) state dict from an HF NemotronH one (``model.`` or
-    ``backbone.`` prefix). Raises ConversionError on missing or unused HF tensors."""
-    remaining = dict(hf_state)
+    """Megatron-Core (TP=1, PP=1, EP=1) state dict from an HF NemotronH one (``model.`` or
+    ``backbone.`` prefix; routed experts stacked or one tensor each). Raises ConversionError on
+    missing or unused HF tensors."""
+    remaining = unfuse_experts(hf_state)
     out = {}
     for entry in weight_map(cfg, detect_prefix(hf_state)):
         parts = [remaining.pop(name, None) for name in entry.hf]
@@ -368,9 +523,10 @@ def hf_to_mcore_state_dict(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfi
 
 def mcore_to_hf_state_dict(mcore_state: Mapping[str, torch.Tensor], cfg: ModelConfig, *,
                            prefix: str = HF_PREFIX) -> dict:
-    """HF NemotronH state dict from a full Megatron-Core (TP=1, PP=1) one; ``prefix``
-    ``"backbone."`` gives NVIDIA's published on-disk names. Works on any per-parameter
-    tensors (e.g. gradients). ``*._extra_state`` entries are ignored."""
+    """HF NemotronH state dict from a full Megatron-Core (TP=1, PP=1, EP=1) one: with the
+    default prefix that of transformers' modules (routed experts stacked), with ``prefix``
+    ``"backbone."`` NVIDIA's published on-disk names (one tensor per expert). Works on any
+    per-parameter tensors (e.g. gradients). ``*._extra_state`` entries are ignored."""
     remaining = {k: v for k, v in mcore_state.items() if not k.endswith("._extra_state")}
     out = {}
     for entry in weight_map(cfg, prefix):
@@ -378,7 +534,7 @@ def mcore_to_hf_state_dict(mcore_state: Mapping[str, torch.Tensor], cfg: ModelCo
         parts = entry.split(tensor) if tensor is not None else [None] * len(entry.hf)
         out.update(zip(entry.hf, parts))
     _check_complete(out, remaining, "Megatron", "HF")
-    return out
+    return fuse_experts(out) if prefix == HF_PREFIX else out
 
 
 def detect_prefix(hf_names: Iterable[str]) -> str:
@@ -417,10 +573,3 @@ def load_mcore_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tens
     if missing or result.unexpected_keys:
         raise ConversionError(f"state dict does not fit the model: missing {preview(missing)}, "
                               f"unexpected {preview(list(result.unexpected_keys))}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The ``megatron-hybrid convert`` command (the tensor streaming lives in hf_checkpoint.py)
-# ---------------------------------------------------------------------------------------------
-
-

@@ -54,8 +54,7 @@ from megatron_hybrid.model.flavors import FLAVORS, get_flavor  # noqa: E402
 
 TINY_FLAVORS = sorted(name for name in FLAVORS
                       if name.startswith("tiny-") and not get_flavor(name).num_moe_experts)
-"""The tiny flavors without experts: converting MoE checkpoints is refused in one line for now
-(``test_hf_parity.test_config_round_trip``)."""
+"""The tiny flavors without experts (the MoE twin's conversions: tests/model/test_hf_moe.py)."""
 
 
 @pytest.fixture(scope="module")

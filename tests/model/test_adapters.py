@@ -198,14 +198,15 @@ def test_expert_adapters_are_saved_by_global_expert_and_reload(groups, tmp_path)
 
 def test_peft_export_of_an_moe_model_is_refused_in_one_line(tmp_path):
     """HF NemotronH fuses its routed experts into [experts, out, in] tensors, which peft's
-    LoRA modules cannot adapt, and MoE weights do not convert to HF yet."""
+    LoRA modules cannot adapt (the merged model exports instead)."""
     from megatron_hybrid.checkpoint import dist_checkpoint, peft_adapter
     from megatron_hybrid.model.hf_mapping import ConversionError
 
     (tmp_path / "metadata.json").write_text("{}")
     (tmp_path / dist_checkpoint.META).write_text(json.dumps(
         {"model": MOE_MODEL.to_dict(), "peft": LORA.to_dict()}))
-    with pytest.raises(ConversionError, match="is of an MoE model .* merge them") as error:
+    with pytest.raises(ConversionError,
+                       match="is of an MoE model .* export them merged") as error:
         peft_adapter.export_lora(tmp_path, tmp_path / "adapter")
     assert "\n" not in str(error.value)
 
