@@ -54,6 +54,11 @@ def load_recipe(path: str | os.PathLike | None, overrides: typing.Iterable[str] 
     return from_dict(raw)
 
 
+def sections_of(path: str | Path) -> set[str]:
+    """The top-level sections the recipe file at ``path`` sets, its bases' included."""
+    return set(_read_with_bases(Path(path), ()))
+
+
 def apply_overrides(raw: dict, overrides: typing.Iterable[str]) -> dict:
     """``raw`` with each ``key.sub=value`` set in turn (mappings are merged into sections)."""
     for text in overrides:

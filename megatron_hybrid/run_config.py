@@ -24,7 +24,15 @@ from megatron_hybrid.errors import ConfigError, batch_message, check_choice, div
 from megatron_hybrid.model.config import ModelConfig, PeftConfig
 from megatron_hybrid.model.precision import fp8_recipe
 from megatron_hybrid.parallel.config import ParallelConfig
-from megatron_hybrid.stages.config import DistillConfig, DPOConfig, PruneConfig, SFTConfig
+from megatron_hybrid.quantization.config import QuantConfig
+from megatron_hybrid.stages.config import (
+    DistillConfig,
+    DPOConfig,
+    GRPOConfig,
+    PruneConfig,
+    RewardModelConfig,
+    SFTConfig,
+)
 
 if TYPE_CHECKING:
     from megatron_hybrid.data.datasets import DataConfig
@@ -75,8 +83,14 @@ class RunConfig:
     """The SFT stage: chat data, packing, the reasoning-toggle probe."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """The DPO stage: preference pairs and beta."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """The GRPO stage: rollouts, rewards, the clipped objective and the KL penalty."""
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """The reward-model stage: a scalar (or per-attribute) head and its loss."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA adapters (SFT, DPO): rank, alpha, dropout, target linears; the base frozen."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """Quantization-aware training (SFT, distill): the format the model trains fake-quantized in."""
 
     @property
     def resolved_output_dir(self) -> str:
@@ -102,7 +116,8 @@ class RunConfig:
         together; with ``world_size`` also check the data-parallel size it implies."""
         for section in (self.model, self.parallel, self.train, self.optimizer, self.scheduler,
                         self.data, self.tokenizer, self.checkpoint, self.logging, self.prune,
-                        self.distill, self.sft, self.dpo, self.peft):
+                        self.distill, self.sft, self.dpo, self.grpo, self.reward_model, self.peft,
+                        self.quant):
             section.validate()
         self.prune.check_against(self.model)
         self.resolved_output_dir  # noqa: B018  (raises on a bad placeholder)

@@ -16,6 +16,7 @@ NODE_GPUS = 8
 SHAPES = {
     # flavor: layers, hidden, FFN, attention heads / KV groups / head dim, Mamba heads x head
     # dim, state, groups (REFERENCE.md "Model shapes"; vocab 131072 for all)
+    "nemotron-h-4b": (52, 3072, 12288, 32, 8, 128, 112, 64, 128, 8),
     "nemotron-h-8b": (52, 4096, 21504, 32, 8, 128, 128, 64, 128, 8),
     "nemotron-h-47b": (98, 8192, 30720, 64, 8, 128, 256, 64, 256, 8),
     "nemotron-h-56b": (118, 8192, 32768, 64, 8, 128, 256, 64, 256, 8),
@@ -27,6 +28,7 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim",
               "mamba_state_dim", "mamba_num_groups")
 PATTERNS = {
+    "nemotron-h-4b": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
     "nemotron-h-8b": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
     "nemotron-h-47b": "M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
                       "M-M---MM---M-M*-M-M-M-M-M-",
@@ -51,6 +53,12 @@ LAYOUTS = {
     "nemotron_h/pretrain_8b.yaml": ("nemotron-h-8b", 2, "bf16", 8192),
     "nemotron_h/pretrain_47b.yaml": ("nemotron-h-47b", 8, "fp8-nemotron-h", 8192),
     "nemotron_h/pretrain_56b.yaml": ("nemotron-h-56b", 8, "fp8-nemotron-h", 8192),
+    # Nemotron-H's compressions (tests/stages/test_compression_recipes.py): pruning at TP=1
+    # (the 56B at PP=2), distillation at the teacher's pretraining TP.
+    "nemotron_h/prune_8b_to_4b.yaml": ("nemotron-h-8b", 1, "bf16", 8192),
+    "nemotron_h/distill_4b.yaml": ("nemotron-h-4b", 2, "bf16", 8192),
+    "nemotron_h/prune_56b_to_47b.yaml": ("nemotron-h-56b", 1, "bf16", 8192),
+    "nemotron_h/distill_47b.yaml": ("nemotron-h-47b", 8, "bf16", 8192),
     # Nemotron 3 Nano as Megatron-Bridge publishes it (EP=8, expert TP 1): SFT at TP=1;
     # pretraining at TP=2 where Bridge has TP=4 (tp must divide the 2 KV groups here).
     "nemotron_3_nano/pretrain.yaml": ("nemotron-3-nano", 2, "bf16", 8192),

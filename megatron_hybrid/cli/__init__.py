@@ -16,7 +16,7 @@ from typing import Callable
 from megatron_hybrid.errors import USER_ERRORS
 
 COMMAND_GROUPS = ("model", "train", "pipeline", "launch", "checkpoint", "stages", "planning",
-                  "config", "inference", "serving", "evaluation")
+                  "config", "inference", "serving", "evaluation", "quantize")
 """The modules of ``megatron_hybrid.cli`` that define commands, in the order of ``--help``."""
 
 

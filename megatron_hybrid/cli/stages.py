@@ -1,5 +1,5 @@
-"""``megatron-hybrid sft | dpo | prune | distill``: the stages after pretraining, each run in
-a session of its recipe (``engine.training_loop.run_stage``)."""
+"""``megatron-hybrid sft | dpo | grpo | reward-model | prune | distill``: the stages after
+pretraining, each run in a session of its recipe (``engine.training_loop.run_stage``)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,34 @@ def run_dpo(args) -> int:
     from megatron_hybrid.stages import dpo
 
     return training_loop.run_stage(cfg, partial(dpo.optimize, cfg, cfg.dpo), dpo.format_summary)
+
+
+def run_grpo(args) -> int:
+    from megatron_hybrid import backends, recipe
+
+    cfg = recipe.load_recipe(args.recipe, args.overrides)
+    # before the loop imports Megatron-Core
+    backends.install(cfg.parallel.backend,
+                     need_transformer_engine=cfg.model.needs_transformer_engine)
+    from megatron_hybrid.engine import training_loop
+    from megatron_hybrid.stages import grpo
+
+    return training_loop.run_stage(cfg, partial(grpo.optimize, cfg, cfg.grpo),
+                                   grpo.format_summary)
+
+
+def run_reward_model(args) -> int:
+    from megatron_hybrid import backends, recipe
+
+    cfg = recipe.load_recipe(args.recipe, args.overrides)
+    # before the loop imports Megatron-Core
+    backends.install(cfg.parallel.backend,
+                     need_transformer_engine=cfg.model.needs_transformer_engine)
+    from megatron_hybrid.engine import training_loop
+    from megatron_hybrid.stages import reward_model
+
+    return training_loop.run_stage(cfg, partial(reward_model.train, cfg, cfg.reward_model),
+                                   reward_model.format_summary)
 
 
 def run_prune(args) -> int:
@@ -68,5 +96,13 @@ COMMANDS = {
                    recipe_arguments("recipes/tiny/sft.yaml", "sft.pack=false"), run_sft),
     "dpo": Command("direct preference optimisation (DPO) of a chat checkpoint on preference pairs",
                    recipe_arguments("recipes/tiny/dpo.yaml", "dpo.beta=0.2"), run_dpo),
+    "grpo": Command("reinforcement learning (GRPO) with verifiable rewards, rollouts on the "
+                    "inference engine",
+                    recipe_arguments("recipes/tiny/grpo.yaml", "grpo.kl_coef=0.05"), run_grpo),
+    "reward-model": Command("train a reward model (a scalar head on the hybrid) on preference "
+                            "pairs or rated responses",
+                            recipe_arguments("recipes/tiny/reward_model.yaml",
+                                             "reward_model.objective=regression"),
+                            run_reward_model),
 }
 """Each entry is also a pipeline stage kind (``cli.pipeline.run_stage``)."""

@@ -1,4 +1,5 @@
-"""``megatron-hybrid train``: pretraining (and long-context training) from a recipe."""
+"""``megatron-hybrid train``: pretraining (and long-context training) from a recipe; a recipe
+with a ``grpo`` section (its own or a base's) runs the GRPO stage (``megatron-hybrid grpo``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def _print_run_header(cfg) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_hybrid import backends, recipe
 
+    if "grpo" in recipe.sections_of(args.recipe):  # a GRPO recipe: RL
+        from megatron_hybrid.cli.stages import run_grpo
+
+        return run_grpo(args)
     cfg = recipe.load_recipe(args.recipe, args.overrides)
     # before train imports Megatron-Core
     backends.install(cfg.parallel.backend,

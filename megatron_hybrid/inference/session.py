@@ -52,6 +52,9 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    log_probs: list[float] = field(default_factory=list)
+    """With ``Session(log_probs=True)``: the model's log-probability (temperature 1) of each
+    generated token, a stop token that ended the request included (last), else empty."""
 
 
 @dataclass
@@ -71,11 +74,12 @@ class Session:
     included; more wait their turn."""
 
     def __init__(self, model, tokenizer, *, max_requests: int, max_sequence_length: int,
-                 seed: int = 0):
+                 seed: int = 0, log_probs: bool = False):
         if max_requests < 1:
             raise ValueError(f"max_requests={max_requests}: allow at least 1 request")
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
+        self.log_probs = log_probs
         self.engine = engines.dynamic_engine(model, max_requests=max_requests,
                                              max_sequence_length=max_sequence_length)
         self.reseed(seed)
@@ -106,7 +110,10 @@ class Session:
         # The engine's own counter, which its generate() draws from too: ids never meet.
         request_id = int(next(self.engine.request_counter))
         self._requests[request_id] = _Request(Completion(request_id, prompt_ids), sampling)
-        self.engine.add_request(request_id, prompt_ids, sampling.engine_params())
+        params = sampling.engine_params()
+        if self.log_probs:
+            params.add_attributes({"return_log_probs": True, "skip_prompt_log_probs": True})
+        self.engine.add_request(request_id, prompt_ids, params)
         return request_id
 
     def cancel(self, request_id: int) -> None:
@@ -131,7 +138,7 @@ class Session:
         for request_id, (engine_request, finished) in generated.items():
             request = self._requests.get(request_id)
             if request is not None:
-                update = self._advance(request, engine_request.generated_tokens, finished)
+                update = self._advance(request, engine_request, finished)
                 if update.token_ids or update.text or update.finish_reason:
                     updates.append(update)
         return updates
@@ -152,10 +159,14 @@ class Session:
 
     # -- bookkeeping ----------------------------------------------------------------------
 
-    def _advance(self, request: _Request, generated, engine_finished: bool) -> Update:
+    def _advance(self, request: _Request, engine_request, engine_finished: bool) -> Update:
         completion = request.completion
-        new_tokens = [int(token) for token in generated[len(request.raw_tokens):]]
+        new_tokens = [int(token)
+                      for token in engine_request.generated_tokens[len(request.raw_tokens):]]
         request.raw_tokens.extend(new_tokens)
+        if self.log_probs:
+            completion.log_probs = [float(value) for value in
+                                    engine_request.generated_log_probs[:len(request.raw_tokens)]]
         stop_tokens = set(request.sampling.stop_token_ids)
         kept = []
         reason = None

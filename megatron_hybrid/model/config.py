@@ -14,6 +14,8 @@ from megatron_hybrid import pattern as pattern_lib
 from megatron_hybrid.errors import ConfigError, check_choice
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
+STABILITY_OPTIONS = ("qk_layernorm", "post_sublayer_norm", "attention_logit_softcap")
+"""Model options against high-learning-rate divergence; the local spec builds them."""
 
 
 @dataclass(kw_only=True)
@@ -87,6 +89,15 @@ class ModelConfig:
     mtp_num_layers: int = 0
     """Multi-token-prediction layers after the decoder (HF ``num_nextn_predict_layers``).
     Only 0 builds: Megatron-Core 0.16.1's MambaModel has no MTP block (its GPTModel has)."""
+    qk_layernorm: bool = False
+    """Training stability (arXiv 2410.16682, after Dehghani et al. 2023): an RMSNorm on each
+    attention head's queries and keys before their product (Megatron-Core ``qk_layernorm``)."""
+    post_sublayer_norm: bool = False
+    """Training stability (arXiv 2410.16682: a norm after Proj and FC2): an RMSNorm on the
+    output of every attention and dense MLP sublayer before its residual add."""
+    attention_logit_softcap: float = 0.0
+    """Training stability (Gemma 2's soft-capping, with QK norm in arXiv 2410.16682): the
+    attention scores become ``cap * tanh(score / cap)`` before the softmax; 0: none."""
     transformer_impl: str = "transformer_engine"
     """transformer_engine | local (Megatron-LM's ``--transformer-impl``), on the cuda backend:
     Megatron-Core's Transformer Engine spec, or its local linears with a torch RMSNorm and SDPA
@@ -106,6 +117,11 @@ class ModelConfig:
     @property
     def mamba_d_inner(self) -> int:
         return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def stability_options(self) -> list[str]:
+        """The training-stability options this model turns on, by key."""
+        return [name for name in STABILITY_OPTIONS if getattr(self, name)]
 
     @property
     def needs_transformer_engine(self) -> bool:
@@ -129,6 +145,11 @@ class ModelConfig:
              f"model.mamba_num_groups ({self.mamba_num_groups})"),
         ]
         checks += _dt_checks(self)
+        cap = self.attention_logit_softcap
+        checks.append((isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                       and 0 <= cap < math.inf,
+                       f"model.attention_logit_softcap must be a finite number >= 0 (0: none), "
+                       f"got {cap!r}"))
         checks.append((self.mtp_num_layers == 0, MTP_UNSUPPORTED.format(self.mtp_num_layers)))
         if layer_pattern.counts.get("E"):
             checks += _moe_checks(self)

@@ -118,6 +118,10 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
             f"model.norm_eps={cfg.norm_eps}: Megatron-Core's Mamba norms use 1e-5 whatever the "
             "config, HF uses layer_norm_epsilon everywhere; only 1e-5 converts exactly")
     _check_dt_clamp(cfg)
+    if cfg.stability_options:
+        raise ConversionError(
+            f"model.{', model.'.join(cfg.stability_options)}: HF NemotronH has no QK norm, "
+            "sublayer post-norm or attention soft-cap; only a model without them converts")
     fields = dict(
         hybrid_override_pattern=layers,
         vocab_size=cfg.vocab_size,

@@ -59,7 +59,8 @@ class SDPAttention(mcore.DotProductAttention):
     but avoids its CUDA global memory buffer and fused-softmax kernels.
     """
 
-    def __init__(self, config: "mcore.TransformerConfig", *args, pg_collection=None, **kwargs):
+    def __init__(self, config: "mcore.TransformerConfig", *args, pg_collection=None,
+                 logit_softcap: float = 0.0, **kwargs):
         # DotProductAttention refuses CP > 1 (on GPUs only TE's attention does CP): build it
         # from a CP=1 view of the config, then keep the real one.
         cp1_view = copy.copy(config)
@@ -69,6 +70,11 @@ class SDPAttention(mcore.DotProductAttention):
         self.cp_group = (pg_collection.cp if pg_collection is not None
                          else mcore.parallel_state.get_context_parallel_group())
         context_parallel.check_matches_groups(config.context_parallel_size, self.cp_group.size())
+        self.logit_softcap = logit_softcap
+        """``model.attention_logit_softcap``: scores capped to ``cap * tanh(score / cap)``."""
+        if logit_softcap and self.cp_group.size() > 1:
+            raise ConfigError("model.attention_logit_softcap is not implemented under context "
+                              "parallel: set parallel.cp=1 or the cap to 0")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -93,11 +99,22 @@ class SDPAttention(mcore.DotProductAttention):
         right one. SDPA's own ``is_causal`` aligns top-left: one query would see only key 0."""
         q_len, k_len = q.shape[-2], k.shape[-2]
         mask = None
-        if q_len != k_len:
+        if q_len != k_len or self.logit_softcap:
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        if self.logit_softcap:
+            return self._soft_capped(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               scale=self.softmax_scale, dropout_p=dropout_p,
                                               enable_gqa=q.shape[1] != k.shape[1])
+
+    def _soft_capped(self, q, k, v, mask, dropout_p: float):
+        """Attention with the scores soft-capped before the softmax (SDPA has no cap)."""
+        groups = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+        scores = self.logit_softcap * torch.tanh(scores / self.logit_softcap)
+        probs = scores.masked_fill(~mask, -math.inf).softmax(dim=-1).to(q.dtype)
+        return torch.matmul(F.dropout(probs, p=dropout_p), v)
 
     def _packed(self, query, key, value, packed_seq_params, dropout_p: float):
         """THD attention (``[tokens, heads, dim]``, as SelfAttention squeezes it): causal
@@ -181,6 +198,28 @@ class DtClampedMambaMixer(mcore.MambaMixer):
             state[lora_b] = mcore.mamba_mixer_module._split_tensor_factory(
                 state[lora_b], sections, ["z", "x", "B", "C", "dt"], 0)
         return state
+
+
+class PostNormed:
+    """An attention or MLP sublayer whose output passes an RMSNorm before the residual add
+    (``model.post_sublayer_norm``; Megatron-Core's layers have no such norm)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.post_norm = TorchRMSNorm(self.config, self.config.hidden_size,
+                                      eps=self.config.layernorm_epsilon)
+
+    def forward(self, *args, **kwargs):
+        output, bias = super().forward(*args, **kwargs)
+        return self.post_norm(output), bias
+
+
+class PostNormSelfAttention(PostNormed, mcore.SelfAttention):
+    """Megatron-Core's self-attention with a norm on its output."""
+
+
+class PostNormMLP(PostNormed, mcore.MLP):
+    """Megatron-Core's MLP with a norm on its output."""
 
 
 class HybridStack(mcore.MambaStack):
@@ -306,18 +345,28 @@ def _mamba_layer(mixer_params: dict, peft: PeftConfig | None) -> "mcore.ModuleSp
     )
 
 
-def _attention_layer(peft: PeftConfig | None) -> "mcore.ModuleSpec":
+def _core_attention(stability: dict):
+    cap = stability.get("attention_logit_softcap")
+    return mcore.ModuleSpec(module=SDPAttention, params={"logit_softcap": cap}) if cap else \
+        SDPAttention
+
+
+def _attention_layer(peft: PeftConfig | None, stability: dict) -> "mcore.ModuleSpec":
+    qk_norm = TorchRMSNorm if stability.get("qk_layernorm") else None
     return mcore.ModuleSpec(
         module=mcore.TransformerLayer,
         submodules=mcore.TransformerLayerSubmodules(
             input_layernorm=TorchRMSNorm,
             self_attention=mcore.ModuleSpec(
-                module=mcore.SelfAttention,
+                module=(PostNormSelfAttention if stability.get("post_sublayer_norm")
+                        else mcore.SelfAttention),
                 params={"attn_mask_type": mcore.AttnMaskType.causal},
                 submodules=mcore.SelfAttentionSubmodules(
                     linear_qkv=adapters.linear_spec("qkv", peft),
-                    core_attention=SDPAttention,
+                    core_attention=_core_attention(stability),
                     linear_proj=adapters.linear_spec("proj", peft),
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=mcore.get_bias_dropout_add,
@@ -355,16 +404,20 @@ def _moe_mlp(peft: PeftConfig | None) -> "mcore.ModuleSpec":
         shared_experts=dataclasses.replace(moe.shared_experts, submodules=_mlp_linears(peft))))
 
 
-def local_stack_submodules(mixer_params: dict,
-                           peft: PeftConfig | None = None) -> "mcore.MambaStackSubmodules":
+def local_stack_submodules(mixer_params: dict, peft: PeftConfig | None = None,
+                           stability: dict | None = None) -> "mcore.MambaStackSubmodules":
     """The local layers (the cpu backend's, and ``transformer_impl=local`` on cuda): local
     linears, torch norms, SDPA, and the Mamba kernels the backend registered (the cpu
     backend's torch kernels or mamba_ssm's); ``mixer_params`` are the Mamba mixers' keyword
-    arguments; the linears ``peft`` targets are LoRA linears, MoE experts' included."""
-    dense_mlp = mcore.ModuleSpec(module=mcore.MLP, submodules=_mlp_linears(peft))
+    arguments; the linears ``peft`` targets are LoRA linears, MoE experts' included;
+    ``stability`` turns on the model's training-stability options (``STABILITY_OPTIONS``)."""
+    stability = stability or {}
+    dense_mlp = mcore.ModuleSpec(
+        module=PostNormMLP if stability.get("post_sublayer_norm") else mcore.MLP,
+        submodules=_mlp_linears(peft))
     return mcore.MambaStackSubmodules(
         mamba_layer=_mamba_layer(mixer_params, peft),
-        attention_layer=_attention_layer(peft),
+        attention_layer=_attention_layer(peft, stability),
         mlp_layer=_mlp_layer(dense_mlp, TRANSFORMER_TE_KEY_MAP),
         # The TE spec's MoE layer has its own norm (TENorm) named as ours: no fused name.
         moe_layer=_mlp_layer(_moe_mlp(peft), {}),
@@ -391,17 +444,24 @@ def implementation(backend: str, transformer_impl: str) -> str:
 
 def stack_spec(backend: str, stage_sizes, mixer_params: dict, *,
                transformer_impl: str = "transformer_engine",
-               peft: PeftConfig | None = None) -> "mcore.ModuleSpec":
+               peft: PeftConfig | None = None,
+               stability: dict | None = None) -> "mcore.ModuleSpec":
     """The decoder spec for ``backend`` and ``transformer_impl`` (Transformer Engine's only
     on cuda) with the pattern's pipeline stage sizes, the Mamba mixers' keyword arguments
-    (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``) and ``peft``'s adapters."""
+    (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``), ``peft``'s adapters and the
+    ``stability`` options turned on (model key -> value)."""
     if implementation(backend, transformer_impl) == "transformer_engine":
         if peft is not None and peft.enabled:
             raise ConfigError("peft.method=lora adapts the local spec's linears: set "
                               "model.transformer_impl=local")
+        if stability:
+            raise ConfigError(f"model.{', model.'.join(stability)}: the local spec builds "
+                              "these (Transformer Engine's attention has no soft-cap): set "
+                              "model.transformer_impl=local")
         submodules, final_norm = te_stack_submodules(mixer_params), mcore.te_norm_class()
     else:
-        submodules, final_norm = local_stack_submodules(mixer_params, peft), TorchRMSNorm
+        submodules, final_norm = (local_stack_submodules(mixer_params, peft, stability),
+                                  TorchRMSNorm)
     return mcore.ModuleSpec(
         module=HybridStack,
         submodules=submodules,

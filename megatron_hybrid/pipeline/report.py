@@ -33,8 +33,9 @@ LOSS_CURVES = "loss_curves.png"
 PARAMETERS = "parameters.png"
 DISTILL_REPORT = "distill_report.json"
 OBJECTIVES = {"train": "LM loss", "sft": "assistant-token loss", "dpo": "DPO loss",
-              "distill": "KD loss"}
-"""What each stage kind's training loss is, for the legend of the loss curves."""
+              "distill": "KD loss", "reward-model": "reward-model loss"}
+"""What each stage kind's training loss is, for the legend of the loss curves (on a log
+scale: GRPO's objective, which can be negative, is drawn by its stage as the reward)."""
 PUBLISHED_PAIR = ("nano-v2-12b", "nano-v2-9b")
 """The published compression the tiny pipeline mirrors: its parameter ratio is the yardstick."""
 HELDOUT_DATA = {"train": "held-out text of its training data", "sft": "held-out conversations, "
@@ -54,9 +55,12 @@ def write_report(pipeline) -> Path:
              f"finished (outputs in `{out}`).", ""]
     if rows:
         lines += final_model_section(rows[-1], last_stage=pipeline.stages[-1].name)
+    by_name = {row["stage"]: row for row in rows}
     for stage in finished:
+        if stage.kind == "grpo" and "checkpoint.load" in stage.inputs:
+            lines += rl_section(pipeline, stage, by_name)
         if stage.kind == "distill" and "distill.teacher" in stage.inputs:
-            lines += compression_section(pipeline, stage, {row["stage"]: row for row in rows})
+            lines += compression_section(pipeline, stage, by_name)
     lines += stages_table(rows) + [f"![{caption}]({name})" for caption, name in plots] + [""]
     lines += stage_outputs(pipeline, finished)
     path = out / REPORT
@@ -144,6 +148,45 @@ def _loss_text(row: dict) -> str:
     return f"{row['heldout_loss']:.4f} on {row['heldout_data']}"
 
 
+def rl_section(pipeline, stage, rows: dict) -> list[str]:
+    """The RL stage's mean reward, first and last steps, and its model's task accuracy
+    against the model it started from (the runner's tallies, with the difference's interval)."""
+    from megatron_hybrid.stages import grpo
+
+    before_name = stage.inputs["checkpoint.load"]
+    rewards = [reward for _, reward in grpo.read_summary(pipeline.run_dir(stage.name))[
+        "reward_per_step"]]
+    window = max(1, len(rewards) // 5)
+    lines = [f"## Reinforcement learning: {stage.name} (from {before_name})", "",
+             f"- mean reward per step: {sum(rewards[:window]) / window:.3f} over the first "
+             f"{window} steps -> {sum(rewards[-window:]) / window:.3f} over the last {window} "
+             f"(of {len(rewards)}; [{stage.name}/{grpo.REWARD_PLOT}]"
+             f"({stage.name}/{grpo.REWARD_PLOT}))"]
+    before, after = rows.get(before_name), rows[stage.name]
+    if before is not None:
+        lines += [_change_line(name, before_name, before, stage.name, after)
+                  for name in after["tally"] if name in before["tally"]]
+    return [*lines, ""]
+
+
+def _change_line(name: str, before_name: str, before: dict, after_name: str,
+                 after: dict) -> str:
+    change = _difference_text(after["tally"][name], before["tally"][name],
+                              better="better", worse="worse")
+    return (f"- {name}: {before_name} {metric_text(before, name)}, {after_name} "
+            f"{metric_text(after, name)}; change {change}")
+
+
+def _difference_text(tally: tuple, reference: tuple, *, better: str, worse: str) -> str:
+    """``+1.2% (95% CI -3.0% to +5.4%: within the noise)``: an accuracy minus a reference's,
+    with the interval that says whether it is more than the noise of the problems asked."""
+    from megatron_hybrid.stages.task import difference_interval
+
+    difference, low, high = difference_interval(tally, reference)
+    verdict = "within the noise" if low <= 0 <= high else (better if low > 0 else worse)
+    return f"{difference:+.1%} (95% CI {low:+.1%} to {high:+.1%}: {verdict})"
+
+
 def compression_section(pipeline, stage, rows: dict) -> list[str]:
     """Teacher vs pruned-and-distilled student: parameters, held-out loss, task metrics."""
     teacher_name = stage.inputs["distill.teacher"]
@@ -184,17 +227,13 @@ def compression_lines(teacher_name: str, student_name: str, teacher: dict, stude
 def _accuracy_line(name: str, teacher: dict, student: dict, fraction: float) -> str:
     """Teacher and student on one task metric; with both tallies, the difference and its 95%
     interval, which says whether the gap is more than the noise of the problems asked."""
-    from megatron_hybrid.stages.task import difference_interval
-
     line = (f"- {name}: teacher {metric_text(teacher, name)}, student "
             f"{metric_text(student, name)} ({fraction:.1%} of the teacher)")
     if name not in teacher["tally"] or name not in student["tally"]:
         return line
-    difference, low, high = difference_interval(student["tally"][name], teacher["tally"][name])
-    verdict = "within the noise" if low <= 0 <= high else (
-        "the student is better" if low > 0 else "the student is worse")
-    return (f"{line}; student - teacher {difference:+.1%} (95% CI {low:+.1%} to {high:+.1%}: "
-            f"{verdict})")
+    return line + "; student - teacher " + _difference_text(
+        student["tally"][name], teacher["tally"][name], better="the student is better",
+        worse="the student is worse")
 
 
 def _recovery_line(distilled: dict) -> str:
@@ -256,7 +295,7 @@ def _plot(rows: list[dict], out: Path) -> list[tuple[str, str]]:
 
     curves, offset = {}, 0
     for row in rows:
-        if row["curve"]:
+        if row["curve"] and row["kind"] in OBJECTIVES:
             label = f"{row['stage']} ({OBJECTIVES.get(row['kind'], 'loss')})"
             curves[label] = [(offset + step, loss) for step, loss in row["curve"]]
             offset += row["curve"][-1][0]

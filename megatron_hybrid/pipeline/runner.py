@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from megatron_hybrid.run_config import RunConfig
 
 
-STAGE_KINDS = ("train", "sft", "dpo", "prune", "distill")
+STAGE_KINDS = ("train", "sft", "dpo", "grpo", "reward-model", "prune", "distill")
 """What a stage's ``kind`` may be; ``megatron-hybrid KIND`` runs it (``cli.pipeline``)."""
 PIPELINE_KEY = "pipeline"
 TOP_KEYS = (PIPELINE_KEY, "output_dir", "task_samples", "stages")

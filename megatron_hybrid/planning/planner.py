@@ -897,3 +897,37 @@ def _gib(value: float) -> str:
 
 def _verdict(fits: bool) -> str:
     return "fits" if fits else "does NOT fit"
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized serving (the formats of megatron_hybrid.quantization)
+# ---------------------------------------------------------------------------------------------
+
+def quantized_parameters(cfg: ModelConfig, name: str) -> int:
+    """Parameters format ``name`` stores quantized: the Mamba ``in_proj``/``out_proj`` (but of
+    the Mamba layers it keeps in bf16), the MLP linears and the experts (routed and shared);
+    attention, embeddings, the output layer, conv1d and norms stay bf16."""
+    from megatron_hybrid.quantization.formats import bf16_mamba_layers
+
+    w, layers = Widths.of(cfg), cfg.layer_pattern.layers
+    kept, total = set(bf16_mamba_layers(layers, name)), 0
+    for index, symbol in enumerate(layers):
+        if symbol == "M" and index not in kept:
+            total += w.h * w.in_proj_width + w.d_inner * w.h
+        elif symbol in "-E":
+            sharded, _, routed = layer_parameters(cfg, symbol)
+            total += sharded + routed
+    return total
+
+
+def quantized_inference_memory(cfg: ModelConfig, name: str, *, context: int,
+                               batch: int = 1) -> InferenceMemory:
+    """:func:`inference_memory` with the weights of format ``name`` ("bf16": unquantized);
+    the KV cache stays bf16."""
+    from megatron_hybrid.quantization.formats import BF16_BYTES, weight_bytes
+
+    memory = inference_memory(cfg, context=context, batch=batch)
+    if name == "bf16":
+        return memory
+    saved = quantized_parameters(cfg, name) * (BF16_BYTES - weight_bytes(name))
+    return replace(memory, weights=memory.weights - saved)

@@ -32,6 +32,10 @@ class PruneConfig:
     export_config: dict | None = None
     """Manual mode: the pruned sizes, keys from PRUNABLE (e.g. ``{hidden_size: 4480,
     ffn_hidden_size: 15680, num_layers: 56}``); sizes not given stay as they are."""
+    drop_layers: list[int] | None = None
+    """Manual mode: the layers (0-based indices) depth pruning drops, in place of the ones
+    ModelOpt ranks least important, e.g. to reach a published pattern; the depth follows
+    from them, so export_config leaves num_layers out."""
     max_params: float | None = None
     """Search mode: a parameter budget; the fitting candidates with the most parameters are
     scored on held-out loss and the best is kept (give this or export_config, not both)."""
@@ -71,8 +75,9 @@ class PruneConfig:
 
     @property
     def mode(self) -> str | None:
-        """``manual`` (export_config), ``search`` (max_params) or None (no pruning asked)."""
-        if self.export_config is not None:
+        """``manual`` (export_config and/or drop_layers), ``search`` (max_params or
+        serve_gpu) or None (no pruning asked)."""
+        if self.export_config is not None or self.drop_layers is not None:
             return "manual"
         return "search" if self.max_params is not None or self.serve_gpu is not None else None
 
@@ -87,8 +92,11 @@ class PruneConfig:
         check_positive_int("prune.serve_context", self.serve_context)
         given = [name for name in ("export_config", "max_params", "serve_gpu")
                  if getattr(self, name) is not None]
+        if self.export_config is None and self.drop_layers is not None:
+            given.insert(0, "drop_layers")
         if len(given) > 1:
-            raise ConfigError(f"prune: give one of prune.export_config (manual sizes), "
+            raise ConfigError(f"prune: give one of prune.export_config and/or "
+                              f"prune.drop_layers (manual sizes and layers), "
                               f"prune.max_params or prune.serve_gpu (search under a budget), "
                               f"not {' and '.join(given)}")
         if self.serve_gpu is not None:
@@ -106,7 +114,10 @@ class PruneConfig:
                                   f"{', '.join(PRUNABLE)}")
 
     def check_against(self, model: ModelConfig) -> None:
-        """Refuse an export_config the model cannot be pruned to, naming the allowed values."""
+        """Refuse an export_config or drop_layers the model cannot be pruned to, naming the
+        allowed values."""
+        if self.drop_layers is not None:
+            self._check_drop_layers(model)
         for name, value in (self.export_config or {}).items():
             current = getattr(model, name)
             if name in MOE_PRUNABLE and current is None:
@@ -125,6 +136,17 @@ class PruneConfig:
                     f"prune.export_config.{name}={value!r} is not a size the model's {current} "
                     f"can be pruned to: choose a multiple of {unit} up to {current}: "
                     f"{allowed_sizes(step, current)}")
+
+    def _check_drop_layers(self, model: ModelConfig) -> None:
+        layers = self.drop_layers
+        if "num_layers" in (self.export_config or {}):
+            raise ConfigError("prune.drop_layers sets the depth: remove "
+                              "prune.export_config.num_layers")
+        if not (isinstance(layers, list) and all(type(i) is int and i >= 0 for i in layers)
+                and len(set(layers)) == len(layers) < model.num_layers
+                and max(layers, default=0) < model.num_layers):
+            raise ConfigError(f"prune.drop_layers={layers!r}: give distinct 0-based layer "
+                              f"indices below the model's {model.num_layers} layers, not all")
 
     def _step(self, name: str, model: ModelConfig) -> tuple[int, str]:
         """What a pruned ``name`` must be a multiple of, and the key that sets it."""
@@ -240,3 +262,104 @@ class DPOConfig:
             if getattr(self, name) is not None and not getattr(self, name):
                 raise ConfigError(f"dpo.{name} is empty: give a JSONL file or null for the "
                                   f"default set")
+
+
+DEFAULT_REWARDS = {"megatron_hybrid.stages.rewards:arithmetic_answer": 1.0,
+                   "megatron_hybrid.stages.rewards:reasoning_format": 0.2}
+"""The arithmetic task's checkers and their weights."""
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    group_size: int = 8
+    """Completions sampled per prompt; advantages are normalized within each group."""
+    rollout_batch: int = 4
+    """Prompts per step (their completions, rollout_batch * group_size, are one global
+    batch: train.global_batch_size must equal it)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (the policy's log-probabilities are at 1)."""
+    max_new_tokens: int = 32
+    """Completions end at the end of turn (``<SPECIAL_12>``) or after this many tokens."""
+    clip_range: float = 0.2
+    """The policy ratio is clipped to [1 - clip_range, 1 + clip_range] (PPO's epsilon)."""
+    kl_coef: float = 0.01
+    """Weight of the per-token KL penalty to the frozen reference (k3 estimator; 0: none)."""
+    updates_per_rollout: int = 1
+    """Optimizer steps on each batch of rollouts; after the first the batch is off-policy and
+    the clip bounds the ratio."""
+    rewards: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
+    """Verifiable checkers, ``module:function`` -> weight; a rollout's reward is the weighted
+    sum (``stages/rewards.py``)."""
+    reward_model: str | None = None
+    """A reward-model checkpoint (``megatron-hybrid reward-model``, one score) whose score of
+    each prompt and completion is added to the checkers' reward with weight
+    reward_model_weight (at parallel.tp = pp = 1); None: checkers only."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    task_samples: int = 32
+    """Held-out task problems answered greedily (with /think and /no_think) before and after
+    RL for the report's accuracy (0: not measured)."""
+
+    def validate(self) -> None:
+        from megatron_hybrid.stages import task
+
+        for name in ("group_size", "rollout_batch", "max_new_tokens", "updates_per_rollout"):
+            check_positive_int(f"grpo.{name}", getattr(self, name))
+        if self.group_size < 2:
+            raise ConfigError(f"grpo.group_size={self.group_size}: a group needs at least 2 "
+                              f"completions to normalize their rewards; set grpo.group_size=2 "
+                              f"or more")
+        if not self.temperature > 0:
+            raise ConfigError(f"grpo.temperature={self.temperature} must be > 0 (rollouts "
+                              f"sample; 1.0 keeps the policy's distribution)")
+        if not 0 < self.clip_range < 1:
+            raise ConfigError(f"grpo.clip_range={self.clip_range} must be in (0, 1) (0.2 is "
+                              f"usual)")
+        if self.kl_coef < 0:
+            raise ConfigError(f"grpo.kl_coef={self.kl_coef} must be >= 0 (0: no KL penalty)")
+        if not self.rewards and self.reward_model is None:
+            raise ConfigError("grpo.rewards is empty and grpo.reward_model is null: name a "
+                              "checker (module:function) or a reward-model checkpoint")
+        if self.reward_model is not None and not self.reward_model:
+            raise ConfigError("grpo.reward_model is empty: give a reward-model checkpoint "
+                              "folder or null")
+        if not 0 <= self.task_samples <= task.HELDOUT:
+            raise ConfigError(f"grpo.task_samples={self.task_samples} must be between 0 and "
+                              f"{task.HELDOUT} (the held-out problems)")
+
+
+@dataclass(kw_only=True)
+class RewardModelConfig:
+    objective: str = "bradley_terry"
+    """``bradley_terry``: one score trained on preference pairs (``-log sigmoid(r_chosen -
+    r_rejected)``); ``regression``: one score per attribute, mean squared error to rated
+    responses (HelpSteer, Nemotron-4 340B Reward)."""
+    attributes: list[str] = field(default_factory=lambda: ["helpfulness", "correctness",
+                                                           "coherence", "complexity",
+                                                           "verbosity"])
+    """Regression: the rated attributes (HelpSteer2's five), in the head's output order."""
+    train_path: str | None = None
+    """JSONL of pairs (bradley_terry, the DPO format) or of rated responses (regression,
+    ``{"prompt": [...], "response": ..., "attributes": {name: score}}``); None with
+    bradley_terry: the arithmetic task's training pairs."""
+    valid_path: str | None = None
+    """JSONL of held-out pairs or rated responses; None with bradley_terry: the task's."""
+
+    def validate(self) -> None:
+        check_choice("reward_model.objective", self.objective, ("bradley_terry", "regression"))
+        for name in ("train_path", "valid_path"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise ConfigError(f"reward_model.{name} is empty: give a JSONL file or null "
+                                  f"for the default set")
+        if self.objective == "regression":
+            if not self.attributes:
+                raise ConfigError("reward_model.attributes is empty: name the rated attributes "
+                                  "of reward_model.objective=regression")
+            if self.train_path is None or self.valid_path is None:
+                raise ConfigError("reward_model.objective=regression needs rated responses: "
+                                  "set reward_model.train_path and reward_model.valid_path")
+
+    @property
+    def outputs(self) -> int:
+        """Scores the head gives per sequence."""
+        return len(self.attributes) if self.objective == "regression" else 1

@@ -59,6 +59,9 @@ def check_request(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
     cfg.validate()
     if not cfg.distill.task_data:
         require_heldout_data(cfg, "distillation")
+    if cfg.quant.enabled and not cfg.distill.task_data:
+        raise ConfigError("quant (QAD) calibrates the student on the task's training "
+                          "conversations: set distill.task_data=true, or unset quant.format")
     if not cfg.distill.teacher:
         raise ConfigError("set distill.teacher to the teacher's checkpoint (a checkpoints/step_* "
                           "folder)")
@@ -89,15 +92,19 @@ def distill(cfg: RunConfig, teacher_cfg: ModelConfig, backend: str, dims) -> dic
     from megatron_hybrid.engine import training_loop
     from megatron_hybrid.model.build import build_model
     from megatron_hybrid.parallel import process_groups
+    from megatron_hybrid.quantization import ptq
 
     process_groups.seed_everything(cfg.train.seed)
     teacher = build_model(teacher_cfg, training_loop.model_layout(cfg, dims), backend=backend,
                           perform_initialization=False)
     load_weights([teacher], cfg.distill.teacher)
     loss = DistillationLoss(cfg.distill, teacher)
-    trainer = training_loop.build_trainer(cfg, backend, dims, wrap_model=loss.attach_teacher,
-                                  forward_step=loss.forward_step,
-                                  datasets=task_datasets(cfg) if cfg.distill.task_data else None)
+    datasets = task_datasets(cfg) if cfg.distill.task_data else None
+    # with quant: QAD, calibrated on the task's training conversations
+    quantize = ptq.training_quantizer(cfg, backend, datasets[0] if datasets else None)
+    trainer = training_loop.build_trainer(cfg, backend, dims,
+                                  wrap_model=partial(_student, quantize, loss.attach_teacher),
+                                  forward_step=loss.forward_step, datasets=datasets)
     start = measure(trainer, loss)
     training_loop.fit(trainer)
     end = measure(trainer, loss)
@@ -107,6 +114,12 @@ def distill(cfg: RunConfig, teacher_cfg: ModelConfig, backend: str, dims) -> dic
     if int(os.environ.get("RANK", 0)) == 0:
         write_report(report, trainer.run_dir)
     return report
+
+
+def _student(quantize, attach_teacher, student):
+    """The student, fake-quantized first where ``quantize`` is given (the teacher stays
+    unquantized: quantization-aware distillation), with the teacher attached."""
+    return attach_teacher(student if quantize is None else quantize(student))
 
 
 def task_datasets(cfg: RunConfig) -> tuple:

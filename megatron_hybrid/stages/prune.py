@@ -4,7 +4,8 @@
 runs the calibration samples through it at TP=1 (PP allowed) so ModelOpt can rank neurons,
 heads and layers by their activations, and keeps the best-ranked ones:
 
-- manual mode (``prune.export_config``): the given sizes, checked before anything is loaded;
+- manual mode (``prune.export_config``): the given sizes, checked before anything is loaded,
+  and with ``prune.drop_layers`` the given layers dropped instead of the least important;
 - search mode (``prune.max_params``, or ``prune.serve_gpu``: the parameters that GPU can hold
   while serving ``prune.serve_context`` tokens, by the planner): the largest candidate sizes
   under the budget, each scored on held-out loss, the best kept.
@@ -161,6 +162,8 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
     with _gloo_fix(backend), _modelopt_log(Path(cfg.resolved_output_dir)):
         _, searcher_state = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
                                       constraints=constraints, dummy_input=None, config=search)
+        if options.drop_layers:
+            drop_named_layers(model, options.drop_layers)
     scored = searcher_state["top_k_candidates_per_constraint"].get(budget, [])
     return {"layer_scores": {int(number): float(score)
                              for number, score in searcher_state["layer_scores"].items()},
@@ -192,12 +195,23 @@ def minitron_request(options: PruneConfig, data: CalibrationData,
     """ModelOpt's constraints and search config for the two modes."""
     search = {"forward_loop": data.calibrate}
     if options.mode == "manual":
-        return {"export_config": dict(options.export_config)}, search
+        return {"export_config": dict(options.export_config or {})}, search
     search.update(score_func=lambda candidate: -data.heldout_loss(candidate),
                   max_width_pruning=options.max_width_pruning,
                   max_depth_pruning=options.max_depth_pruning,
                   hparams_to_skip=list(options.skip_hparams) or None, top_k=options.top_k)
     return {"params": budget}, search
+
+
+def drop_named_layers(model, indices: list[int]) -> None:
+    """Depth pruning of the layers ``prune.drop_layers`` names (0-based): ModelOpt's own layer
+    dropping, and the hybrid pattern shortened as its depth pruning does."""
+    from modelopt.torch.prune.plugins.mcore_minitron import drop_mcore_language_model_layers
+
+    drop_mcore_language_model_layers(model, layers_to_drop=[index + 1 for index in indices])
+    model.hybrid_override_pattern = "".join(
+        symbol for index, symbol in enumerate(model.hybrid_override_pattern)
+        if index not in indices)
 
 
 def _gloo_fix(backend: str):
@@ -283,7 +297,7 @@ def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], se
     return {
         "checkpoint": cfg.checkpoint.load,
         "mode": cfg.prune.mode,
-        "target": cfg.prune.export_config or {
+        "target": manual_target(cfg.prune) if cfg.prune.mode == "manual" else {
             "max_params": parameter_budget(cfg.prune, cfg.model),
             **({"serve_gpu": cfg.prune.serve_gpu, "serve_context": cfg.prune.serve_context}
                if cfg.prune.serve_gpu else {})},
@@ -299,6 +313,12 @@ def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], se
         "heldout_samples": cfg.prune.heldout_samples,
         "candidates": search["candidates"],
     }
+
+
+def manual_target(options: PruneConfig) -> dict:
+    """Manual mode's request as the report names it: the sizes, and the layers named."""
+    named = {"drop_layers": options.drop_layers} if options.drop_layers is not None else {}
+    return {**(options.export_config or {}), **named}
 
 
 def save_outputs(cfg: RunConfig, pruned_cfg: ModelConfig, pruned, tokenizer, report: dict,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_hybrid.errors import ConfigError
-from megatron_hybrid.stages.common import chat_dataset
+from megatron_hybrid.stages.common import chat_dataset, with_modelopt_spec
 from megatron_hybrid.stages.config import SFTConfig
 
 if TYPE_CHECKING:
@@ -51,17 +51,21 @@ def finetune(cfg: RunConfig, sft: SFTConfig, backend: str, dims) -> dict:
     """Fine-tune ``cfg``'s model on ``sft``'s conversations; return (and write) the report."""
     from megatron_hybrid.data.tokenizer import load_tokenizer
     from megatron_hybrid.engine import training_loop, training_step
+    from megatron_hybrid.quantization import ptq
 
     check_request(cfg, sft)
+    if cfg.quant.enabled:  # ModelOpt quantizes the local spec's linears
+        cfg = with_modelopt_spec(cfg, "sft")
     tokenizer = load_tokenizer(cfg.tokenizer)
     conversations, heldout = conversations_of(sft)
     probe = HeldOut(cfg, sft, heldout, tokenizer)
     step = training_step.packed_forward_step if sft.pack else training_step.lm_forward_step
+    train_data = chat_dataset(cfg, conversations, tokenizer, sft.pack,
+                              cfg.total_steps * cfg.train.global_batch_size)
     trainer = training_loop.build_trainer(
         cfg, backend, dims, forward_step=step,
-        datasets=(chat_dataset(cfg, conversations, tokenizer, sft.pack,
-                               cfg.total_steps * cfg.train.global_batch_size),
-                  probe.datasets["all"]))
+        wrap_model=ptq.training_quantizer(cfg, backend, train_data, step),  # QAT with quant
+        datasets=(train_data, probe.datasets["all"]))
     start = probe.measure(trainer)
     training_loop.fit(trainer)
     end = probe.measure(trainer)

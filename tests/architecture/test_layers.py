@@ -21,6 +21,7 @@ LAYERS = (
     ("checkpoint",),
     ("engine",),
     ("inference",),
+    ("quantization",),
     ("planning",),
     ("stages",),
     ("run_config",),

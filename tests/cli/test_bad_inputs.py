@@ -52,6 +52,12 @@ def launch(*args, message=""):
     return Case("launch arguments", ("launch", *args), message)
 
 
+def stage(command, *overrides, area, message):
+    """A ``grpo`` or ``reward-model`` command on its tiny recipe."""
+    recipe = f"recipes/tiny/{command.replace('-', '_')}.yaml"
+    return Case(area, (command, recipe, *overrides), message)
+
+
 P, R, PAR, D, T, C, U = ("patterns", "recipes and overrides", "parallel sizes", "data files",
                          "tokenizer", "checkpoints", "using a model")
 CASES = [
@@ -161,6 +167,31 @@ CASES = [
     Case(U, ("serve", "{ckpt}", "--max-requests", "0"), "--max-requests 0: allow at least 1"),
     Case(U, ("eval", "{ckpt}", "--tasks", "nosuchtask"),
          "unknown task 'nosuchtask': give a task YAML file"),
+    Case(U, ("quantize", "{ckpt}", "--format", "fp16"),
+         "format='fp16': choose one of fp8, nvfp4, int8_sq, int4_awq"),
+    Case(U, ("quantize", "{tmp}/nowhere", "--format", "fp8"),
+         "config.yaml does not exist: give a checkpoint folder (step_*) with its config.yaml"),
+    Case(U, ("quantize", "{ckpt}", "--format", "fp8", "--heldout-samples", "3"),
+         "--heldout-samples (3) must be a multiple of train.micro_batch_size (2)"),
+    Case(U, ("quantize", "{ckpt}", "--format", "int8_sq", "--export-hf", "{tmp}/hf"),
+         "ModelOpt's Megatron export writes fp8 and nvfp4, not int8_sq"),
+    Case(U, ("quantize", "{ckpt}", "--format", "nvfp4", "--export-hf", "{tmp}/hf",
+             "--hf-target", "transformers"),
+         "--hf-target transformers writes transformers' FP8 format, not nvfp4"),
+    stage("grpo", "train.global_batch_size=16", area=R,
+          message="must equal grpo.rollout_batch * grpo.group_size = 128 (a step trains on "
+                  "its rollouts): set train.global_batch_size=128"),
+    stage("grpo", "grpo.group_size=1", area=R,
+          message="a group needs at least 2 completions to normalize their rewards"),
+    stage("grpo", "grpo.rewards={nope: 1.0}", area=R, message="is not module:function"),
+    stage("grpo", "grpo.max_new_tokens=90", area=R, message="set train.seq_length="),
+    stage("grpo", "grpo.reward_model={ckpt}", area=C,
+          message="has no one-score reward head: give a checkpoint of megatron-hybrid "
+                  "reward-model"),
+    stage("reward-model", "train.micro_batch_size=3", "train.global_batch_size=6", area=R,
+          message="must be even for reward_model.objective=bradley_terry"),
+    stage("reward-model", "reward_model.objective=regression", area=R,
+          message="needs rated responses: set reward_model.train_path"),
 ]
 
 

@@ -19,8 +19,9 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
 def test_frozen_cli_surface():
     commands = build_parser()._subparsers._group_actions[0].choices
     assert sorted(commands) == ["bench", "ckpt", "config", "convert", "demo", "distill", "dpo",
-                                "eval", "generate", "launch", "params", "pipeline", "plan",
-                                "prune", "serve", "sft", "train"]
+                                "eval", "generate", "grpo", "launch", "params", "pipeline",
+                                "plan", "prune", "quantize", "reward-model", "serve", "sft",
+                                "train"]
     params = {a.dest for a in commands["params"]._actions} - {"help"}
     assert params == {"flavor", "pp", "json"}
     train = {a.dest for a in commands["train"]._actions} - {"help"}

@@ -1,0 +1,93 @@
+"""Rewards of the GRPO stage: verifiable checkers, named in the recipe as ``module:function``.
+
+A checker is a plain Python callable ``checker(prompt, reply) -> float``: ``prompt`` is a
+:class:`Prompt` (the messages, the reasoning mode, the reference answer), ``reply`` the text the
+policy generated after the chat template's generation prompt, up to its end of turn. The
+recipe names checkers and their weights (``grpo.rewards: {"module:function": weight}``); a
+rollout's reward is the weighted sum. Two checkers serve the arithmetic task of
+``stages/task.py``: :func:`arithmetic_answer` (the answer is right) and
+:func:`reasoning_format` (the reply has the form the reasoning mode asks for). A trained reward
+model (``stages/reward_model.py``) scores rollouts too (``grpo.reward_model``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from megatron_hybrid.data import DataError, chat
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.stages import task
+
+Checker = Callable[["Prompt", str], float]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One RL prompt: what the policy is asked, and what a checker compares its reply with."""
+
+    messages: tuple[dict, ...]
+    """The conversation up to the assistant's turn (a system message with /think or
+    /no_think, then the user's question)."""
+    answer: str
+    """The reference answer (for the arithmetic task, the number)."""
+
+    @property
+    def think(self) -> bool:
+        return chat.thinking(self.messages)
+
+
+def arithmetic_answer(prompt: Prompt, reply: str) -> float:
+    """1 when the reply answers the task's problem right in its mode's form, else 0."""
+    answer = task.extract_answer(reply, prompt.think)
+    return float(answer is not None and str(answer) == prompt.answer)
+
+
+def reasoning_format(prompt: Prompt, reply: str) -> float:
+    """1 when the reply has its reasoning mode's form (/think: ``reasoning</think>answer`` with
+    reasoning; /no_think: the answer alone), else 0."""
+    try:
+        reasoning, answer = chat.split_response(reply, prompt.think)
+    except DataError:
+        return 0.0
+    return float(bool(answer) and bool(reasoning) == prompt.think)
+
+
+def load_checker(name: str) -> Checker:
+    """The callable ``module:function`` names, or a one-line ConfigError."""
+    module_name, _, function = name.partition(":")
+    if not module_name or not function:
+        raise ConfigError(f"grpo.rewards: {name!r} is not module:function (e.g. "
+                          f"megatron_hybrid.stages.rewards:arithmetic_answer)")
+    try:
+        checker = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"grpo.rewards: cannot load {name!r} ({type(err).__name__}: {err}): "
+                          f"name an importable module and a function in it") from None
+    if not callable(checker):
+        raise ConfigError(f"grpo.rewards: {name!r} is not callable: name a function "
+                          f"(prompt, reply) -> float")
+    return checker
+
+
+def load_checkers(weights: Mapping[str, float]) -> dict[str, tuple[Checker, float]]:
+    """Each named checker with its weight."""
+    return {name: (load_checker(name), float(weight)) for name, weight in weights.items()}
+
+
+def score(checkers: Mapping[str, tuple[Checker, float]], prompt: Prompt, reply: str
+          ) -> dict[str, float]:
+    """Each checker's reward of ``reply`` (unweighted), by name."""
+    return {name: float(checker(prompt, reply)) for name, (checker, _) in checkers.items()}
+
+
+def total(checkers: Mapping[str, tuple[Checker, float]], scores: Mapping[str, float]) -> float:
+    """The weighted sum of a reply's checker rewards."""
+    return sum(weight * scores[name] for name, (_, weight) in checkers.items())
+
+
+def task_prompts(split: str, seed: int = task.SEED) -> list[Prompt]:
+    """The arithmetic task's problems of ``split``, each with /think and with /no_think."""
+    return [Prompt(problem.prompt(think), str(problem.answer))
+            for problem in task.problems(split, seed) for think in (True, False)]
