@@ -8,58 +8,31 @@ from functools import partial
 from megatron_hybrid.cli import Command, recipe_arguments
 
 
-def run_sft(args) -> int:
-    from megatron_hybrid import backends, recipe
+def section_stage(module: str, function: str):
+    """The command of a stage that trains with ``stages.MODULE.FUNCTION(cfg, cfg.MODULE)``,
+    its recipe section named as its module, and prints ``stages.MODULE.format_summary``."""
+    def run(args) -> int:
+        from importlib import import_module
 
-    cfg = recipe.load_recipe(args.recipe, args.overrides)
-    # before the loop imports Megatron-Core
-    backends.install(cfg.parallel.backend,
-                     need_transformer_engine=cfg.model.needs_transformer_engine)
-    from megatron_hybrid.engine import training_loop
-    from megatron_hybrid.stages import sft
+        from megatron_hybrid import backends, recipe
 
-    return training_loop.run_stage(cfg, partial(sft.finetune, cfg, cfg.sft), sft.format_summary)
+        cfg = recipe.load_recipe(args.recipe, args.overrides)
+        # before the loop imports Megatron-Core
+        backends.install(cfg.parallel.backend,
+                         need_transformer_engine=cfg.model.needs_transformer_engine)
+        from megatron_hybrid.engine import training_loop
 
-
-def run_dpo(args) -> int:
-    from megatron_hybrid import backends, recipe
-
-    cfg = recipe.load_recipe(args.recipe, args.overrides)
-    # before the loop imports Megatron-Core
-    backends.install(cfg.parallel.backend,
-                     need_transformer_engine=cfg.model.needs_transformer_engine)
-    from megatron_hybrid.engine import training_loop
-    from megatron_hybrid.stages import dpo
-
-    return training_loop.run_stage(cfg, partial(dpo.optimize, cfg, cfg.dpo), dpo.format_summary)
+        stage = import_module(f"megatron_hybrid.stages.{module}")
+        return training_loop.run_stage(
+            cfg, partial(getattr(stage, function), cfg, getattr(cfg, module)),
+            stage.format_summary)
+    return run
 
 
-def run_grpo(args) -> int:
-    from megatron_hybrid import backends, recipe
-
-    cfg = recipe.load_recipe(args.recipe, args.overrides)
-    # before the loop imports Megatron-Core
-    backends.install(cfg.parallel.backend,
-                     need_transformer_engine=cfg.model.needs_transformer_engine)
-    from megatron_hybrid.engine import training_loop
-    from megatron_hybrid.stages import grpo
-
-    return training_loop.run_stage(cfg, partial(grpo.optimize, cfg, cfg.grpo),
-                                   grpo.format_summary)
-
-
-def run_reward_model(args) -> int:
-    from megatron_hybrid import backends, recipe
-
-    cfg = recipe.load_recipe(args.recipe, args.overrides)
-    # before the loop imports Megatron-Core
-    backends.install(cfg.parallel.backend,
-                     need_transformer_engine=cfg.model.needs_transformer_engine)
-    from megatron_hybrid.engine import training_loop
-    from megatron_hybrid.stages import reward_model
-
-    return training_loop.run_stage(cfg, partial(reward_model.train, cfg, cfg.reward_model),
-                                   reward_model.format_summary)
+run_sft = section_stage("sft", "finetune")
+run_dpo = section_stage("dpo", "optimize")
+run_grpo = section_stage("grpo", "optimize")
+run_reward_model = section_stage("reward_model", "train")
 
 
 def run_prune(args) -> int:
