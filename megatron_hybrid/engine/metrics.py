@@ -452,6 +452,8 @@ _TENSORBOARD_TAGS = {
     ("train", "peak_memory_bytes"): "memory/peak_bytes", ("eval", "loss"): "eval/loss",
     ("train", "expert_load_max_over_mean"): "moe/expert_load_max_over_mean",
     ("train", "expert_load_cv"): "moe/expert_load_cv",
+    ("train", "reward"): "rl/reward", ("train", "kl"): "rl/kl",
+    ("train", "response_length"): "rl/response_length",
 }
 
 

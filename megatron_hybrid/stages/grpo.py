@@ -45,7 +45,6 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,14 +54,16 @@ import torch
 from megatron_hybrid.errors import ConfigError
 from megatron_hybrid.stages import rewards as reward_lib
 from megatron_hybrid.stages.config import GRPOConfig
+from megatron_hybrid.stages.grpo_objective import Tally, forward_step, token_logps
+from megatron_hybrid.stages.rollouts import Rollouts, sample_rollouts, with_training_inputs
 
 if TYPE_CHECKING:
     from megatron_hybrid.run_config import RunConfig  # the composition root, above this layer
 
 REPORT = "grpo_report"
 METRICS = "metrics.jsonl"
-REWARD_MODEL = "reward_model"
-"""The reward model's key among a rollout's scores (metrics: ``reward/reward_model``)."""
+REWARD_PLOT = "reward.png"
+"""The mean reward per logged step, plotted in the run's folder."""
 
 
 def check_request(cfg: RunConfig, grpo: GRPOConfig) -> None:
@@ -103,205 +104,6 @@ def reward_model_config(cfg: RunConfig, grpo: GRPOConfig):
                           f"head: give a checkpoint of megatron-hybrid reward-model with "
                           f"reward_model.objective=bradley_terry")
     return model
-
-
-# -- advantages and the objective -------------------------------------------------------------
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Each reward's advantage within its group (consecutive ``group_size`` entries):
-    ``(r - mean) / (std + eps)``, exactly 0 in a group whose rewards are all equal."""
-    groups = rewards.double().reshape(-1, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    advantages = centred / (groups.std(dim=1, keepdim=True) + eps)
-    equal = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
-    return torch.where(equal, 0.0, advantages).reshape(-1).float()
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per token, Schulman's k3 estimator of KL(policy || reference): ``exp(d) - d - 1`` with
-    ``d = ref - logp``; >= 0, and exactly 0 where the two agree."""
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
-
-
-def clipped_objective(logp, old_logp, advantages, clip_range: float):
-    """Per token ``(loss, clipped)``: PPO's clipped surrogate ``-min(ratio * A, clip(ratio) *
-    A)`` with ``ratio = exp(logp - old_logp)`` and the advantage ``A`` of each token's
-    sequence (``advantages`` ``[b]``, broadcast over ``[b, s]``); ``clipped``: the clip
-    bound the token's term."""
-    ratio = torch.exp(logp - old_logp)
-    advantages = advantages[:, None]
-    unclipped = ratio * advantages
-    clipped_ratio = ratio.clamp(1 - clip_range, 1 + clip_range) * advantages
-    return -torch.minimum(unclipped, clipped_ratio), clipped_ratio < unclipped
-
-
-@dataclass
-class Tally:
-    """Sums over the response tokens a step's loss functions saw on this rank: the KL to
-    the reference and the clipped tokens (read by the stage for its metrics)."""
-
-    kl: float = 0.0
-    clipped: float = 0.0
-    tokens: float = 0.0
-
-    def add(self, kl: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> None:
-        self.kl += float((kl * mask).sum())
-        self.clipped += float((clipped.float() * mask).sum())
-        self.tokens += float(mask.sum())
-
-
-def loss_func(clip_range: float, kl_coef: float, batch: dict, tally: Tally | None,
-              per_token_nll):
-    """(loss sum over response tokens, their count, report), as the engine's loss function."""
-    mask = batch["loss_mask"].float()
-    logp = -per_token_nll.float()
-    loss, clipped = clipped_objective(logp, batch["old_logp"], batch["advantage"], clip_range)
-    kl = k3_kl(logp, batch["ref_logp"])
-    loss_sum = ((loss + kl_coef * kl) * mask).sum()
-    if tally is not None:
-        tally.add(kl.detach(), clipped, mask)
-    tokens = mask.sum().to(torch.int)
-    return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
-
-
-def forward_step(clip_range: float, kl_coef: float, tally: Tally | None, data_iterator, model):
-    """GRPO forward step for Megatron-Core's schedules (``engine.train_step``): batches carry
-    ``old_logp`` and ``ref_logp`` per token and ``advantage`` per sequence."""
-    from megatron_hybrid.engine import training_step
-
-    batch = training_step.get_batch(data_iterator)
-    per_token_nll = model(batch["tokens"], None, None, labels=batch["labels"])
-    return per_token_nll, partial(loss_func, clip_range, kl_coef, batch, tally)
-
-
-def _logp_step(data_iterator, model):
-    from megatron_hybrid.engine import training_step
-
-    batch = training_step.get_batch(data_iterator)
-    per_token_nll = model(batch["tokens"], None, None, labels=batch["labels"])
-    return per_token_nll, _logp_report
-
-
-def _logp_report(per_token_nll):
-    logp = -per_token_nll.detach().float()
-    return logp.sum() * 0, torch.tensor(0, dtype=torch.int), {"logp": logp}
-
-
-def token_logps(model_chunks: list, samples: list[dict], *, micro_batch_size: int,
-                seq_length: int) -> torch.Tensor:
-    """``[n, seq_length]``: each label's log-probability under the model (forward only) for
-    this rank's ``samples`` (a multiple of ``micro_batch_size``), on every pipeline stage."""
-    import torch.distributed as dist
-
-    from megatron_hybrid import mcore
-
-    state = mcore.parallel_state
-    batches = (torch.utils.data.default_collate(samples[start:start + micro_batch_size])
-               for start in range(0, len(samples), micro_batch_size))
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        with torch.no_grad():
-            reports = mcore.get_forward_backward_func()(
-                forward_step_func=_logp_step, data_iterator=batches, model=model_chunks,
-                num_microbatches=len(samples) // micro_batch_size, seq_length=seq_length,
-                micro_batch_size=micro_batch_size, forward_only=True)
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
-    logps = torch.zeros(len(samples), seq_length)
-    if reports:  # the last pipeline stage
-        logps = torch.cat([report["logp"] for report in reports]).cpu()
-    if state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(logps, group=state.get_pipeline_model_parallel_group())
-    return logps
-
-
-# -- rollouts ---------------------------------------------------------------------------------
-
-@dataclass
-class Rollouts:
-    """One rank's sampled completions, as training samples."""
-
-    samples: list[dict]
-    """Per completion: tokens, labels, loss_mask (the response's labels), position_ids and
-    engine_logp (the engine's log-probability at each response label), ``[seq_length]``."""
-    rewards: torch.Tensor
-    """Per completion, the weighted reward."""
-    scores: dict[str, list[float]] = field(default_factory=dict)
-    """Per checker (and :data:`REWARD_MODEL`), its unweighted reward of each completion."""
-
-    @property
-    def response_tokens(self) -> torch.Tensor:
-        return torch.stack([sample["loss_mask"].sum() for sample in self.samples])
-
-
-def rollout_sample(prompt_ids: list[int], response: list[int], log_probs: list[float], *,
-                   seq_length: int, pad: int) -> dict:
-    """A training sample of one completion: the response's labels in the loss, with the
-    engine's log-probabilities beside them."""
-    ids = (prompt_ids + response + [pad] * (seq_length + 1))[:seq_length + 1]
-    first = len(prompt_ids) - 1  # the label position of the first response token
-    mask = torch.zeros(seq_length)
-    mask[first:first + len(response)] = 1
-    engine_logp = torch.zeros(seq_length)
-    engine_logp[first:first + len(response)] = torch.tensor(log_probs[:len(response)])
-    tokens = torch.tensor(ids, dtype=torch.long)
-    return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": mask,
-            "position_ids": torch.arange(seq_length), "engine_logp": engine_logp}
-
-
-def sample_rollouts(model, tokenizer, prompts: list[reward_lib.Prompt], grpo: GRPOConfig,
-                    checkers: dict, *, seed: int, seq_length: int,
-                    reward_model=None) -> Rollouts:
-    """``grpo.group_size`` completions of each prompt (consecutive), sampled on a session
-    built around ``model`` for this step, with their rewards: the checkers' weighted sum,
-    plus ``grpo.reward_model_weight`` times ``reward_model(samples)`` (``[n]`` scores) when
-    given. The model's mode is kept."""
-    from megatron_hybrid.checkpoint.dist_checkpoint import unwrap
-    from megatron_hybrid.data import chat
-    from megatron_hybrid.inference.sampling import Sampling
-    from megatron_hybrid.inference.session import Session
-
-    end_of_turn = chat.special_ids(tokenizer)[chat.END_OF_TURN]
-    asked = [prompt for prompt in prompts for _ in range(grpo.group_size)]
-    prompt_ids = [chat.prompt_ids(prompt.messages, tokenizer) for prompt in asked]
-    sampling = Sampling(max_new_tokens=grpo.max_new_tokens, temperature=grpo.temperature,
-                        stop_token_ids=(end_of_turn,))
-    was_training = unwrap(model).training
-    try:
-        session = Session(model, tokenizer, max_requests=len(asked),
-                          max_sequence_length=max(map(len, prompt_ids)) + grpo.max_new_tokens,
-                          seed=seed, log_probs=True)
-        completions = session.generate(prompt_ids, sampling)
-    finally:
-        unwrap(model).train(was_training)
-    samples, scores = [], {name: [] for name in checkers}
-    for prompt, ids, completion in zip(asked, prompt_ids, completions):
-        # The stop token is part of what the policy chose: it is trained too.
-        stopped = [end_of_turn] if completion.finish_reason == "stop" else []
-        samples.append(rollout_sample(ids, completion.token_ids + stopped, completion.log_probs,
-                                      seq_length=seq_length, pad=tokenizer.pad))
-        for name, value in reward_lib.score(checkers, prompt, completion.text).items():
-            scores[name].append(value)
-    weighted = torch.tensor([reward_lib.total(checkers, {name: scores[name][index]
-                                                         for name in checkers})
-                             for index in range(len(asked))])
-    if reward_model is not None:
-        scores[REWARD_MODEL] = reward_model(samples).tolist()
-        weighted += grpo.reward_model_weight * torch.tensor(scores[REWARD_MODEL])
-    return Rollouts(samples, weighted, scores)
-
-
-def with_training_inputs(rollouts: Rollouts, old_logp: torch.Tensor, ref_logp: torch.Tensor,
-                         group_size: int) -> list[dict]:
-    """The samples the update trains on: each with its per-token old and reference
-    log-probabilities and its group-normalized advantage."""
-    advantages = group_advantages(rollouts.rewards, group_size)
-    return [{**sample, "old_logp": old, "ref_logp": ref, "advantage": advantage}
-            for sample, old, ref, advantage in zip(rollouts.samples, old_logp, ref_logp,
-                                                    advantages)]
 
 
 # -- the reference ----------------------------------------------------------------------------
@@ -590,7 +392,7 @@ def write_report(report: dict, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
     (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
-    metrics.plot_curves({"mean reward": report["rewards"]}, run_dir / "reward.png",
+    metrics.plot_curves({"mean reward": report["rewards"]}, run_dir / REWARD_PLOT,
                         title="GRPO", ylabel="mean reward")
     summary = summary_of(report)
     task_metrics = {f"{name} at start": value
@@ -605,7 +407,8 @@ def write_report(report: dict, run_dir: Path) -> None:
 
 def summary_of(report: dict) -> dict:
     """The stage's summary: mean reward per logged step ``[[step, reward], ...]`` (averaged
-    over its ``train.log_interval``) and the held-out task accuracies (``{"accuracy /think": x, ...}`` or None) before and after RL."""
+    over its ``train.log_interval``) and the held-out task accuracies (``{"accuracy /think":
+    x, ...}`` or None) before and after RL."""
     return {"reward_per_step": report["rewards"], "accuracy_before": report["start"]["accuracy"],
             "accuracy_after": report["end"]["accuracy"]}
 
@@ -634,7 +437,7 @@ def format_markdown(report: dict) -> str:
         f"| mean reward of the step's rollouts | {first} | {last} |",
         *(f"| held-out task accuracy ({mode}) | {_percent(_accuracy(start, mode))} | "
           f"{_percent(_accuracy(end, mode))} |" for mode in ("/think", "/no_think")),
-        "", "Mean reward per step: `reward.png`; every metric per step: "
+        "", f"Mean reward per step: `{REWARD_PLOT}`; every metric per step: "
         f"`{METRICS}`.", ""])
 
 

@@ -290,6 +290,29 @@ def test_compression_section_states_the_fraction_of_the_teacher_kept_and_the_noi
                         "compare the task metrics below")
 
 
+def test_rl_section_gives_the_reward_trend_and_the_accuracy_change(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_hybrid.stages import grpo
+
+    run_dir = tmp_path / "grpo"
+    run_dir.mkdir()
+    rewards = [[step, 0.30 + 0.01 * step] for step in range(1, 11)]
+    (run_dir / f"{grpo.REPORT}.json").write_text(json.dumps(
+        {"rewards": rewards, "start": {"accuracy": None}, "end": {"accuracy": None}}))
+    pipeline = SimpleNamespace(run_dir=lambda name: tmp_path / name)
+    stage = SimpleNamespace(name="grpo", inputs={"checkpoint.load": "dpo"})
+    rows = {"dpo": {"tally": {"accuracy /think": [50, 256]}},
+            "grpo": {"tally": {"accuracy /think": [90, 256]}}}
+    lines = report.rl_section(pipeline, stage, rows)
+    assert lines[0] == "## Reinforcement learning: grpo (from dpo)"
+    # the first and last fifth of the steps: (0.31 + 0.32) / 2 and (0.39 + 0.40) / 2
+    assert lines[2].startswith("- mean reward per step: 0.315 over the first 2 steps -> 0.395 "
+                               "over the last 2 (of 10;")
+    assert lines[3].startswith("- accuracy /think: dpo 19.5% (50/256")
+    assert "grpo 35.2% (90/256" in lines[3] and lines[3].endswith(": better)")
+
+
 @pytest.mark.parametrize("budget, nproc, per_rank", [("2", 2, "1"), ("4", 2, "2"), ("1", 4, "1")])
 def test_a_stages_ranks_share_the_pipelines_threads(tmp_path, monkeypatch, budget, nproc,
                                                     per_rank):

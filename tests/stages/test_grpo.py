@@ -17,7 +17,8 @@ from test_sft import MODEL, RECIPE, SMALL_MODEL
 from megatron_hybrid import backends
 from megatron_hybrid.data.tokenizer import TokenizerConfig, load_tokenizer
 from megatron_hybrid.errors import ConfigError
-from megatron_hybrid.stages import grpo, rewards
+from megatron_hybrid.stages import grpo, grpo_objective, rewards
+from megatron_hybrid.stages import rollouts as rollout_lib
 from megatron_hybrid.stages.config import GRPOConfig
 
 backends.install("cpu")  # before Megatron-Core is imported
@@ -37,7 +38,7 @@ CHECKERS = {"test_grpo:vowel_share": 1.0}
 def test_advantages_are_zero_for_a_group_with_equal_rewards():
     # 0.1 three times: the float mean is 0.10000000000000002, so (r - mean) / std would not be 0
     rewards_ = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 1.0, 3.0, 3.0, 3.0])
-    advantages = grpo.group_advantages(rewards_, 3)
+    advantages = grpo_objective.group_advantages(rewards_, 3)
     assert advantages[:3].tolist() == [0.0, 0.0, 0.0] and advantages[6:].tolist() == [0.0] * 3
     # the middle group: mean 2/3, sample std 1/sqrt(3)
     expected = [(r - 2 / 3) / (1 / math.sqrt(3) + 1e-6) for r in (1.0, 0.0, 1.0)]
@@ -51,8 +52,8 @@ def test_clipped_objective_and_kl_match_a_hand_computation():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     advantage = torch.tensor([2.0, -1.0])
     batch = {"loss_mask": mask, "old_logp": old, "ref_logp": ref, "advantage": advantage}
-    tally = grpo.Tally()
-    loss_sum, tokens, report = grpo.loss_func(0.2, 0.1, batch, tally, -logp)
+    tally = grpo_objective.Tally()
+    loss_sum, tokens, report = grpo_objective.loss_func(0.2, 0.1, batch, tally, -logp)
     expected, kl_sum, clipped = 0.0, 0.0, 0
     for row in range(2):
         for col in range(3):
@@ -94,7 +95,7 @@ def engine():
 
 def rollouts_of(chunks, tokenizer, options, checkers, *, seed, count=2, reward_model=None):
     prompts = rewards.task_prompts("train")[:count]
-    return grpo.sample_rollouts(chunks[0], tokenizer, prompts, options, checkers, seed=seed,
+    return rollout_lib.sample_rollouts(chunks[0], tokenizer, prompts, options, checkers, seed=seed,
                                 seq_length=SEQ, reward_model=reward_model)
 
 
@@ -105,7 +106,7 @@ def update(chunks, optimizer, samples, *, kl_coef=0.0, tally=None):
         chunks, optimizer, iter([torch.utils.data.default_collate(samples[i:i + 4])
                                  for i in range(0, len(samples), 4)]),
         num_microbatches=len(samples) // 4, micro_batch_size=4, seq_length=SEQ,
-        forward_step=partial(grpo.forward_step, 0.2, kl_coef, tally))
+        forward_step=partial(grpo_objective.forward_step, 0.2, kl_coef, tally))
 
 
 def test_trainer_logprobs_equal_the_engines_before_and_after_an_update(engine):
@@ -114,7 +115,7 @@ def test_trainer_logprobs_equal_the_engines_before_and_after_an_update(engine):
     chunks, optimizer, tokenizer = engine
     options = GRPOConfig(group_size=4, max_new_tokens=12)
     checkers = rewards.load_checkers(CHECKERS)
-    score = partial(grpo.token_logps, micro_batch_size=4, seq_length=SEQ)
+    score = partial(grpo_objective.token_logps, micro_batch_size=4, seq_length=SEQ)
     gaps = []
     for seed in (0, 1):
         rollouts = rollouts_of(chunks, tokenizer, options, checkers, seed=seed)
@@ -123,7 +124,7 @@ def test_trainer_logprobs_equal_the_engines_before_and_after_an_update(engine):
         trainer_logp = score(chunks, rollouts.samples)
         assert mask.sum() > 8 * 4  # the completions have tokens to compare
         gaps.append(float(((engine_logp - trainer_logp) * mask).abs().max()))
-        samples = grpo.with_training_inputs(rollouts, trainer_logp, trainer_logp, 4)
+        samples = rollout_lib.with_training_inputs(rollouts, trainer_logp, trainer_logp, 4)
         if seed == 0:
             # an update big enough to move the log-probabilities the engine must then see
             update(chunks, optimizer, samples)
@@ -154,13 +155,14 @@ def test_mean_reward_rises_over_steps_and_not_without_updates(engine):
             lr=0.2, weight_decay=0.0))
         curves[learn] = []
         for step in range(8):
-            rollouts = grpo.sample_rollouts(chunks[0], tokenizer, prompts[2 * step:2 * step + 2],
-                                            options, checkers, seed=step, seq_length=SEQ)
+            rollouts = rollout_lib.sample_rollouts(
+                chunks[0], tokenizer, prompts[2 * step:2 * step + 2], options, checkers,
+                seed=step, seq_length=SEQ)
             curves[learn].append(float(rollouts.rewards.mean()))
             if learn:
-                old = grpo.token_logps(chunks, rollouts.samples, micro_batch_size=4,
+                old = grpo_objective.token_logps(chunks, rollouts.samples, micro_batch_size=4,
                                        seq_length=SEQ)
-                update(chunks, optimizer, grpo.with_training_inputs(rollouts, old, old, 8))
+                update(chunks, optimizer, rollout_lib.with_training_inputs(rollouts, old, old, 8))
     gain = {learn: sum(curve[-2:]) / 2 - curve[0] for learn, curve in curves.items()}
     assert curves[True][0] == curves[False][0]  # the same start
     assert gain[True] > 0.15 and abs(gain[False]) < 0.08, curves
@@ -178,15 +180,15 @@ def test_kl_is_exactly_zero_at_step_0(engine):
     cfg = recipe.load_recipe(RECIPE, [*SMALL_MODEL, "checkpoint.load=null"])
     trainer = SimpleNamespace(model_chunks=chunks, dims=process_groups.ParallelDims(),
                               state=SimpleNamespace(step=0))
-    score = partial(grpo.token_logps, micro_batch_size=4, seq_length=SEQ)
+    score = partial(grpo_objective.token_logps, micro_batch_size=4, seq_length=SEQ)
     reference = grpo.reference_scorer(cfg, trainer, score, "cpu")
     options = GRPOConfig(group_size=4, max_new_tokens=12)
     rollouts = rollouts_of(chunks, tokenizer, options,
                            rewards.load_checkers(CHECKERS), seed=3)
     old, ref = score(chunks, rollouts.samples), reference(rollouts.samples)
     assert torch.equal(old, ref)
-    tally = grpo.Tally()
-    update(chunks, optimizer, grpo.with_training_inputs(rollouts, old, ref, 4), kl_coef=0.5,
+    tally = grpo_objective.Tally()
+    update(chunks, optimizer, rollout_lib.with_training_inputs(rollouts, old, ref, 4), kl_coef=0.5,
            tally=tally)
     assert tally.tokens > 0 and tally.kl == 0.0
     moved = reference(rollouts.samples)  # the reference stays frozen while the policy moves
@@ -200,7 +202,7 @@ def reply_sample(tokenizer, prompt, reply: str) -> dict:
     ids, trained = chat.tokenize([chat.segments(prompt, chat.response(reply))], tokenizer)[0]
     first = len(chat.prompt_ids(prompt, tokenizer))
     response = ids[first:max(i for i, on in enumerate(trained) if on) + 1]
-    return grpo.rollout_sample(ids[:first], response, [0.0] * len(response), seq_length=SEQ,
+    return rollout_lib.rollout_sample(ids[:first], response, [0.0] * len(response), seq_length=SEQ,
                                pad=tokenizer.pad)
 
 
@@ -225,7 +227,7 @@ def test_a_reward_models_score_is_weighted_into_the_rollouts_rewards(engine,
     rollouts = rollouts_of(chunks, tokenizer, options, rewards.load_checkers(CHECKERS), seed=0,
                            reward_model=scorer)
     by_model = scorer(rollouts.samples)
-    assert rollouts.scores[grpo.REWARD_MODEL] == by_model.tolist() and by_model.std() > 0
+    assert rollouts.scores[rollout_lib.REWARD_MODEL] == by_model.tolist() and by_model.std() > 0
     expected = torch.tensor(rollouts.scores["test_grpo:vowel_share"]) + 0.5 * by_model
     assert torch.allclose(rollouts.rewards, expected)
 

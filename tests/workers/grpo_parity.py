@@ -2,7 +2,7 @@
 
 Arguments: the results file and the model's pattern. Each layout (:data:`LAYOUTS`, on 2 ranks:
 ``tp1`` is then DP=2) loads the weights ``tp1`` saves, recomputes the rollouts' per-token
-log-probabilities (``grpo.token_logps``, forward only through the pipeline schedules) and
+log-probabilities (``grpo_objective.token_logps``, forward only through the pipeline schedules) and
 takes 3 GRPO steps on them (the clipped objective with a KL penalty to a reference drawn
 near the policy; after the first step the batch is off-policy, so the clip acts). Rank 0
 writes, with ``torch.save`` to argv[1]:
@@ -34,9 +34,9 @@ def rollouts(model_cfg) -> list[dict]:
     seq = model_cfg.seq_length
     ids = torch.randint(0, model_cfg.vocab_size, (ROLLOUTS, seq + 1), generator=generator)
     rewards = torch.rand(ROLLOUTS, generator=generator)
-    from megatron_hybrid.stages import grpo
+    from megatron_hybrid.stages import grpo_objective
 
-    advantages = grpo.group_advantages(rewards, 4)
+    advantages = grpo_objective.group_advantages(rewards, 4)
     samples = []
     for row in range(ROLLOUTS):
         mask = torch.zeros(seq)
@@ -53,7 +53,7 @@ def run_layout(model_cfg, name: str, work_dir: Path, world_size: int) -> dict:
     from megatron_hybrid.engine import training_step
     from megatron_hybrid.model.build import ModelLayout, build_model
     from megatron_hybrid.parallel import process_groups
-    from megatron_hybrid.stages import grpo
+    from megatron_hybrid.stages import grpo_objective
 
     tp, pp = LAYOUTS[name]
     dims = process_groups.ParallelDims(tp=tp, pp=pp, world_size=world_size)
@@ -69,7 +69,7 @@ def run_layout(model_cfg, name: str, work_dir: Path, world_size: int) -> dict:
     state = mcore.parallel_state
     dp_rank, dp = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
     local = rollouts(model_cfg)[dp_rank * ROLLOUTS // dp:(dp_rank + 1) * ROLLOUTS // dp]
-    old = grpo.token_logps(chunks, local, micro_batch_size=MICRO_BATCH,
+    old = grpo_objective.token_logps(chunks, local, micro_batch_size=MICRO_BATCH,
                            seq_length=model_cfg.seq_length)
     samples = [{**sample, "old_logp": logp, "ref_logp": logp + sample["ref_shift"]}
                for sample, logp in zip(local, old)]
@@ -80,7 +80,7 @@ def run_layout(model_cfg, name: str, work_dir: Path, world_size: int) -> dict:
         result = training_step.train_step(
             chunks, optimizer, batches, num_microbatches=len(samples) // MICRO_BATCH,
             micro_batch_size=MICRO_BATCH, seq_length=model_cfg.seq_length,
-            forward_step=partial(grpo.forward_step, 0.2, 0.1, None))
+            forward_step=partial(grpo_objective.forward_step, 0.2, 0.1, None))
         losses.append(result.loss)
         norms.append(result.grad_norm)
     gathered = [torch.zeros_like(old) for _ in range(dp)]
