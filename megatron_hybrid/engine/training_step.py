@@ -211,21 +211,43 @@ def train_step(model_chunks: list, optimizer, data_iterator: Iterator[dict], *,
     return StepResult(loss=loss_sum / max(num_tokens, 1), grad_norm=float(grad_norm or 0.0))
 
 
-@torch.no_grad()
 def eval_loss(model_chunks: list, data_iterator: Iterator[dict], *, num_microbatches: int,
               micro_batch_size: int, seq_length: int, forward_step=lm_forward_step) -> float:
+    reports = forward_only(model_chunks, data_iterator, forward_step=forward_step,
+                           num_microbatches=num_microbatches,
+                           micro_batch_size=micro_batch_size, seq_length=seq_length)
+    loss_sum, num_tokens = _global_loss(reports)
+    return loss_sum / max(num_tokens, 1)
+
+
+def forward_only(model_chunks: list, data_iterator, *, forward_step, num_microbatches: int,
+                 micro_batch_size: int, seq_length: int) -> list[dict]:
+    """The loss functions' reports of a forward pass without gradients through Megatron-Core's
+    schedules, the chunks in eval mode (and back in training mode after); empty off the last
+    pipeline stage."""
     for chunk in model_chunks:
         chunk.eval()
     try:
-        reports = mcore.get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
-            num_microbatches=num_microbatches, seq_length=seq_length,
-            micro_batch_size=micro_batch_size, forward_only=True)
+        with torch.no_grad():
+            return mcore.get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=data_iterator,
+                model=model_chunks, num_microbatches=num_microbatches, seq_length=seq_length,
+                micro_batch_size=micro_batch_size, forward_only=True)
     finally:
         for chunk in model_chunks:
             chunk.train()
-    loss_sum, num_tokens = _global_loss(reports)
-    return loss_sum / max(num_tokens, 1)
+
+
+def last_stage_rows(reports: list[dict], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The reports' ``key`` rows concatenated (the last pipeline stage's; zeros of ``shape``
+    on the others), summed over the pipeline stages on the device the collectives need, so
+    every stage returns them, on the CPU."""
+    parallel_state = mcore.parallel_state
+    rows = torch.cat([report[key] for report in reports]) if reports else torch.zeros(shape)
+    rows = rows.float().to(backends.device())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(rows, group=parallel_state.get_pipeline_model_parallel_group())
+    return rows.cpu()
 
 
 def _global_loss(reports: list[dict]) -> tuple[float, float]:

@@ -126,7 +126,8 @@ def sequence_logps(model_chunks: list, sequences, *, micro_batch_size: int, seq_
     import torch
     import torch.distributed as dist
 
-    from megatron_hybrid import mcore
+    from megatron_hybrid import backends, mcore
+    from megatron_hybrid.engine import training_step
 
     state = mcore.parallel_state
     count = len(sequences)
@@ -136,23 +137,15 @@ def sequence_logps(model_chunks: list, sequences, *, micro_batch_size: int, seq_
     batches = (torch.utils.data.default_collate(
         [sequences.sample(min(row, count - 1)) for row in rows[start:start + micro_batch_size]])
         for start in range(0, per_rank, micro_batch_size))
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        reports = mcore.get_forward_backward_func()(
-            forward_step_func=logp_step, data_iterator=batches, model=model_chunks,
-            num_microbatches=per_rank // micro_batch_size, seq_length=seq_length,
-            micro_batch_size=micro_batch_size, forward_only=True)
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
-    logps = torch.zeros(dp_size * per_rank)  # the padding rows at the end are dropped
-    if reports:  # the last pipeline stage
-        logps[first:first + per_rank] = torch.cat([r["logp"] for r in reports]).cpu()
-        dist.all_reduce(logps, group=state.get_data_parallel_group())
-    if state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(logps, group=state.get_pipeline_model_parallel_group())
-    return logps[:count]
+    reports = training_step.forward_only(
+        model_chunks, batches, forward_step=logp_step,
+        num_microbatches=per_rank // micro_batch_size, micro_batch_size=micro_batch_size,
+        seq_length=seq_length)
+    # The padding rows at the end are dropped.
+    logps = torch.zeros(dp_size * per_rank, device=backends.device())
+    logps[first:first + per_rank] = training_step.last_stage_rows(reports, "logp", (per_rank,))
+    dist.all_reduce(logps, group=state.get_data_parallel_group())
+    return logps[:count].cpu()
 
 
 def pair_metrics(policy_logps, ref_logps, beta: float) -> dict:

@@ -96,27 +96,12 @@ def token_logps(model_chunks: list, samples: list[dict], *, micro_batch_size: in
                 seq_length: int) -> torch.Tensor:
     """``[n, seq_length]``: each label's log-probability under the model (forward only) for
     this rank's ``samples`` (a multiple of ``micro_batch_size``), on every pipeline stage."""
-    import torch.distributed as dist
+    from megatron_hybrid.engine import training_step
 
-    from megatron_hybrid import mcore
-
-    state = mcore.parallel_state
     batches = (torch.utils.data.default_collate(samples[start:start + micro_batch_size])
                for start in range(0, len(samples), micro_batch_size))
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        with torch.no_grad():
-            reports = mcore.get_forward_backward_func()(
-                forward_step_func=_logp_step, data_iterator=batches, model=model_chunks,
-                num_microbatches=len(samples) // micro_batch_size, seq_length=seq_length,
-                micro_batch_size=micro_batch_size, forward_only=True)
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
-    logps = torch.zeros(len(samples), seq_length)
-    if reports:  # the last pipeline stage
-        logps = torch.cat([report["logp"] for report in reports]).cpu()
-    if state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(logps, group=state.get_pipeline_model_parallel_group())
-    return logps
+    reports = training_step.forward_only(
+        model_chunks, batches, forward_step=_logp_step,
+        num_microbatches=len(samples) // micro_batch_size, micro_batch_size=micro_batch_size,
+        seq_length=seq_length)
+    return training_step.last_stage_rows(reports, "logp", (len(samples), seq_length))

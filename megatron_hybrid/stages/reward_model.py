@@ -165,31 +165,16 @@ def score_sequences(model_chunks: list, dataset, *, outputs: int, micro_batch_si
     """``[n, outputs]``: the head's scores of every sample of ``dataset`` (``tokens`` and
     ``loss_mask``; n a multiple of ``micro_batch_size``), forward only, on this rank alone
     (TP and PP, not DP), on every pipeline stage."""
-    import torch.distributed as dist
+    from megatron_hybrid.engine import training_step
 
-    from megatron_hybrid import mcore
-
-    state = mcore.parallel_state
     count = len(dataset)
     batches = (torch.utils.data.default_collate([dataset[i] for i in range(
         start, start + micro_batch_size)]) for start in range(0, count, micro_batch_size))
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        with torch.no_grad():
-            reports = mcore.get_forward_backward_func()(
-                forward_step_func=score_step, data_iterator=batches, model=model_chunks,
-                num_microbatches=count // micro_batch_size, seq_length=seq_length,
-                micro_batch_size=micro_batch_size, forward_only=True)
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
-    scores = torch.zeros(count, outputs)
-    if reports:  # the last pipeline stage
-        scores = torch.cat([report["scores"] for report in reports]).cpu()
-    if state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(scores, group=state.get_pipeline_model_parallel_group())
-    return scores
+    reports = training_step.forward_only(
+        model_chunks, batches, forward_step=score_step,
+        num_microbatches=count // micro_batch_size, micro_batch_size=micro_batch_size,
+        seq_length=seq_length)
+    return training_step.last_stage_rows(reports, "scores", (count, outputs))
 
 
 def heldout_metrics(scores: torch.Tensor, dataset, objective: str) -> dict:
