@@ -36,11 +36,14 @@ class Format:
     keeps_mamba_before_attention: bool
     """Keep the Mamba layer feeding each attention layer in bf16 (the 4-bit formats, as
     NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4; the 8-bit ones as NVIDIA-Nemotron-Nano-9B-v2-FP8)."""
+    block: int | None = None
+    """Inputs are scaled in blocks of this many along a linear's input width; a linear whose
+    width is not a multiple stays in bf16 (ModelOpt packs whole blocks only)."""
 
 
 FORMATS = {
     "fp8": Format("FP8_DEFAULT_CFG", 1.0, False),
-    "nvfp4": Format("NVFP4_DEFAULT_CFG", 0.5 + 1 / 16, True),
+    "nvfp4": Format("NVFP4_DEFAULT_CFG", 0.5 + 1 / 16, True, block=16),
     "int8_sq": Format("INT8_SMOOTHQUANT_CFG", 1.0, False),
     "int4_awq": Format("INT4_AWQ_CFG", 0.5 + 2 / 128, True),
 }
@@ -52,7 +55,6 @@ ATTENTION_LINEARS = "*self_attention*"
 """Every attention layer's linears (``linear_qkv``, ``linear_proj``) stay in bf16."""
 CPU_NVFP4_BACKEND = "megatron_hybrid_nvfp4_torch"
 """The name :func:`nvfp4_fake_quant` is registered under as a ModelOpt quantization backend."""
-NVFP4_BLOCK = 16
 
 
 def get_format(name: str) -> Format:
@@ -94,11 +96,25 @@ def quant_config(name: str, model, layers: str, *, backend: str) -> dict:
     for local, layer in enumerate(model.decoder.layers):
         if layer.layer_number - 1 in kept:
             quant_cfg[f"*decoder.layers.{local}.mixer.*"] = {"enable": False}
+    for linear in unblockable_linears(model, get_format(name).block):
+        quant_cfg[f"*{linear}.*"] = {"enable": False}
     if name == "nvfp4" and backend == "cpu":
         register_cpu_kernels()
         for key in ("*weight_quantizer", "*input_quantizer"):
             quant_cfg[key] = {**quant_cfg[key], "backend": CPU_NVFP4_BACKEND}
     return config
+
+
+def unblockable_linears(model, block: int | None) -> list[str]:
+    """Names of ``model``'s linears whose (this rank's) input width is not a multiple of
+    ``block`` (none without blocks), e.g. a pruned FFN of 392 under NVFP4's 16."""
+    from megatron_hybrid import mcore
+
+    if block is None:
+        return []
+    linears = (mcore.ColumnParallelLinear, mcore.RowParallelLinear)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, linears) and module.weight.shape[-1] % block]
 
 
 def register_cpu_kernels() -> None:
@@ -121,10 +137,10 @@ def nvfp4_fake_quant(inputs, quantizer):
         values = inputs.detach().float()
         amax = quantizer.amax if quantizer.amax is not None else values.abs().amax()
         global_scale = amax.float().reshape(()) / (6.0 * 448.0)
-        block_scale, _ = NVFP4QTensor.get_weights_scaling_factor(values, NVFP4_BLOCK,
-                                                                 global_scale)
+        block = FORMATS["nvfp4"].block
+        block_scale, _ = NVFP4QTensor.get_weights_scaling_factor(values, block, global_scale)
         scale = (block_scale.float() * global_scale).unsqueeze(-1)
-        blocks = values.reshape(*values.shape[:-1], -1, NVFP4_BLOCK)
+        blocks = values.reshape(*values.shape[:-1], -1, block)
         codes = NVFP4QTensor._cast_fp4(blocks / scale)
         rounded = NVFP4QTensor.get_e2m1_values(values.device)[codes.long()] * scale
     return inputs + (rounded.reshape(inputs.shape).to(inputs.dtype) - inputs).detach()

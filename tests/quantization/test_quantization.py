@@ -92,6 +92,21 @@ def test_the_4bit_formats_keep_the_mamba_layers_nvidia_kept():
     assert bf16_mamba_layers(layers, "fp8") == []
 
 
+def test_nvfp4_keeps_linears_of_a_width_its_blocks_do_not_divide_in_bf16():
+    # A pruned FFN (the tiny student's 392) is not a multiple of NVFP4's blocks of 16, which
+    # ModelOpt packs whole: its down projection stays bf16, the rest is quantized.
+    from megatron_hybrid.model.params import build_on_meta, single_process_model_parallel
+    from megatron_hybrid.quantization import formats
+
+    with single_process_model_parallel():
+        model = build_on_meta(MODEL.replace(ffn_hidden_size=40))
+        kept = formats.unblockable_linears(model, formats.get_format("nvfp4").block)
+        quant_cfg = formats.quant_config("nvfp4", model, LAYERS, backend="cpu")["quant_cfg"]
+    assert kept == ["decoder.layers.2.mlp.linear_fc2", "decoder.layers.4.mlp.linear_fc2"]
+    assert all(quant_cfg[f"*{name}.*"] == {"enable": False} for name in kept)
+    assert formats.unblockable_linears(model, formats.get_format("fp8").block) == []
+
+
 @pytest.fixture(scope="module")
 def command_run(checkpoint, tmp_path_factory):  # noqa: F811
     """``megatron-hybrid quantize`` of the checkpoint in fp8 and nvfp4 on the task's data,
