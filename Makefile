@@ -19,8 +19,12 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python -m megatron_hybrid demo
 
+# One worker per core at one thread each: most tests are single-threaded Python and subprocess
+# starts, so two workers finish the suite sooner than one at two threads. A test file stays on
+# one worker (its module fixtures are made once); the prune runs are shared between workers.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 # On a GPU machine with the cuda backend's packages (docs/gpu.md); a bare one: tools/gpu_check/run.sh
 test-gpu:

