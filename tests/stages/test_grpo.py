@@ -1,7 +1,7 @@
-"""GRPO: group advantages, the clipped objective against a hand computation, the KL penalty
-at step 0, the engine's log-probabilities against the trainer's (before and after an update),
-the reward rising against a no-update control, a trained reward model's scores in the
-rewards, and the stage end to end."""
+"""GRPO: the dense checkers' partial credit, group advantages, the clipped objective against a
+hand computation, the KL penalty at step 0, the engine's log-probabilities against the
+trainer's (before and after an update), the reward rising against a no-update control, a
+trained reward model's scores in the rewards, and the stage end to end."""
 
 import dataclasses
 import json
@@ -33,6 +33,31 @@ def vowel_share(prompt, reply: str) -> float:
 
 
 CHECKERS = {"test_grpo:vowel_share": 1.0}
+
+
+def test_dense_checkers_give_partial_credit_to_near_misses():
+    """The task's 4 + 8 - 2 (steps 4 + 8 = 12, 12 - 2 = 10): a near answer earns part of the
+    closeness reward, and each number of the worked steps written right part of the steps'."""
+    from megatron_hybrid.data.chat import END_OF_TURN, THINK_CLOSE
+
+    problem, no_think = (p for p in rewards.task_prompts("train")
+                         if p.messages[-1]["content"] == "4 + 8 - 2")
+    assert problem.steps == ("4 + 8 = 12", "12 - 2 = 10") and no_think.answer == "10"
+    assert problem.think and not no_think.think
+
+    def reply(reasoning, answer):
+        return f"{reasoning}{THINK_CLOSE}{answer}\n{END_OF_TURN}"
+
+    closeness = [rewards.answer_closeness(problem, reply("4 + 8 = 12", answer))
+                 for answer in ("10", "11", "13", "x")]
+    assert closeness == [1.0, 0.5, 0.25, 0.0]
+    assert rewards.answer_closeness(no_think, "9\n") == 0.5
+    assert rewards.answer_closeness(no_think, reply("", "10")) == 0.0  # not its mode's form
+    steps = [rewards.worked_steps(problem, reply(reasoning, "10")) for reasoning in (
+        "4 + 8 = 12\n12 - 2 = 10", "4 + 9 = 13\n13 - 2 = 11", "4 + 8 = 12",
+        "4 + 8 = 12\n12 - 2 = 10\n10 + 1 = 11", "")]
+    assert steps == [1.0, 2 / 6, 3 / 6, 6 / 9, 0.0]
+    assert rewards.worked_steps(no_think, "10\n") == 0.0
 
 
 def test_advantages_are_zero_for_a_group_with_equal_rewards():
