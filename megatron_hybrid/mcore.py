@@ -70,6 +70,7 @@ from megatron.core.transformer.moe import moe_utils as moe_utils_module
 from megatron.core.transformer.moe import token_dispatcher as token_dispatcher_module
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint

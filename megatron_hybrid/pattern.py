@@ -1,8 +1,10 @@
 """The hybrid layer pattern: one symbol per layer, the single source of a model's depth.
 
-``M`` Mamba-2, ``*`` attention, ``-`` MLP, ``E`` MoE, and ``|`` marks a pipeline-stage
+``M`` Mamba-2, ``*`` attention, ``-`` MLP, ``E`` MoE, ``H`` parallel heads (attention and
+Mamba-2 heads side by side in one layer, after Hymba), and ``|`` marks a pipeline-stage
 boundary. ``Pattern.layers`` (the symbols without ``|``) is what Megatron-Core's
-``hybrid_override_pattern`` receives; the stages decide which layers each pipeline rank builds.
+``hybrid_override_pattern`` receives (``H`` as ``M``, see ``model/parallel_heads.py``); the
+stages decide which layers each pipeline rank builds.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-LAYER_KINDS = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "MoE"}
+LAYER_KINDS = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "MoE",
+               "H": "parallel heads"}
 """Layer symbol -> name, in the order counts and descriptions list them."""
 STAGE_BOUNDARY = "|"
 VALID_SYMBOLS = ", ".join(
@@ -41,7 +44,7 @@ class Pattern:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Layers of each kind (M, *, -, E), zeros included."""
+        """Layers of each kind (M, *, -, E, H), zeros included."""
         return {symbol: self.layers.count(symbol) for symbol in LAYER_KINDS}
 
     def stages(self, pp: int) -> tuple[str, ...]:

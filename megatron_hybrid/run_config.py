@@ -7,7 +7,6 @@ the recipe loader (``recipe``), holds them together.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,6 +48,25 @@ def default_tokenizer_config() -> TokenizerConfig:
     from megatron_hybrid.data.tokenizer import TokenizerConfig
 
     return TokenizerConfig()
+
+
+def _tensor_parallel_problem(model: ModelConfig, tp: int) -> str | None:
+    """Why ``tp`` tensor-parallel ranks cannot split ``model``'s layers (None: they can).
+    Beyond ``num_query_groups`` ranks Megatron-Core gives each rank a replica of one KV group:
+    the fused QKV projection's rows are still split evenly, and each rank all-gathers their
+    output and keeps its group's K/V and its share of that group's queries
+    (transformer/attention.py:289-303, 1397-1416)."""
+    for name in ("num_attention_heads", "mamba_num_heads", "mamba_num_groups"):
+        if getattr(model, name) % tp:
+            return f"does not divide model.{name} ({getattr(model, name)})"
+    groups = model.num_query_groups
+    if groups % tp and tp % groups:
+        return f"neither divides nor is a multiple of model.num_query_groups ({groups})"
+    rows = (model.num_attention_heads + 2 * groups) * model.kv_channels
+    if rows % tp:
+        return (f"does not divide the {rows} rows of the fused QKV projection "
+                f"((num_attention_heads + 2 * num_query_groups) * kv_channels)")
+    return None
 
 
 @dataclass(kw_only=True)
@@ -181,15 +199,21 @@ class RunConfig:
 
     def _check_tensor_parallel(self) -> None:
         tp = self.parallel.tp
-        names = ("num_attention_heads", "num_query_groups", "mamba_num_heads", "mamba_num_groups")
-        values = [getattr(self.model, name) for name in names]
-        for name, value in zip(names, values):
-            if value % tp:
-                working = ", ".join(str(d) for d in divisors(math.gcd(*values)))
-                raise ConfigError(
-                    f"parallel.tp={tp} does not divide model.{name} ({value}): choose "
-                    f"parallel.tp from {working} (divisors of the attention and Mamba head and "
-                    f"group counts)")
+        problem = _tensor_parallel_problem(self.model, tp)
+        if problem:
+            working = ", ".join(str(t) for t in divisors(self.model.num_attention_heads)
+                                if _tensor_parallel_problem(self.model, t) is None)
+            raise ConfigError(
+                f"parallel.tp={tp} {problem}: choose parallel.tp from {working} (tp must "
+                f"divide the attention heads and the Mamba heads and groups, and divide or be "
+                f"a multiple of the KV groups)")
+        for layer in sorted(self.model.layer_overrides):  # heterogeneous blocks' own sizes
+            problem = _tensor_parallel_problem(self.model.for_layer(layer), tp)
+            if problem:
+                raise ConfigError(f"parallel.tp={tp} {problem.replace('model.', 'the ')} of "
+                                  f"layer {layer} (model.layer_overrides.{layer}): choose "
+                                  f"parallel.tp or that layer's sizes so that one divides the "
+                                  f"other")
         if self.parallel.sequence_parallel and self.seq_length % (tp * self.parallel.cp):
             raise ConfigError(
                 f"parallel.sequence_parallel=true needs the sequence length ({self.seq_length}, "
@@ -207,7 +231,8 @@ class RunConfig:
                 f"parallel.cp={cp} needs the sequence length ({self.seq_length}, "
                 f"{self._seq_key()}) divisible by 2 * cp = {2 * cp} (each rank takes two "
                 f"balanced chunks): choose parallel.cp from {', '.join(map(str, working[:8]))}")
-        if not self.model.layer_pattern.counts["M"]:
+        counts = self.model.layer_pattern.counts
+        if not counts["M"] + counts["H"]:  # no Mamba heads to split
             return
         heads, groups = self.model.mamba_num_heads // tp, self.model.mamba_num_groups // tp
         if heads % cp:

@@ -9,7 +9,7 @@ def test_parse_layers_and_counts():
     assert p.text == str(p) == "M-M*-M-"
     assert p.layers == "M-M*-M-"
     assert p.num_layers == 7
-    assert p.counts == {"M": 3, "*": 1, "-": 3, "E": 0}
+    assert p.counts == {"M": 3, "*": 1, "-": 3, "E": 0, "H": 0}
     assert p.explicit_stages is None
 
 
@@ -18,7 +18,7 @@ def test_parse_strips_stage_boundaries_from_layers():
     assert p.text == "M-M*|-ME-"
     assert p.layers == "M-M*-ME-"
     assert p.num_layers == 8
-    assert p.counts == {"M": 3, "*": 1, "-": 3, "E": 1}
+    assert p.counts == {"M": 3, "*": 1, "-": 3, "E": 1, "H": 0}
     assert p.explicit_stages == ("M-M*", "-ME-")
 
 
@@ -28,7 +28,7 @@ def test_invalid_symbol_names_position_and_valid_symbols():
     message = str(err.value)
     assert message == (
         "invalid symbol 'x' at position 4 of 'M-M-x': valid symbols are M (Mamba-2), "
-        "* (attention), - (MLP), E (MoE), | (pipeline-stage boundary)"
+        "* (attention), - (MLP), E (MoE), H (parallel heads), | (pipeline-stage boundary)"
     )
     assert "\n" not in message
 

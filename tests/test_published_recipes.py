@@ -60,8 +60,8 @@ LAYOUTS = {
     "nemotron_h/prune_56b_to_47b.yaml": ("nemotron-h-56b", 1, "bf16", 8192),
     "nemotron_h/distill_47b.yaml": ("nemotron-h-47b", 8, "bf16", 8192),
     # Nemotron 3 Nano as Megatron-Bridge publishes it (EP=8, expert TP 1): SFT at TP=1;
-    # pretraining at TP=2 where Bridge has TP=4 (tp must divide the 2 KV groups here).
-    "nemotron_3_nano/pretrain.yaml": ("nemotron-3-nano", 2, "bf16", 8192),
+    # pretraining at TP=4, twice its 2 KV groups.
+    "nemotron_3_nano/pretrain.yaml": ("nemotron-3-nano", 4, "bf16", 8192),
     "nemotron_3_nano/sft.yaml": ("nemotron-3-nano", 1, "bf16", 2048),
 }
 STAGE_GRAPH = [  # the published 12B -> 9B pipeline, by stage name, in the paper's order

@@ -291,7 +291,7 @@ def test_world_size_message():
     (["model.flavor=tiny-nemotron-h-8b", "parallel.pp=4"], None,
      "parallel.pp: cannot split the 30 layers"),
     (["parallel.tp=4"], None,
-     "parallel.tp=4 does not divide model.num_query_groups (2): choose parallel.tp from 1, 2"),
+     "parallel.tp=4 does not divide model.mamba_num_groups (2): choose parallel.tp from 1, 2"),
     (["parallel.cp=3"], None, "parallel.cp=3 needs the sequence length (256, model.seq_length) "
                               "divisible by 2 * cp = 6"),
     (["parallel.cp=8", "model.mamba_num_heads=20"], None,

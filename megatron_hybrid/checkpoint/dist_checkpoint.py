@@ -122,7 +122,7 @@ def _load(model_chunks: list, optimizer, directory: Path) -> dict:
 SHAPE_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
                 "mamba_num_groups", "vocab_size", "num_moe_experts", "moe_ffn_hidden_size",
-                "moe_shared_expert_intermediate_size")
+                "moe_shared_expert_intermediate_size", "layer_overrides")
 """Model fields that set parameter shapes: a checkpoint loads only into equal ones."""
 
 
@@ -171,7 +171,8 @@ def check_matches(directory: str | Path, *, model: dict, tokenizer: dict | None 
     """Refuse, in one line, a checkpoint of another model (or, given ``tokenizer``, trained
     with another tokenizer) before its tensors are read."""
     meta = read_meta(directory)
-    saved = meta["model"]
+    saved = {"layer_overrides": {}, **meta["model"]}  # saved before per-layer sizes existed
+    model = json.loads(json.dumps(model))  # as saved: JSON keys layer_overrides' indices as text
     differing = [f"model.{name} {model[name]!r} vs {saved.get(name)!r}" for name in SHAPE_FIELDS
                  if model[name] != saved.get(name)]
     if _layers(model["pattern"]) != _layers(saved["pattern"]):

@@ -104,16 +104,18 @@ def resolved_settings(cfg, backend: str) -> dict:
 def spec_classes(model, backend: str, transformer) -> dict:
     """The spec ``model`` builds on ``backend``: its implementation and the class of each
     layer kind (the recomputed ones under full recompute) and of the final norm."""
-    from megatron_hybrid.model import build, specs
+    from megatron_hybrid.model import build, specs, stack
 
     stages = model.layer_pattern.stages(transformer.pipeline_model_parallel_size)
     spec = specs.stack_spec(backend, [len(stage) for stage in stages], build.mixer_params(model),
-                            transformer_impl=model.transformer_impl)
-    layers = specs.stack_layers(spec.submodules, transformer)
+                            transformer_impl=model.transformer_impl,
+                            **build.parallel_heads_options(model))
+    layers = stack.stack_layers(spec.submodules, transformer)
+    kinds = {**LAYER_KINDS, **({"parallel_heads": "parallel_heads_layer"}
+                               if model.layer_pattern.counts["H"] else {})}
     return {"transformer_impl": model.transformer_impl,
             "implementation": specs.implementation(backend, model.transformer_impl),
-            "layers": {kind: _name(getattr(layers, slot).module)
-                       for kind, slot in LAYER_KINDS.items()},
+            "layers": {kind: _name(getattr(layers, slot).module) for kind, slot in kinds.items()},
             "final_norm": _name(spec.params["final_norm"])}
 
 

@@ -62,9 +62,9 @@ TRAINING_FLOPS_FACTOR = 3
 def flops_per_token(cfg: ModelConfig, seq_length: int, *, training: bool = True) -> dict:
     """Model FLOPs per token of a ``seq_length``-token sequence, per layer kind and in total.
 
-    Returns ``mamba``, ``attention``, ``mlp``, ``moe`` (each summed over that kind's layers of
-    the pattern; 0 when absent), ``logits`` and ``total``; ``training`` multiplies every entry
-    by 3 (forward + backward). The embedding lookup costs no FLOPs.
+    Returns ``mamba``, ``attention``, ``mlp``, ``moe``, ``parallel_heads`` (each summed over
+    that kind's layers of the pattern; 0 when absent), ``logits`` and ``total``; ``training``
+    multiplies every entry by 3 (forward + backward). The embedding lookup costs no FLOPs.
     """
     counts = cfg.layer_pattern.counts
     per_layer = {
@@ -72,6 +72,7 @@ def flops_per_token(cfg: ModelConfig, seq_length: int, *, training: bool = True)
         "attention": attention_layer_flops(cfg, seq_length),
         "mlp": mlp_layer_flops(cfg),
         "moe": moe_layer_flops(cfg) if counts["E"] else 0,  # experts may be unset without E
+        "parallel_heads": parallel_heads_layer_flops(cfg, seq_length),
     }
     flops = {key: counts[symbol] * per_layer[key] for symbol, key in KIND_KEYS.items()}
     flops["logits"] = logits_flops(cfg)
@@ -111,6 +112,17 @@ def mamba_layer_flops(cfg: ModelConfig, seq_length: int) -> float:
     conv = 2 * MEGATRON_CONV_KERNEL * (d_inner + bc)
     out_proj = 2 * d_inner * h
     return in_proj + conv + ssd_scan_flops(cfg, seq_length) + out_proj
+
+
+def parallel_heads_layer_flops(cfg: ModelConfig, seq_length: int) -> float:
+    """Forward FLOPs per token of one parallel-heads (``H``) layer: an attention layer's (over
+    about ``2 * attention_window`` positions when windowed: each query sees ``window`` keys,
+    not ``L/2`` on average) and a Mamba-2 layer's, less one output projection (the branches
+    share one of width ``a*d``)."""
+    window = cfg.attention_window
+    attention = attention_layer_flops(cfg, min(seq_length, 2 * window) if window else seq_length)
+    shared_projection = 2 * cfg.num_attention_heads * cfg.kv_channels * cfg.hidden_size
+    return attention + mamba_layer_flops(cfg, seq_length) - shared_projection
 
 
 def ssd_scan_flops(cfg: ModelConfig, seq_length: int) -> float:

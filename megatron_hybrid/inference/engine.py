@@ -12,7 +12,8 @@ the attention layers' KV cache and the Mamba layers' conv and SSM states. Two en
   starts generating.
 
 The dynamic engine also runs a model split by tensor and pipeline parallelism (every rank runs
-the same requests; the pattern's uneven stages are honoured, see ``model/specs.HybridStack``);
+the same requests; the pattern's uneven stages are honoured, see ``model/stack.HybridStack``;
+TP ranks past the KV groups each cache their replica of one group's K/V);
 context and sequence parallelism are training layouts, refused here. The static loop runs on
 one rank. ``generate.generate_batch``, the uncached loop, is what both are tested against.
 """
@@ -77,8 +78,8 @@ def greedy(max_new_tokens: int) -> "mcore.SamplingParams":
 
 
 def cache_gigabytes(module, max_requests: int, max_sequence_length: int) -> float:
-    """The dynamic context's memory for ``max_requests`` requests of ``max_sequence_length``
-    tokens: their KV blocks, each with one request's Mamba states, as
+    """The dynamic context's memory on this rank for ``max_requests`` requests of
+    ``max_sequence_length`` tokens: their KV blocks, each with one request's Mamba states, as
     ``DynamicInferenceContext`` divides its buffer (dynamic_context.py:407-444), plus its
     dummy block and one to spare for rounding. It derives its request slots from the block
     count, rounded down to a multiple of 4, so there are at least that many blocks."""
@@ -88,8 +89,8 @@ def cache_gigabytes(module, max_requests: int, max_sequence_length: int) -> floa
     # Without Mamba layers the context keeps a KV cache for every layer, MLPs included
     # (dynamic_context.py:383-387).
     cached_layers = layers.count("*") if "M" in layers else len(layers)
-    kv_block = (2 * cached_layers * _BLOCK_TOKENS * config.num_query_groups
-                * config.kv_channels * itemsize)
+    kv_heads = _kv_heads(config) // config.tensor_model_parallel_size
+    kv_block = 2 * cached_layers * _BLOCK_TOKENS * kv_heads * config.kv_channels * itemsize
     mamba = mcore.get_mamba_inference_state_config_from_model(module)
     mamba_request = 0 if mamba is None else (
         layers.count("M") * itemsize
@@ -100,8 +101,16 @@ def cache_gigabytes(module, max_requests: int, max_sequence_length: int) -> floa
     return blocks * (kv_block + mamba_request) / 1024**3
 
 
+def _kv_heads(config) -> int:
+    """K/V heads the context caches over the tensor-parallel ranks, each rank its share: the
+    KV groups, or one per rank where ranks outnumber them (each holds a replica of one
+    group's K/V, transformer/attention.py:289-293)."""
+    return max(config.num_query_groups, config.tensor_model_parallel_size)
+
+
 def check_decode_layout(model) -> None:
-    """Refuse context and sequence parallelism at decode, in one line."""
+    """Refuse context and sequence parallelism at decode, and layers with their own cache
+    shapes, in one line."""
     config = unwrap(model).config
     if config.context_parallel_size != 1:
         raise ConfigError(f"context parallel (cp={config.context_parallel_size}) splits a "
@@ -109,6 +118,14 @@ def check_decode_layout(model) -> None:
     if config.sequence_parallel:
         raise ConfigError("sequence parallel is a training layout; decode without it (tp and "
                           "pp work)")
+    cached = ("num_query_groups", "mamba_num_heads")  # one cache shape per kind
+    for layer in unwrap(model).decoder.layers:
+        differing = [name for name in cached
+                     if getattr(layer.config, name) != getattr(config, name)]
+        if differing:
+            raise ConfigError(f"layer {layer.layer_number - 1} has its own {differing[0]} "
+                              f"(model.layer_overrides): Megatron-Core's dynamic engine caches "
+                              f"one shape per layer kind; use per-layer FFN widths only")
 
 
 def dynamic_engine(model, *, max_requests: int, max_sequence_length: int
@@ -135,7 +152,7 @@ def _context(module, config) -> "mcore.DynamicInferenceContext":
         params_dtype=config.params_dtype,
         num_layers=model_config.num_layers // model_config.pipeline_model_parallel_size,
         kv_channels=model_config.kv_channels,
-        num_attention_heads=model_config.num_query_groups,
+        num_attention_heads=_kv_heads(model_config),
         tensor_model_parallel_size=model_config.tensor_model_parallel_size,
         pipeline_model_parallel_size=model_config.pipeline_model_parallel_size,
         max_sequence_length=config.inference_max_seq_length,

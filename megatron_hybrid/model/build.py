@@ -161,6 +161,15 @@ def mixer_params(model: ModelConfig) -> dict:
             "dt_max": model.mamba_dt_max, "dt_clamp_min": model.mamba_dt_clamp_min}
 
 
+def parallel_heads_options(model: ModelConfig) -> dict:
+    """``specs.stack_spec``'s Hymba options of ``model``: the ``H`` layers' attention window
+    and the meta tokens it always sees (where the pattern has ``H`` layers), and the meta
+    tokens."""
+    attention = ({"window": model.attention_window, "visible_prefix": model.num_meta_tokens}
+                 if model.layer_pattern.counts["H"] else None)
+    return {"parallel_heads_attention": attention, "num_meta_tokens": model.num_meta_tokens}
+
+
 def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
                 perform_initialization: bool = True, use_cpu_initialization: bool = False,
                 peft: PeftConfig | None = None) -> "mcore.MambaModel":
@@ -180,7 +189,9 @@ def build_model(model: ModelConfig, layout: ModelLayout, *, backend: str,
                                           transformer_impl=model.transformer_impl,
                                           peft=peft,
                                           stability={name: getattr(model, name) for name
-                                                     in model.stability_options}),
+                                                     in model.stability_options},
+                                          layer_sizes=model.layer_overrides,
+                                          **parallel_heads_options(model)),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pp_rank == 0,

@@ -16,12 +16,16 @@ from megatron_hybrid.errors import ConfigError, check_choice
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 STABILITY_OPTIONS = ("qk_layernorm", "post_sublayer_norm", "attention_logit_softcap")
 """Model options against high-learning-rate divergence; the local spec builds them."""
+LAYER_OVERRIDES = {"-": ("ffn_hidden_size",), "*": ("num_attention_heads", "num_query_groups"),
+                   "M": ("mamba_num_heads",), "E": ("moe_ffn_hidden_size",)}
+"""Layer symbol -> the sizes ``model.layer_overrides`` may set for one layer of that kind."""
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     pattern: str
-    """Hybrid layer pattern: M Mamba-2, * attention, - MLP, E MoE, | pipeline-stage boundary."""
+    """Hybrid layer pattern: M Mamba-2, * attention, - MLP, E MoE, H parallel heads (attention
+    and Mamba-2 heads side by side, Hymba), | pipeline-stage boundary."""
     hidden_size: int
     """Model width (d_model)."""
     ffn_hidden_size: int
@@ -98,6 +102,14 @@ class ModelConfig:
     attention_logit_softcap: float = 0.0
     """Training stability (Gemma 2's soft-capping, with QK norm in arXiv 2410.16682): the
     attention scores become ``cap * tanh(score / cap)`` before the softmax; 0: none."""
+    num_meta_tokens: int = 0
+    """Hymba's meta tokens (arXiv 2411.13676): learnable vectors put before every sequence,
+    which every position of every layer sees and the loss skips; 0: none. Needs pp = cp = 1,
+    no sequence parallel and no packed documents."""
+    attention_window: int = 0
+    """Sliding-window attention in the parallel-heads ('H') layers (Hymba's local attention):
+    each position sees itself, the attention_window - 1 positions before it and the meta
+    tokens; 0: the whole causal context. Attention ('*') layers always see it whole."""
     transformer_impl: str = "transformer_engine"
     """transformer_engine | local (Megatron-LM's ``--transformer-impl``), on the cuda backend:
     Megatron-Core's Transformer Engine spec, or its local linears with a torch RMSNorm and SDPA
@@ -105,6 +117,19 @@ class ModelConfig:
     and is the spec ModelOpt converts (prune and distill choose it by themselves). The cpu
     backend has no Transformer Engine and builds local for both values. Checkpoints load
     across the two: they name their parameters alike."""
+    layer_overrides: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
+    """Heterogeneous blocks (Puzzle, arXiv 2411.19146; Nemotron-H's MiniPuzzle): layer index
+    (0-based over the pattern's layers, '|' not counted) -> the sizes that differ there from
+    the ones above, by the layer's kind (LAYER_OVERRIDES): ffn_hidden_size for '-',
+    num_attention_heads and num_query_groups for '*', mamba_num_heads for 'M',
+    moe_ffn_hidden_size for 'E'; e.g. ``{3: {ffn_hidden_size: 256}}``."""
+
+    def __post_init__(self):
+        # meta.json (JSON) and dotted CLI keys give the layer indices as text.
+        if isinstance(self.layer_overrides, dict):
+            self.layer_overrides = {
+                int(key) if isinstance(key, str) and key.strip().isdigit() else key: value
+                for key, value in self.layer_overrides.items()}
 
     @property
     def layer_pattern(self) -> pattern_lib.Pattern:
@@ -117,6 +142,11 @@ class ModelConfig:
     @property
     def mamba_d_inner(self) -> int:
         return self.mamba_num_heads * self.mamba_head_dim
+
+    def for_layer(self, index: int) -> "ModelConfig":
+        """This model with layer ``index``'s (0-based) sizes as its own and no overrides:
+        what that one layer is built and counted from."""
+        return self.replace(**self.layer_overrides.get(index, {}), layer_overrides={})
 
     @property
     def stability_options(self) -> list[str]:
@@ -153,6 +183,7 @@ class ModelConfig:
         checks.append((self.mtp_num_layers == 0, MTP_UNSUPPORTED.format(self.mtp_num_layers)))
         if layer_pattern.counts.get("E"):
             checks += _moe_checks(self)
+        checks += _parallel_heads_checks(self, layer_pattern.counts["H"])
         for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                      "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
                      "mamba_num_groups", "vocab_size", "seq_length", "mamba_chunk_size"):
@@ -162,6 +193,7 @@ class ModelConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        _check_layer_overrides(self, layer_pattern.layers)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -182,6 +214,58 @@ def _dt_checks(model: ModelConfig) -> list[tuple[bool, str]]:
         (number(model.mamba_dt_clamp_min) and 0 <= model.mamba_dt_clamp_min < math.inf,
          f"model.mamba_dt_clamp_min must be a finite number >= 0 (0: no clamp), got "
          f"{model.mamba_dt_clamp_min!r}"),
+    ]
+
+
+def _check_layer_overrides(model: ModelConfig, layers: str) -> None:
+    """Each of ``model.layer_overrides``: a layer of the pattern, sizes of its kind, and a
+    layer that validates with them."""
+    overrides = model.layer_overrides
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model.layer_overrides: expected a mapping of layer index -> sizes, "
+                          f"e.g. {{3: {{ffn_hidden_size: 256}}}}, got {overrides!r}")
+    for index, sizes in overrides.items():
+        key = f"model.layer_overrides.{index}"
+        if not (type(index) is int and 0 <= index < len(layers)):
+            raise ConfigError(f"{key}: not a layer of the pattern: give a 0-based index in "
+                              f"0..{len(layers) - 1} ('|' not counted)")
+        symbol = layers[index]
+        allowed = LAYER_OVERRIDES.get(symbol, ())
+        if not isinstance(sizes, dict) or not sizes:
+            raise ConfigError(f"{key}: expected a mapping of sizes from {list(allowed)}, "
+                              f"got {sizes!r}")
+        for name, value in sizes.items():
+            if name not in allowed:
+                raise ConfigError(f"{key}.{name}: layer {index} is "
+                                  f"{pattern_lib.LAYER_KINDS.get(symbol, symbol)} ({symbol!r}), "
+                                  f"whose per-layer sizes are {list(allowed)}")
+            if not (type(value) is int and value > 0):
+                raise ConfigError(f"{key}.{name} must be a positive integer, got {value!r}")
+        try:
+            model.for_layer(index).validate()
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+
+
+def _parallel_heads_checks(model: ModelConfig, layers: int) -> list[tuple[bool, str]]:
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    attention_width = model.num_attention_heads * model.kv_channels
+    return [
+        (count(model.num_meta_tokens),
+         f"model.num_meta_tokens must be an integer >= 0 (0: none), got "
+         f"{model.num_meta_tokens!r}"),
+        (count(model.attention_window),
+         f"model.attention_window must be an integer >= 0 (0: none), got "
+         f"{model.attention_window!r}"),
+        (layers or not model.attention_window,
+         "model.attention_window applies to parallel-heads ('H') layers and model.pattern has "
+         "none: set model.attention_window=0 or add 'H' layers"),
+        (not layers or attention_width == model.mamba_d_inner,
+         f"parallel-heads ('H') layers average their attention and Mamba outputs, which must "
+         f"be as wide: model.num_attention_heads * model.kv_channels ({attention_width}) != "
+         f"model.mamba_num_heads * model.mamba_head_dim ({model.mamba_d_inner})"),
     ]
 
 

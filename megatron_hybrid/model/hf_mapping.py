@@ -122,6 +122,14 @@ def hf_config_from_model(cfg: ModelConfig, **overrides):
         raise ConversionError(
             f"model.{', model.'.join(cfg.stability_options)}: HF NemotronH has no QK norm, "
             "sublayer post-norm or attention soft-cap; only a model without them converts")
+    if "H" in layers or cfg.num_meta_tokens:
+        raise ConversionError(
+            "model.pattern's parallel-heads ('H') layers and model.num_meta_tokens (Hymba): HF "
+            "NemotronH has no such layer or tokens; only a model without them converts")
+    if cfg.layer_overrides:
+        raise ConversionError(
+            f"model.layer_overrides (layers {sorted(cfg.layer_overrides)}): HF NemotronH has "
+            "one size per layer kind; only a model without per-layer sizes converts")
     fields = dict(
         hybrid_override_pattern=layers,
         vocab_size=cfg.vocab_size,

@@ -15,15 +15,16 @@ import torch
 
 from megatron_hybrid.model.config import LORA_COLUMN_TARGETS, ModelConfig, PeftConfig
 
-KIND_KEYS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+KIND_KEYS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "H": "parallel_heads"}
 """Pattern symbol -> the key of its per-kind sum in :func:`count_parameters`."""
 
 
 def count_parameters(cfg: ModelConfig) -> dict:
     """Parameters of the Megatron-Core model of ``cfg`` (TP=1, PP=1, untied output layer).
 
-    Returns ``total``, ``embedding``, ``output_layer``, ``final_norm``, one sum per layer kind
-    (``mamba``, ``attention``, ``mlp``, ``moe``; zero when absent), ``per_layer`` (a list
+    Returns ``total``, ``embedding``, ``output_layer``, ``final_norm``, ``meta_tokens``, one
+    sum per layer kind (``mamba``, ``attention``, ``mlp``, ``moe``, ``parallel_heads``; zero
+    when absent), ``per_layer`` (a list
     in pattern order, as ``pattern.describe(params_per_layer=...)`` takes), and what one token
     uses: ``active`` (all but the routed experts it is not sent to: ``num_moe_experts -
     moe_router_topk`` per MoE layer) and ``active_without_embedding`` (without the input
@@ -120,11 +121,12 @@ def _tally(model: torch.nn.Module, cfg: ModelConfig) -> dict:
         "embedding": numel(getattr(model, "embedding", None)),
         "output_layer": numel(getattr(model, "output_layer", None)),
         "final_norm": numel(getattr(model.decoder, "final_norm", None)),
+        "meta_tokens": numel(getattr(model.decoder, "meta_tokens", None)),
         **{key: sum(n for n, s in zip(per_layer, layers) if s == symbol)
            for symbol, key in KIND_KEYS.items()},
         "per_layer": per_layer,
     }
-    parts = ("embedding", "output_layer", "final_norm", *KIND_KEYS.values())
+    parts = ("embedding", "output_layer", "final_norm", "meta_tokens", *KIND_KEYS.values())
     if sum(counts[key] for key in parts) != counts["total"]:
         raise AssertionError(f"parameter parts do not add up to the total: {counts}")
     idle_experts = (cfg.num_moe_experts or 0) - cfg.moe_router_topk

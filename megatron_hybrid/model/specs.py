@@ -7,9 +7,10 @@ Behaviour changes by swapping specs, never by editing model code:
   linears, :class:`TorchRMSNorm`, :class:`SDPAttention`, with the norm state-dict keys
   remapped to TE's fused-norm names, so checkpoints move between the two both ways (as
   Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
-Both wrap the layers in :class:`HybridStack`, which splits pipeline stages by the pattern and
-implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it), and both
-build their Mamba mixers as :class:`DtClampedMambaMixer` (HF NemotronH's dt clamp).
+Both wrap the layers in ``model/stack.py``'s HybridStack, which splits pipeline stages by the
+pattern and implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it),
+per-layer sizes and Hymba's meta tokens, and both build their Mamba mixers as :class:`DtClampedMambaMixer` (HF NemotronH's dt clamp). The local
+spec also builds the pattern's ``H`` layers (``model/parallel_heads.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 
 from megatron_hybrid import mcore
 from megatron_hybrid.errors import ConfigError
-from megatron_hybrid.model import adapters
+from megatron_hybrid.model import adapters, parallel_heads
 from megatron_hybrid.model.config import PeftConfig
+from megatron_hybrid.model.stack import HybridStack, MetaTokenStack
 
 # Local norm names -> the names of Transformer Engine's fused norm+linear parameters.
 from megatron_hybrid.parallel import context_parallel
@@ -60,7 +62,8 @@ class SDPAttention(mcore.DotProductAttention):
     """
 
     def __init__(self, config: "mcore.TransformerConfig", *args, pg_collection=None,
-                 logit_softcap: float = 0.0, **kwargs):
+                 logit_softcap: float = 0.0, window: int = 0, visible_prefix: int = 0,
+                 **kwargs):
         # DotProductAttention refuses CP > 1 (on GPUs only TE's attention does CP): build it
         # from a CP=1 view of the config, then keep the real one.
         cp1_view = copy.copy(config)
@@ -75,6 +78,11 @@ class SDPAttention(mcore.DotProductAttention):
         if logit_softcap and self.cp_group.size() > 1:
             raise ConfigError("model.attention_logit_softcap is not implemented under context "
                               "parallel: set parallel.cp=1 or the cap to 0")
+        self.window, self.visible_prefix = window, visible_prefix
+        """``model.attention_window`` and the meta tokens every query sees (:func:`causal_mask`)."""
+        if window and self.cp_group.size() > 1:
+            raise ConfigError("model.attention_window is not implemented under context "
+                              "parallel: set parallel.cp=1 or the window to 0")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -99,8 +107,8 @@ class SDPAttention(mcore.DotProductAttention):
         right one. SDPA's own ``is_causal`` aligns top-left: one query would see only key 0."""
         q_len, k_len = q.shape[-2], k.shape[-2]
         mask = None
-        if q_len != k_len or self.logit_softcap:
-            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        if q_len != k_len or self.logit_softcap or self.window:
+            mask = causal_mask(q_len, k_len, q.device, self.window, self.visible_prefix)
         if self.logit_softcap:
             return self._soft_capped(q, k, v, mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -132,6 +140,19 @@ class SDPAttention(mcore.DotProductAttention):
         out = torch.cat([self._causal(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p)
                          for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
         return out.squeeze(0).permute(1, 0, 2).reshape(total, 1, -1)
+
+
+def causal_mask(q_len: int, k_len: int, device, window: int = 0,
+                visible_prefix: int = 0) -> torch.Tensor:
+    """``[q_len, k_len]``, True where a query (the last ``q_len`` of ``k_len`` positions) sees a
+    key: the keys up to its own position; with a ``window``, only the ``window`` last of them
+    (itself included) and the first ``visible_prefix`` keys (meta tokens) besides."""
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    if not window:
+        return causal
+    recent = torch.ones_like(causal).triu(k_len - q_len - window + 1)
+    recent[:, :visible_prefix] = True
+    return causal & recent
 
 
 def softplus_inverse(value: float) -> float:
@@ -222,111 +243,6 @@ class PostNormMLP(PostNormed, mcore.MLP):
     """Megatron-Core's MLP with a norm on its output."""
 
 
-class HybridStack(mcore.MambaStack):
-    """MambaStack whose pipeline stages follow the pattern's split exactly.
-
-    Megatron-Core 0.16's MambaStack gives each stage ``num_layers // pp`` layers (dropping the
-    rest silently), always builds a Transformer-Engine final norm and ignores
-    ``recompute_granularity="full"``; here the stage sizes come from the pattern module, the
-    final norm from the spec, and full recompute from the :class:`RecomputedLayer` subclasses
-    in place of the spec's layers (:func:`stack_layers`).
-    """
-
-    def __init__(self, config, submodules, *, stage_sizes, final_norm, post_layer_norm=True,
-                 **kwargs):
-        self.stage_sizes = tuple(stage_sizes)
-        super().__init__(config, stack_layers(submodules, config), post_layer_norm=False,
-                         **kwargs)
-        self.post_layer_norm = post_layer_norm
-        if self.post_process and post_layer_norm:
-            self.final_norm = mcore.build_module(
-                final_norm, config=config, hidden_size=config.hidden_size,
-                eps=config.layernorm_epsilon)
-        # Transformer layers number themselves assuming an even split; renumber globally
-        # (the numbers key the sharded checkpoint).
-        first = sum(self.stage_sizes[: self.pp_group.rank()])
-        for index, layer in enumerate(self.layers):
-            layer.layer_number = first + index + 1
-
-    def _select_layers_for_pipeline_parallel(self, layer_type_list):
-        rank = self.pp_group.rank()
-        if len(self.stage_sizes) != self.pp_group.size():
-            raise ValueError(f"{len(self.stage_sizes)} pattern stages for a pipeline of "
-                             f"{self.pp_group.size()} ranks")
-        first = sum(self.stage_sizes[:rank])
-        return first, layer_type_list[first : first + self.stage_sizes[rank]]
-
-
-class RecomputedLayer:
-    """Full recompute of the layer class it is mixed into: only the layer's input is kept for
-    backward, which runs the forward again (RNG states restored, non-tensor outputs skipped).
-    Under FP8 it is Transformer Engine's checkpoint, which recomputes in FP8 as the forward
-    ran; otherwise Megatron-Core's (as its TransformerBlock chooses)."""
-
-    def __init__(self, *args, pg_collection, **kwargs):
-        super().__init__(*args, pg_collection=pg_collection, **kwargs)
-        self.recompute_tp_group = pg_collection.tp
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return super().forward(hidden_states, *args, **kwargs)
-
-        def layer(hidden):
-            return super(RecomputedLayer, self).forward(hidden, *args, **kwargs)
-
-        if self.config.fp8:
-            return mcore.te_checkpoint(layer, False, mcore.tensor_parallel.get_cuda_rng_tracker,
-                                       self.recompute_tp_group, hidden_states)
-        return mcore.tensor_parallel.checkpoint(layer, False, hidden_states)
-
-
-class RecomputedMambaLayer(RecomputedLayer, mcore.MambaLayer):
-    """A Mamba layer under full recompute."""
-
-
-class RecomputedTransformerLayer(RecomputedLayer, mcore.TransformerLayer):
-    """An attention or MLP layer of the local spec under full recompute."""
-
-
-class RecomputedMLPLayer(RecomputedLayer, mcore.MLPLayer):
-    """An MLP layer of Megatron-Core's Transformer Engine spec under full recompute."""
-
-
-class RecomputedMoETransformerLayer(RecomputedLayer, mcore.MoETransformerLayer):
-    """A MoE layer of Megatron-Core's Transformer Engine spec under full recompute."""
-
-
-RECOMPUTED_LAYERS = {
-    mcore.MambaLayer: RecomputedMambaLayer,
-    mcore.TransformerLayer: RecomputedTransformerLayer,
-    mcore.MLPLayer: RecomputedMLPLayer,
-    mcore.MoETransformerLayer: RecomputedMoETransformerLayer,
-}
-"""Every layer class of every spec -> its recomputed subclass (same parameters and keys)."""
-
-
-def recomputed_layers(submodules: "mcore.MambaStackSubmodules") -> "mcore.MambaStackSubmodules":
-    """The stack's layer specs with the recomputed layer classes; a layer class without one is
-    refused, so no layer silently goes without recompute."""
-    replaced = {}
-    for name, spec in vars(submodules).items():
-        if not isinstance(spec, mcore.ModuleSpec):
-            continue
-        if spec.module not in RECOMPUTED_LAYERS:
-            raise TypeError(f"{name}: no recomputed class for {spec.module.__qualname__}: add "
-                            f"one to specs.RECOMPUTED_LAYERS")
-        replaced[name] = dataclasses.replace(spec, module=RECOMPUTED_LAYERS[spec.module])
-    return dataclasses.replace(submodules, **replaced)
-
-
-def stack_layers(submodules: "mcore.MambaStackSubmodules",
-                 config: "mcore.TransformerConfig") -> "mcore.MambaStackSubmodules":
-    """The layer specs :class:`HybridStack` builds under ``config``."""
-    if config.recompute_granularity == "full":
-        return recomputed_layers(submodules)
-    return submodules
-
-
 def _mamba_layer(mixer_params: dict, peft: PeftConfig | None) -> "mcore.ModuleSpec":
     return mcore.ModuleSpec(
         module=mcore.MambaLayer,
@@ -404,23 +320,68 @@ def _moe_mlp(peft: PeftConfig | None) -> "mcore.ModuleSpec":
         shared_experts=dataclasses.replace(moe.shared_experts, submodules=_mlp_linears(peft))))
 
 
+def _parallel_heads_layer(mixer_params: dict, stability: dict,
+                          attention: dict) -> "mcore.ModuleSpec":
+    """Hymba's hybrid-head layer (:class:`parallel_heads.ParallelHeadsLayer`) of the local
+    parts; ``attention`` holds its SDPAttention's ``window`` and ``visible_prefix``."""
+    qk_norm = TorchRMSNorm if stability.get("qk_layernorm") else None
+    core = mcore.ModuleSpec(module=SDPAttention, params={
+        "logit_softcap": stability.get("attention_logit_softcap") or 0.0, **attention})
+    return mcore.ModuleSpec(
+        module=parallel_heads.ParallelHeadsLayer,
+        submodules=parallel_heads.ParallelHeadsSubmodules(
+            norm=TorchRMSNorm,
+            self_attention=mcore.ModuleSpec(
+                module=mcore.SelfAttention,
+                params={"attn_mask_type": mcore.AttnMaskType.causal},
+                submodules=mcore.SelfAttentionSubmodules(
+                    linear_qkv=mcore.ColumnParallelLinear, core_attention=core,
+                    linear_proj=parallel_heads.Unprojected, q_layernorm=qk_norm,
+                    k_layernorm=qk_norm)),
+            # No group norm in the mixer: the layer norms the whole branch output instead.
+            mixer=mcore.ModuleSpec(
+                module=DtClampedMambaMixer, params={**mixer_params, "rmsnorm": False},
+                submodules=mcore.MambaMixerSubmodules(
+                    in_proj=mcore.ColumnParallelLinear, out_proj=parallel_heads.Unprojected)),
+            out_proj=mcore.RowParallelLinear,
+        ),
+    )
+
+
+@dataclasses.dataclass
+class HybridStackSubmodules(mcore.MambaStackSubmodules):
+    """MambaStack's layer specs and, where the pattern has ``H`` layers, theirs."""
+
+    parallel_heads_layer: "mcore.ModuleSpec | None" = None
+
+
 def local_stack_submodules(mixer_params: dict, peft: PeftConfig | None = None,
-                           stability: dict | None = None) -> "mcore.MambaStackSubmodules":
+                           stability: dict | None = None,
+                           parallel_heads_attention: dict | None = None
+                           ) -> HybridStackSubmodules:
     """The local layers (the cpu backend's, and ``transformer_impl=local`` on cuda): local
     linears, torch norms, SDPA, and the Mamba kernels the backend registered (the cpu
     backend's torch kernels or mamba_ssm's); ``mixer_params`` are the Mamba mixers' keyword
     arguments; the linears ``peft`` targets are LoRA linears, MoE experts' included;
-    ``stability`` turns on the model's training-stability options (``STABILITY_OPTIONS``)."""
+    ``stability`` turns on the model's training-stability options (``STABILITY_OPTIONS``);
+    ``parallel_heads_attention`` (where the pattern has ``H`` layers) their attention's
+    ``window`` and ``visible_prefix``."""
     stability = stability or {}
     dense_mlp = mcore.ModuleSpec(
         module=PostNormMLP if stability.get("post_sublayer_norm") else mcore.MLP,
         submodules=_mlp_linears(peft))
-    return mcore.MambaStackSubmodules(
+    if parallel_heads_attention is not None and peft is not None and peft.enabled:
+        raise ConfigError("peft.method=lora does not adapt the parallel-heads ('H') layers: "
+                          "train them in full (peft.method=none) or use a pattern without 'H'")
+    return HybridStackSubmodules(
         mamba_layer=_mamba_layer(mixer_params, peft),
         attention_layer=_attention_layer(peft, stability),
         mlp_layer=_mlp_layer(dense_mlp, TRANSFORMER_TE_KEY_MAP),
         # The TE spec's MoE layer has its own norm (TENorm) named as ours: no fused name.
         moe_layer=_mlp_layer(_moe_mlp(peft), {}),
+        parallel_heads_layer=(None if parallel_heads_attention is None else
+                              _parallel_heads_layer(mixer_params, stability,
+                                                    parallel_heads_attention)),
     )
 
 
@@ -445,11 +406,16 @@ def implementation(backend: str, transformer_impl: str) -> str:
 def stack_spec(backend: str, stage_sizes, mixer_params: dict, *,
                transformer_impl: str = "transformer_engine",
                peft: PeftConfig | None = None,
-               stability: dict | None = None) -> "mcore.ModuleSpec":
+               stability: dict | None = None,
+               layer_sizes: dict | None = None,
+               parallel_heads_attention: dict | None = None,
+               num_meta_tokens: int = 0) -> "mcore.ModuleSpec":
     """The decoder spec for ``backend`` and ``transformer_impl`` (Transformer Engine's only
     on cuda) with the pattern's pipeline stage sizes, the Mamba mixers' keyword arguments
-    (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``), ``peft``'s adapters and the
-    ``stability`` options turned on (model key -> value)."""
+    (``chunk_size``, ``dt_min``, ``dt_max``, ``dt_clamp_min``), ``peft``'s adapters, the
+    ``stability`` options turned on (model key -> value), the per-layer sizes
+    (``model.layer_overrides``), the ``H`` layers' attention options (see
+    :func:`local_stack_submodules`) and ``num_meta_tokens`` (:class:`MetaTokenStack`)."""
     if implementation(backend, transformer_impl) == "transformer_engine":
         if peft is not None and peft.enabled:
             raise ConfigError("peft.method=lora adapts the local spec's linears: set "
@@ -458,12 +424,18 @@ def stack_spec(backend: str, stage_sizes, mixer_params: dict, *,
             raise ConfigError(f"model.{', model.'.join(stability)}: the local spec builds "
                               "these (Transformer Engine's attention has no soft-cap): set "
                               "model.transformer_impl=local")
+        if parallel_heads_attention is not None:
+            raise ConfigError("model.pattern's parallel-heads ('H') layers are built by the "
+                              "local spec: set model.transformer_impl=local")
         submodules, final_norm = te_stack_submodules(mixer_params), mcore.te_norm_class()
     else:
-        submodules, final_norm = (local_stack_submodules(mixer_params, peft, stability),
+        submodules, final_norm = (local_stack_submodules(mixer_params, peft, stability,
+                                                         parallel_heads_attention),
                                   TorchRMSNorm)
+    meta = {"num_meta_tokens": num_meta_tokens} if num_meta_tokens else {}
     return mcore.ModuleSpec(
-        module=HybridStack,
+        module=MetaTokenStack if num_meta_tokens else HybridStack,
         submodules=submodules,
-        params={"stage_sizes": tuple(stage_sizes), "final_norm": final_norm},
+        params={"stage_sizes": tuple(stage_sizes), "final_norm": final_norm,
+                "layer_sizes": layer_sizes or {}, **meta},
     )

@@ -159,12 +159,15 @@ def layer_parameters(cfg: ModelConfig, symbol: str) -> tuple[int, int, int]:
     ranks, the part every TP rank holds (its pre-norm; an MoE layer's router) and an MoE
     layer's routed experts, split across EP x expert-TP ranks (its shared expert is TP's)."""
     w = Widths.of(cfg)
-    if symbol == "M":  # in_proj, conv weight + bias, dt_bias / A_log / D, gated norm, out_proj
-        mixer = (w.h * w.in_proj_width + w.conv_width * (CONV_KERNEL + 1) + 3 * w.heads
-                 + w.d_inner + w.d_inner * w.h)
-        return mixer, w.h, 0
+    # Mamba-2's in_proj, conv weight + bias, dt_bias / A_log / D; and attention's QKV
+    ssm = w.h * w.in_proj_width + w.conv_width * (CONV_KERNEL + 1) + 3 * w.heads
+    qkv = w.h * w.d * (w.a + 2 * w.g)
+    if symbol == "M":  # + the gated norm and out_proj
+        return ssm + w.d_inner + w.d_inner * w.h, w.h, 0
     if symbol == "*":
-        return w.h * w.d * (w.a + 2 * w.g) + w.a * w.d * w.h, w.h, 0
+        return qkv + w.a * w.d * w.h, w.h, 0
+    if symbol == "H":  # both branches, a norm each, one shared out_proj (model/parallel_heads.py)
+        return qkv + ssm + 2 * w.d_inner + w.d_inner * w.h, w.h, 0
     if symbol == "-":
         return 2 * w.h * w.f, w.h, 0
     experts = cfg.num_moe_experts or 0
@@ -189,19 +192,20 @@ class StageParameters(NamedTuple):
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, *, ep: int = 1,
                      etp: int | None = None) -> list[StageParameters]:
     """Parameters one rank of each pipeline stage holds (embedding on the first stage, final
-    norm and untied output layer on the last); routed experts split over ``ep`` x ``etp``
-    (None: tp, as Megatron-Core defaults)."""
-    stages = cfg.layer_pattern.stages(pp)
+    norm and untied output layer on the last), each layer at its own sizes
+    (``model.layer_overrides``); routed experts split over ``ep`` x ``etp`` (None: tp, as
+    Megatron-Core defaults)."""
+    stages, offsets = cfg.layer_pattern.stages(pp), cfg.layer_pattern.stage_offsets(pp)
     expert_shards = ep * (tp if etp is None else etp)
     counts = []
     for index, stage in enumerate(stages):
         dense = experts = 0
-        for symbol in stage:
-            sharded, replicated, routed = layer_parameters(cfg, symbol)
+        for layer, symbol in enumerate(stage, offsets[index]):
+            sharded, replicated, routed = layer_parameters(cfg.for_layer(layer), symbol)
             dense += sharded // tp + replicated
             experts += routed // expert_shards
-        if index == 0:
-            dense += cfg.vocab_size * cfg.hidden_size // tp
+        if index == 0:  # the embedding and the meta tokens (every TP rank holds them)
+            dense += cfg.vocab_size * cfg.hidden_size // tp + cfg.num_meta_tokens * cfg.hidden_size
         if index == len(stages) - 1:
             dense += cfg.vocab_size * cfg.hidden_size // tp + cfg.hidden_size
         counts.append(StageParameters(dense, experts))
@@ -216,8 +220,9 @@ def active_parameters(cfg: ModelConfig) -> int:
     """Parameters one token uses: all but the routed experts it is not sent to
     (``model.params``'s ``active``)."""
     idle = (cfg.num_moe_experts or 0) - cfg.moe_router_topk
-    return (total_parameters(cfg)
-            - cfg.layer_pattern.counts["E"] * idle * 2 * cfg.hidden_size * expert_width(cfg))
+    widths = [expert_width(cfg.for_layer(layer))
+              for layer, symbol in enumerate(cfg.layer_pattern.layers) if symbol == "E"]
+    return total_parameters(cfg) - idle * 2 * cfg.hidden_size * sum(widths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,21 +274,25 @@ def cuda_layer_activations(cfg: ModelConfig, symbol: str, *, precision: str,
 
     - Mamba: norm input and output ``2h``; in_proj output ``z x B C dt``; the scan's ungated
       output, the gated output and the normed output ``3 d_inner``; norm statistics;
-    - attention: ``2h``; q, k, v ``(a + 2g) d``; output ``a d``; softmax statistics ``a``;
+    - attention: ``2h``; q, k, v ``(a + 2g) d`` (past ``g`` TP ranks each keeps a replica of
+      one group's k and v, transformer/attention.py:289); output ``a d``; softmax statistics
+      ``a``;
     - MLP: ``2h``; fc1 output and activation ``2f``;
     - MoE: ``2h``; the shared expert's ``2 f_shared``; router scores; the routed copies
       (:attr:`Sharding.routed_rows` per expert chosen), each ``h`` (the experts' input) and
       ``2 f_expert / etp`` (fc1 output and activation). Routing is taken as balanced over the
       EP ranks, so EP splits the experts' weights, not these activations.
 
-    The working set of a layer is taken as its saved size (gradients of the same tensors).
+    The working set of a layer is taken as its saved size (gradients of the same tensors),
+    plus, past ``g`` TP ranks, the whole QKV output each rank all-gathers.
     """
     b = 4 if precision == "fp32" else 2
     w, tp, h = Widths.of(cfg), sharding.tp, sharding.hidden(cfg.hidden_size)
     if symbol == "M":
         values, stats = (w.in_proj_width + 3 * w.d_inner) / tp, 1 + w.groups / tp
     elif symbol == "*":
-        values, stats = ((w.a + 2 * w.g) * w.d + w.a * w.d) / tp, 1 + w.a / tp
+        qkv = w.a / tp + 2 * max(w.g / tp, 1)  # k, v: one group's at least
+        values, stats = (qkv + w.a / tp) * w.d, 1 + w.a / tp
     elif symbol == "-":
         values, stats = 2 * w.f / tp, 1
     else:
@@ -292,7 +301,10 @@ def cuda_layer_activations(cfg: ModelConfig, symbol: str, *, precision: str,
         values = routed * (w.h + 2 * expert_width(cfg) / etp) + 2 * shared / tp
         stats = 1 + (cfg.num_moe_experts or 0)
     saved = b * (2 * h + values) + 4 * stats
-    return LayerActivations(saved=saved, working=saved)
+    # Past g ranks Megatron-Core all-gathers the whole QKV output, then keeps this rank's
+    # group (transformer/attention.py:1398).
+    gathered = b * (w.a + 2 * w.g) * w.d if symbol == "*" and tp > w.g else 0.0
+    return LayerActivations(saved=saved, working=saved + gathered)
 
 
 def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length: int,
@@ -312,7 +324,8 @@ def cpu_layer_activations(cfg: ModelConfig, *, micro_batch_size: int, seq_length
         raise RuntimeError(f"the cpu kernels' probe runs on the cpu backend; this process runs "
                            f"backend={backends.active()!r}: run it in a separate process")
     kinds = "".join(dict.fromkeys(cfg.layer_pattern.layers))
-    probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length))
+    probe_cfg = cfg.replace(pattern=kinds, seq_length=max(seq_length, cfg.seq_length),
+                            layer_overrides={})  # one layer per kind, at the global sizes
 
     with single_process_model_parallel(), _rng_state_kept():
         from megatron_hybrid.model.build import ModelLayout, build_model  # after the backend
@@ -474,6 +487,7 @@ def stage_memories(cfg: ModelConfig, layout: TrainingLayout, *,
     """Peak memory per GPU of each pipeline stage, first to last."""
     if kernels not in KERNELS:
         raise PlanError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
+    check_memory_modelled(cfg)
     check_experts(cfg, layout)
     per_kind = _layer_activations(cfg, layout, kernels)
     return [_stage_memory(cfg, layout, kernels, per_kind, stage) for stage in range(layout.pp)]
@@ -500,6 +514,14 @@ def _layer_activations(cfg: ModelConfig, layout: TrainingLayout,
     return cpu_layer_activations(cfg, micro_batch_size=layout.micro_batch_size,
                                  seq_length=layout.seq_length // layout.cp,
                                  recompute=layout.recompute)
+
+
+def check_memory_modelled(cfg: ModelConfig) -> None:
+    """PlanError where the memory formulas do not cover the model's layers."""
+    if cfg.layer_pattern.counts["H"]:
+        raise PlanError("plan counts parallel-heads ('H') layers' parameters but has no "
+                        "memory model of their activations and caches: plan the pattern with "
+                        "'M' and '*' layers in their place for an estimate")
 
 
 def check_experts(cfg: ModelConfig, layout: TrainingLayout) -> None:
@@ -689,6 +711,7 @@ def inference_memory(cfg: ModelConfig, *, context: int, batch: int = 1,
                      dtype_bytes: int = 2) -> InferenceMemory:
     """Weights, caches and prefill working set of serving ``cfg`` (bf16 by default; the SSM
     state is kept in fp32, as Nemotron-H serving does)."""
+    check_memory_modelled(cfg)
     w, counts = Widths.of(cfg), cfg.layer_pattern.counts
     kv_per_token = counts["*"] * 2 * w.g * w.d * dtype_bytes
     ssm_state = counts["M"] * w.heads * w.head_dim * w.state * 4

@@ -72,6 +72,11 @@ class PruneConfig:
     """Search mode: candidates (the largest that fit the budget) scored on held-out loss."""
     skip_hparams: list[str] = field(default_factory=list)
     """Search mode: sizes from PRUNABLE the search leaves unchanged."""
+    per_layer_ffn: bool = False
+    """Manual mode with export_config.ffn_hidden_size: each MLP layer gets its own width
+    (heterogeneous blocks, written to model.layer_overrides), the uniform target's channels
+    shared out over the layers by a global ranking of Minitron's importance; the same
+    parameters as the uniform prune (docs/compression.md)."""
 
     @property
     def mode(self) -> str | None:

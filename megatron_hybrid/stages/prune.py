@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from megatron_hybrid.errors import ConfigError
 from megatron_hybrid.model.config import ModelConfig
+from megatron_hybrid.stages import prune_heterogeneous
 from megatron_hybrid.stages.common import (
     checkpoint_model,
     require_heldout_data,
@@ -67,8 +68,13 @@ def check_request(cfg: RunConfig) -> RunConfig:
                               f"of train.micro_batch_size ({cfg.train.micro_batch_size})")
     if not cfg.prune.task_data:
         require_heldout_data(cfg, "pruning")
+    if cfg.model.layer_overrides:  # the checkpoint's, or checkpoint_model refuses it
+        raise ConfigError("model.layer_overrides: Minitron's uniform pruning cannot rank "
+                          "per-layer sizes: prune the checkpoint they were pruned from")
     source = checkpoint_model(cfg, role="checkpoint to prune")
     cfg.prune.check_against(source)
+    if cfg.prune.per_layer_ffn:
+        prune_heterogeneous.check_request(cfg.prune, source, parallel.pp)
     parameter_budget(cfg.prune, source)  # refuses a budget that leaves nothing
     return dataclasses.replace(cfg, model=source)
 
@@ -93,9 +99,14 @@ def prune(cfg: RunConfig, backend: str, dims) -> dict:
     search = run_minitron(model, cfg, data, backend)
     dropped = dropped_layers(model, layer_numbers, cfg.model.num_layers)
     pruned_cfg = pruned_model_config(cfg.model, model, dropped)
-    pruned = build_model(pruned_cfg, layout, backend=backend, perform_initialization=False)
-    pruned.load_state_dict(model.state_dict())  # strict: the new shapes must match
+    if cfg.prune.per_layer_ffn:
+        pruned_cfg, state = per_layer_ffn(cfg, model, layer_numbers, pruned_cfg, search, data,
+                                          layout, backend)
+    else:
+        state = model.state_dict()
     del model
+    pruned = build_model(pruned_cfg, layout, backend=backend, perform_initialization=False)
+    pruned.load_state_dict(state)  # strict: the new shapes must match
     after = {"params": param_count(pruned), "heldout_loss": data.heldout_loss(pruned)}
     report = build_report(cfg, pruned_cfg, dropped, search, before, after, data.description)
     save_outputs(cfg, pruned_cfg, pruned, data.tokenizer, report, dims)
@@ -141,11 +152,36 @@ class CalibrationData:
         return self.forward(model, self.valid, self.cfg.prune.heldout_samples)
 
 
+def per_layer_ffn(cfg: RunConfig, model, layer_numbers: dict[int, int], full: ModelConfig,
+                  search: dict, data: CalibrationData, layout,
+                  backend: str) -> tuple[ModelConfig, dict]:
+    """``prune.per_layer_ffn``: the heterogeneous config and its weights, from ``model``
+    pruned with its MLP channels sorted but whole (``full`` is its config). Records in
+    ``search["per_layer_ffn"]`` the widths and, for comparison, the held-out loss of the
+    uniform prune to the same target (built from the same sorted channels)."""
+    from megatron_hybrid.model.build import build_model
+
+    target, divisor = cfg.prune.export_config["ffn_hidden_size"], cfg.prune.ffn_hidden_size_divisor
+    importance = prune_heterogeneous.layer_importance(
+        search.pop("activations"), model, layer_numbers, full.layer_pattern.layers)
+    state, uniform_cfg = model.state_dict(), full.replace(ffn_hidden_size=target)
+    uniform = build_model(uniform_cfg, layout, backend=backend, perform_initialization=False)
+    uniform.load_state_dict(prune_heterogeneous.sliced_state(
+        state, dict.fromkeys(importance, target)))
+    widths = prune_heterogeneous.ffn_widths(importance, target, divisor)
+    search["per_layer_ffn"] = {"widths": [widths[index] for index in sorted(widths)],
+                               "uniform": {"params": param_count(uniform),
+                                           "heldout_loss": data.heldout_loss(uniform)}}
+    return (prune_heterogeneous.heterogeneous_config(uniform_cfg, widths),
+            prune_heterogeneous.sliced_state(state, widths))
+
+
 def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> dict:
     """Prune ``model`` in place with ModelOpt. Returns ``layer_scores``: each layer's
     importance by global 1-based number (1 - cosine of its input and output on the
-    calibration data), and in search mode ``candidates``: the sizes scored, their parameters
-    and held-out loss."""
+    calibration data), in search mode ``candidates``: the sizes scored, their parameters
+    and held-out loss, and with ``prune.per_layer_ffn`` (MLP widths left whole)
+    ``activations``: ModelOpt's per-module activation statistics."""
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
@@ -159,6 +195,8 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
         num_layers_divisor=options.num_layers_divisor)
     budget = parameter_budget(options, cfg.model)
     constraints, search = minitron_request(options, data, budget)
+    if options.per_layer_ffn:
+        constraints = prune_heterogeneous.full_width_request(constraints, cfg.model)
     with _gloo_fix(backend), _modelopt_log(Path(cfg.resolved_output_dir)):
         _, searcher_state = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
                                       constraints=constraints, dummy_input=None, config=search)
@@ -168,7 +206,9 @@ def run_minitron(model, cfg: RunConfig, data: CalibrationData, backend: str) -> 
     return {"layer_scores": {int(number): float(score)
                              for number, score in searcher_state["layer_scores"].items()},
             "candidates": [{"sizes": candidate.ss_config, "params": int(candidate.params),
-                            "heldout_loss": -candidate.score} for candidate in scored]}
+                            "heldout_loss": -candidate.score} for candidate in scored],
+            **({"activations": searcher_state["activations_per_rank"][0]}  # one stage
+               if options.per_layer_ffn else {})}
 
 
 def parameter_budget(options: PruneConfig, model: ModelConfig) -> float | None:
@@ -312,6 +352,7 @@ def build_report(cfg: RunConfig, pruned_cfg: ModelConfig, dropped: list[int], se
         "calibration_samples": cfg.prune.calibration_samples,
         "heldout_samples": cfg.prune.heldout_samples,
         "candidates": search["candidates"],
+        **({"per_layer_ffn": search["per_layer_ffn"]} if "per_layer_ffn" in search else {}),
     }
 
 
@@ -385,10 +426,20 @@ def format_markdown(report: dict) -> str:
           if report["candidates"] else []),
         *(f"| `{json.dumps(c['sizes'])}` | {c['params']:,} | {c['heldout_loss']:.4f} |"
           for c in report["candidates"]),
+        *_per_layer_lines(report.get("per_layer_ffn")),
         "", "Per-layer importance (1 - cosine of layer input and output on the calibration "
         "data): `layer_importance.png`.", "",
     ]
     return "\n".join(lines)
+
+
+def _per_layer_lines(per_layer: dict | None) -> list[str]:
+    if per_layer is None:
+        return []
+    uniform = per_layer["uniform"]
+    return ["", f"Per-layer FFN widths (MLP layers in order): {per_layer['widths']}; the "
+            f"uniform prune to the same target: {uniform['params']:,} parameters, held-out "
+            f"loss {uniform['heldout_loss']:.4f}."]
 
 
 def format_summary(report: dict) -> str:

@@ -144,6 +144,8 @@ CASES = [
            message="node ranks run from 0 to 1"),
     launch("torchrun", "--nproc-per-node", "3", PRETRAIN, "parallel.tp=2",
            message="does not divide world size 3"),
+    launch("torchrun", "--nproc-per-node", "4", PRETRAIN, "parallel.tp=4",
+           message="does not divide model.mamba_num_groups (2): choose parallel.tp from 1, 2"),
     launch("torchrun", "--nproc-per-node", "0", PRETRAIN, message="must be at least 1"),
     launch("slurm", "--nodes", "1", PRETRAIN, message="give --gpus-per-node G"),
     launch("slurm", "--nodes", "1", "--cluster", "{tmp}/cluster.yaml", PRETRAIN,

@@ -59,9 +59,9 @@ def assert_spec(spec: dict, implementation: str, recomputed: bool) -> None:
         built = pydoc.locate(spec["layers"][kind])
         assert built is not None, spec["layers"][kind]
         if recomputed:
-            from megatron_hybrid.model import specs
+            from megatron_hybrid.model import stack
 
-            assert issubclass(built, specs.RecomputedLayer), (kind, built)
+            assert issubclass(built, stack.RecomputedLayer), (kind, built)
             assert built.__mro__[2] is pydoc.locate(expected), (kind, built.__mro__)
         else:
             assert spec["layers"][kind] == expected, kind

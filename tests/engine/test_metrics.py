@@ -55,6 +55,7 @@ def test_hand_computed_hybrid_case_exactly():
         "attention": 2 * 64 * 16 * 8 + 2 * 64 * 64 + 2 * 64 * 64,  # QKV, out, causal core
         "mlp": 4 * 64 * 256,
         "moe": 2 * 64 * 4 + 2 * 4 * 64 * 128,  # router + 2 of 4 experts
+        "parallel_heads": 0,
         "logits": 2 * 64 * 1000,
     }
     assert flops == {**expected, "total": 365696}

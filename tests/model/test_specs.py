@@ -18,7 +18,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E
 from megatron.core.extensions import transformer_engine as te  # noqa: E402
 
 from megatron_hybrid import mcore  # noqa: E402
-from megatron_hybrid.model import build, specs  # noqa: E402
+from megatron_hybrid.model import build, specs, stack  # noqa: E402
 from megatron_hybrid.parallel import process_groups  # noqa: E402
 
 MODEL = ModelConfig(pattern="M*-", hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
@@ -133,10 +133,10 @@ def test_moe_layer_norm_keeps_the_name_of_the_transformer_engine_spec():
                                            ("cuda", "transformer_engine")])
 def test_full_recompute_covers_every_layer_class_of_every_spec(backend, impl):
     submodules = specs.stack_spec(backend, [3], MIXER, transformer_impl=impl).submodules
-    recomputed = specs.recomputed_layers(submodules)
+    recomputed = stack.recomputed_layers(submodules)
     for slot in LAYER_SLOTS:
         original, replaced = getattr(submodules, slot).module, getattr(recomputed, slot).module
-        assert issubclass(replaced, specs.RecomputedLayer), (slot, replaced)
+        assert issubclass(replaced, stack.RecomputedLayer), (slot, replaced)
         assert issubclass(replaced, original) and replaced is not original, (slot, replaced)
     if impl == "transformer_engine":  # the classes the old two-entry table missed
         assert submodules.mlp_layer.module is mcore.MLPLayer
@@ -152,7 +152,7 @@ def test_full_recompute_builds_recomputed_layers_with_the_same_gradients(one_pro
         model(tokens, torch.arange(MODEL.seq_length).view(1, -1), None, labels=tokens).sum(
             ).backward()
         gradients[recompute] = {name: p.grad for name, p in model.named_parameters()}
-        recomputed = [isinstance(layer, specs.RecomputedLayer) for layer in model.decoder.layers]
+        recomputed = [isinstance(layer, stack.RecomputedLayer) for layer in model.decoder.layers]
         assert recomputed == [recompute == "full"] * MODEL.num_layers
     for name, gradient in gradients["none"].items():
         torch.testing.assert_close(gradients["full"][name], gradient, rtol=0, atol=0, msg=name)
@@ -163,7 +163,7 @@ def test_a_layer_class_without_a_recomputed_class_is_refused():
     unknown = dataclasses.replace(submodules, mlp_layer=dataclasses.replace(
         submodules.mlp_layer, module=torch.nn.Identity))
     with pytest.raises(TypeError, match="mlp_layer: no recomputed class for Identity"):
-        specs.recomputed_layers(unknown)
+        stack.recomputed_layers(unknown)
 
 
 class Doubling(torch.nn.Module):
@@ -177,7 +177,7 @@ class Doubling(torch.nn.Module):
         return 2 * hidden_states
 
 
-class RecomputedDoubling(specs.RecomputedLayer, Doubling):
+class RecomputedDoubling(stack.RecomputedLayer, Doubling):
     pass
 
 

@@ -93,7 +93,7 @@ def run_in_process(tmp_path, teacher_changes: dict, *overrides, student_changes=
 @pytest.mark.parametrize("teacher_changes, overrides, expected", [
     ({"vocab_size": 2048}, [], "teacher vocabulary (2048) differs from the student's (1024)"),
     ({"mamba_num_groups": 1, "num_query_groups": 1}, ["parallel.tp=2"],
-     "parallel.tp=2 does not divide model.num_query_groups (1)"),
+     "parallel.tp=2 does not divide model.mamba_num_groups (1)"),
     ({}, ["parallel.pp=2"], "distillation runs at parallel.pp=1"),
     ({}, ["distill.intermediate_pairs=[[0, 35]]"],
      "teacher layer 35 does not exist: the teacher has layers 0..34"),

@@ -6,11 +6,11 @@ every layout loads; each trains a few steps on the same global batches. Rank 0 w
 ``torch.save`` to argv[1]:
 
 - ``runs``: {layout: {"loss": [...], "grad_norm": [...]}} per step; the :data:`RESHARDED`
-  layout's also has ``logits``, of its trained weights for a fixed batch;
+  layouts' also have ``logits``, of their trained weights for a fixed batch;
 - ``gradients``: {layout: {parameter: gradient}}, the first step's reduced gradient of every
   parameter (before clipping), in full, under the TP=1 model's names and shapes;
-- ``resharded_logits`` (with :data:`RESHARDED`): the logits of the same trained weights read
-  into a TP=1, EP=1 model;
+- ``resharded_logits``: {layout: logits} for the :data:`RESHARDED` layouts run, of the same
+  trained weights read into a TP=1, EP=1 model;
 - ``cp_mismatch`` (with ``MUTANT``): the error of a model whose TransformerConfig says CP=1
   inside CP=2 groups.
 
@@ -56,6 +56,8 @@ LAYOUTS = {
     "tp2cp2": Layout(tp=2, cp=2),
     "tp2cp2sp": Layout(tp=2, cp=2, sp=True),
     "pp2cp2": Layout(pp=2, cp=2),
+    # More TP ranks than the model's 2 KV groups: each attends with a replica of one group.
+    "tp4sp": Layout(tp=4, sp=True),
     "distopt_overlap": Layout(distopt=True),
     MUTANT: Layout(cp=2),
     # Expert parallel (an E pattern): the experts split over 2 or 4 ranks; expert tensor
@@ -66,8 +68,8 @@ LAYOUTS = {
     "ep2tp2sp": Layout(ep=2, tp=2, sp=True),
     "ep2pp2_distopt": Layout(ep=2, pp=2, distopt=True),
 }
-RESHARDED = "ep2"
-"""The layout whose trained weights are read back at EP=1 and must give its logits."""
+RESHARDED = ("ep2", "tp4sp")
+"""The layouts whose trained weights are read back at TP=1, EP=1 and must give their logits."""
 GPU_DDP = {"distopt_overlap"}
 """Layouts wrapped with the DDP settings of the cuda backend: the gradient reduce overlapped
 with the backward (once per step, after the last micro-batch: ``no_sync``) and the weight
@@ -169,7 +171,7 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
     optimizer = FirstStepGradients(training_step.build_optimizer(
         chunks, training_step.OptimizerSettings(lr=1e-2, use_distributed_optimizer=layout.distopt)),
         chunks[0])
-    trained = work_dir / f"trained_{name}" if name == RESHARDED else None
+    trained = work_dir / f"trained_{name}" if name in RESHARDED else None
     run = train_and_save_gradients(chunks, optimizer, model_cfg, dims,
                                    work_dir / f"gradients_{name}", trained_weights=trained)
     if trained is not None:  # the trained weights, read back at this layout
@@ -180,11 +182,15 @@ def run_layout(model_cfg, name, work_dir: Path, world_size):
 
 
 def logits(model, model_cfg) -> torch.Tensor:
-    """The model's logits (one pipeline stage, TP=1 vocabulary) for a fixed batch."""
+    """The model's logits (one pipeline stage, the vocabulary gathered over TP) for a fixed
+    batch."""
+    from megatron_hybrid import mcore
+
     tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length),
                            generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
-        return model(tokens, None, None).detach().clone()
+        local = model(tokens, None, None)
+        return mcore.tensor_parallel.gather_from_tensor_model_parallel_region(local).clone()
 
 
 def train_and_save_gradients(chunks, optimizer: FirstStepGradients, model_cfg, dims,
@@ -219,7 +225,7 @@ def train_and_save_gradients(chunks, optimizer: FirstStepGradients, model_cfg, d
 
 def read_at_tp1(model_cfg, names, work_dir: Path, world_size) -> dict:
     """Every layout's saved gradients, read into a TP=1 model ({layout: {name: tensor}}), and
-    the logits of the :data:`RESHARDED` layout's trained weights read the same way."""
+    the logits of the :data:`RESHARDED` layouts' trained weights read the same way."""
     from megatron_hybrid import mcore
     from megatron_hybrid.checkpoint import dist_checkpoint
     from megatron_hybrid.model.build import ModelLayout, build_model
@@ -232,10 +238,10 @@ def read_at_tp1(model_cfg, names, work_dir: Path, world_size) -> dict:
         dist_checkpoint.load_weights([model], work_dir / f"gradients_{name}")
         gradients[name] = {param_name: param.detach().clone()
                            for param_name, param in model.named_parameters()}
-    results = {"gradients": gradients}
-    if RESHARDED in names:
-        dist_checkpoint.load_weights([model], work_dir / f"trained_{RESHARDED}")
-        results["resharded_logits"] = logits(model, model_cfg)
+    results = {"gradients": gradients, "resharded_logits": {}}
+    for name in set(RESHARDED) & set(names):
+        dist_checkpoint.load_weights([model], work_dir / f"trained_{name}")
+        results["resharded_logits"][name] = logits(model, model_cfg)
     mcore.parallel_state.destroy_model_parallel()
     return results
 
@@ -257,15 +263,16 @@ def cp_mismatch_error(model_cfg, world_size) -> str:
     return "no error"
 
 
-def model_config(pattern: str):
-    """The tiny model the parity workers train (4 experts, top 2, where it has E layers)."""
+def model_config(pattern: str, tp: int = 2):
+    """The tiny model the parity workers train (4 experts, top 2, where it has E layers), its
+    Mamba groups split by ``tp`` (the widest layout's, at least 2) ranks."""
     from megatron_hybrid.model.config import ModelConfig
 
     experts = {"num_moe_experts": 4, "moe_router_topk": 2} if "E" in pattern else {}
     return ModelConfig(
         pattern=pattern, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
         num_query_groups=2, kv_channels=8, mamba_num_heads=4, mamba_head_dim=8,
-        mamba_state_dim=8, mamba_num_groups=2, vocab_size=64, seq_length=32,
+        mamba_state_dim=8, mamba_num_groups=max(2, tp), vocab_size=64, seq_length=32,
         mamba_chunk_size=16, **experts)
 
 
@@ -273,7 +280,7 @@ def main():
     backends.install("cpu")
     out_path, pattern, layouts = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
     names = ["tp1", *layouts]
-    model_cfg = model_config(pattern)
+    model_cfg = model_config(pattern, max(LAYOUTS[name].tp for name in names))
     world_size = int(os.environ["WORLD_SIZE"])
     work_dir = out_path.parent
     runs = {}
