@@ -108,7 +108,8 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA adapters (SFT, DPO): rank, alpha, dropout, target linears; the base frozen."""
     quant: QuantConfig = field(default_factory=QuantConfig)
-    """Quantization-aware training (SFT, distill): the format the model trains fake-quantized in."""
+    """Quantization: the format SFT and distill train fake-quantized in (QAT, QAD), and what a
+    pipeline's quantize stage measures, saves and exports."""
 
     @property
     def resolved_output_dir(self) -> str:

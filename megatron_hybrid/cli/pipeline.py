@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_hybrid.cli import Command, stages, train
+from megatron_hybrid.cli import Command, quantize, stages, train
 from megatron_hybrid.errors import USER_ERRORS
 from megatron_hybrid.pipeline import runner
 
 DEMO_PIPELINE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pipeline.yaml"
-STAGE_COMMANDS = {**train.COMMANDS, **stages.COMMANDS}
+STAGE_COMMANDS = {**train.COMMANDS, **stages.COMMANDS, **quantize.STAGE_COMMANDS}
 """Every ``runner.STAGE_KINDS`` kind, and the command that runs it."""
 
 

@@ -14,7 +14,9 @@ For every finished stage the report reads its run directory (OUTPUT/NAME):
   held-out loss was measured on; without it the stage kind's usual data is named;
 - its PNGs and ``*_report.md`` files, linked (e.g. the prune stage's layer importance plot);
 - a distill stage's ``distill_report.json``: how much of the teacher's quality the pruned and
-  distilled student recovered, next to the parameter ratio.
+  distilled student recovered, next to the parameter ratio;
+- a quantize stage's ``quantize_report.json``: held-out loss, task accuracy and the planner's
+  serving memory of its input model in bf16 and each format, side by side.
 
 The report opens with the final model: the last stage's, or the last finished one's, said so.
 """
@@ -61,6 +63,8 @@ def write_report(pipeline) -> Path:
             lines += rl_section(pipeline, stage, by_name)
         if stage.kind == "distill" and "distill.teacher" in stage.inputs:
             lines += compression_section(pipeline, stage, by_name)
+        if stage.kind == "quantize":
+            lines += quantization_section(pipeline, stage)
     lines += stages_table(rows) + [f"![{caption}]({name})" for caption, name in plots] + [""]
     lines += stage_outputs(pipeline, finished)
     path = out / REPORT
@@ -246,6 +250,48 @@ def _recovery_line(distilled: dict) -> str:
                 f"metrics below")
     return (f"- **the student recovered {_percent(closed)} of the held-out loss that pruning "
             f"cost** (gap to the teacher closed by distillation)")
+
+
+def quantization_section(pipeline, stage) -> list[str]:
+    """The quantize stage's formats side by side (``quantization_lines``)."""
+    from megatron_hybrid.quantization import command
+
+    path = pipeline.run_dir(stage.name) / f"{command.REPORT}.json"
+    if not path.is_file():
+        return []
+    return quantization_lines(stage.name, stage.inputs.get("checkpoint.load", "its input"),
+                              json.loads(path.read_text()))
+
+
+def quantization_lines(name: str, source: str, quantized: dict) -> list[str]:
+    """The section from a quantize report (``command.run``'s, with ``memory``): the table of
+    formats, then each format minus bf16 (held-out loss; task accuracies with the difference's
+    interval)."""
+    from megatron_hybrid.quantization import command
+
+    rows = quantized["rows"]
+    reference, chosen = rows[0], rows[-1]
+    asked = {asked for row in rows for _, asked in (row["task"] or {}).values()}
+    lines = [f"## Quantization: {name} ({source}'s model, fake-quantized)", "",
+             f"ModelOpt PTQ calibrated on {quantized['calibration_samples']} samples; held-out "
+             f"loss on {quantized['heldout_samples']} samples ({quantized['heldout_data']})"
+             + (f"; task accuracy on {', '.join(map(str, asked))} held-out problems per format"
+                if asked else "")
+             + f". `{chosen['format']}` is saved (`{quantized['saved']}`) and exported for "
+             f"vLLM / TensorRT-LLM (`{quantized['exported']}`). Memory: the planner's, weights "
+             f"and serving one {quantized['memory']['context'] // 1024}k sequence.", "",
+             *command.table(quantized), ""]
+    lines += [_against_reference(row, reference) for row in rows[1:]]
+    return [*lines, ""]
+
+
+def _against_reference(row: dict, reference: dict) -> str:
+    """A format minus bf16: held-out loss, and each task accuracy with its interval."""
+    changes = [f"; {metric} " + _difference_text(tally, reference["task"][metric],
+                                                 better="better", worse="worse")
+               for metric, tally in (row["task"] or {}).items()]
+    return (f"- {row['format']} - {reference['format']}: held-out loss "
+            f"{row['heldout_loss'] - reference['heldout_loss']:+.4f}{''.join(changes)}")
 
 
 def published_ratio() -> float:

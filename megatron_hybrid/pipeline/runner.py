@@ -25,6 +25,11 @@ A pipeline file chains run recipes; a stage reads earlier stages' outputs by the
         recipe: distill.yaml
         inputs: {checkpoint.load: prune, model: prune, distill.teacher: long_context}
                                      # model: the shape and pattern saved in prune's checkpoint
+      - name: quantize
+        kind: quantize               # PTQ in the formats of the recipe's quant section
+        recipe: distill.yaml
+        overrides: [quant.format=nvfp4, "quant.compare=[fp8]"]
+        inputs: {checkpoint.load: distill}
 
 Stage NAME writes to OUTPUT/NAME (its recipe's output_dir is replaced) and logs to
 ``stage.log`` there. It runs as ``python -m megatron_hybrid.cli.pipeline KIND RECIPE key=value...``
@@ -32,7 +37,8 @@ Stage NAME writes to OUTPUT/NAME (its recipe's output_dir is replaced) and logs 
 in one line with the log's path. With ``task_samples``, the stage's final checkpoint then
 answers that many held-out task problems (``stages/task.py``; ``python -m megatron_hybrid.cli.pipeline
 evaluate CHECKPOINT N OUT.json``, one process); the right answers per mode and the seconds it
-took go to ``task_metrics.json``.
+took go to ``task_metrics.json``. A ``quantize`` stage answers them itself, with each format's
+model (``TASK_SAMPLES_KEY``: the runner passes the count as ``quant.task_samples``).
 When a stage exits well the runner writes ``DONE`` (JSON: the
 final checkpoint, the seconds of the finishing attempt, the command): a finished stage is
 skipped on the next run. An unfinished stage starts again and its run resumes from its own
@@ -63,7 +69,7 @@ if TYPE_CHECKING:
     from megatron_hybrid.run_config import RunConfig
 
 
-STAGE_KINDS = ("train", "sft", "dpo", "grpo", "reward-model", "prune", "distill")
+STAGE_KINDS = ("train", "sft", "dpo", "grpo", "reward-model", "prune", "distill", "quantize")
 """What a stage's ``kind`` may be; ``megatron-hybrid KIND`` runs it (``cli.pipeline``)."""
 PIPELINE_KEY = "pipeline"
 TOP_KEYS = (PIPELINE_KEY, "output_dir", "task_samples", "stages")
@@ -72,6 +78,9 @@ DONE = "DONE"
 LOG = "stage.log"
 EVALUATE = "evaluate"
 """The stage process's command that scores a checkpoint on the task (``stages/task.py``)."""
+TASK_SAMPLES_KEY = {"quantize": "quant.task_samples"}
+"""Stage kinds that answer the task problems themselves (each format, in a quantize stage),
+and the recipe key their count goes to; the runner scores the others' final checkpoints."""
 
 LATEST = Path("checkpoints") / "latest"
 """Where a run's Checkpointer names its newest complete checkpoint (relative to the run)."""
@@ -294,7 +303,8 @@ class StagePlan:
     stage: Stage
     run_dir: Path
     overrides: list[str]
-    """The stage's overrides, then its inputs, then its output folder."""
+    """The stage's overrides, then its inputs, its output folder and (a kind that answers the
+    task problems itself) their count."""
     cfg: RunConfig
     """The stage's resolved RunConfig (inputs not yet written stand in as NOT_YET paths)."""
     nproc: int
@@ -331,10 +341,16 @@ def plan_stage(pipeline: Pipeline, stage: Stage, selected: bool) -> StagePlan:
     run_dir = pipeline.run_dir(stage.name)
     inputs = [_input_override(pipeline, key, source) for key, source in stage.inputs.items()]
     overrides = [*stage.overrides, *filter(None, inputs), f"output_dir={run_dir}"]
+    if stage.kind in TASK_SAMPLES_KEY:
+        overrides.append(f"{TASK_SAMPLES_KEY[stage.kind]}={pipeline.task_samples_of(stage)}")
     try:
         cfg = recipe.load_recipe(stage.recipe, overrides)
         nproc = stage.nproc or cfg.parallel.model_parallel_size
         cfg.validate(world_size=nproc)
+        if stage.kind == "quantize":
+            from megatron_hybrid.quantization.command import check_stage
+
+            check_stage(cfg, nproc)
     except (ValueError, FileNotFoundError) as err:
         raise PipelineError(f"stage {stage.name!r} ({stage.recipe}): {err}") from None
     if pipeline.is_finished(stage.name):
@@ -403,16 +419,35 @@ def _plan_rows(pipeline: Pipeline, plan: StagePlan) -> list[tuple[str, str]]:
         ("layout", f"tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {dp} = world size "
                    f"{plan.nproc}, sequence parallel {'on' if layout.sequence_parallel else 'off'}"
                    f", backend {layout.backend}"),
-        ("work", _work_text(cfg, stage.kind)),
+        ("work", _work_text(cfg, stage.kind, plan.run_dir)),
         ("estimate", _estimate_text(cfg, stage.kind, plan.nproc)),
         ("command", shlex.join(plan.command)),
-        *([("evaluate", f"{samples} held-out task problems, /think and /no_think, by the "
-                        f"final checkpoint -> {report.TASK_METRICS}")] if samples else []),
+        *([("evaluate", f"{samples} held-out task problems, /think and /no_think, "
+                        f"{_evaluated_by(stage.kind)}")] if samples else []),
     ]
 
 
-def _work_text(cfg: RunConfig, kind: str) -> str:
-    """What the stage computes: pruning targets, or the tokens it trains on."""
+def _evaluated_by(kind: str) -> str:
+    """Which model answers the stage's task problems, and where the answers go."""
+    from megatron_hybrid.quantization import command
+
+    if kind == "quantize":
+        return f"by each format's model, in the stage -> {command.REPORT}.json"
+    return f"by the final checkpoint -> {report.TASK_METRICS}"
+
+
+def _work_text(cfg: RunConfig, kind: str, run_dir: Path) -> str:
+    """What the stage computes: pruning targets, the formats it quantizes in, or the tokens it
+    trains on."""
+    if kind == "quantize":
+        from megatron_hybrid.quantization.command import STAGE_EXPORT
+
+        quant = cfg.quant
+        data = "task conversations" if quant.task_data else "samples of data"
+        return (f"PTQ in {', '.join(quant.formats)} against bf16: calibration on "
+                f"{quant.calibration_samples} {data}, held-out loss on "
+                f"{quant.heldout_samples} held-out ones; {quant.format} saved and exported to "
+                f"{run_dir / STAGE_EXPORT}")
     if kind == "prune":
         target = cfg.prune.export_config or {"max_params": cfg.prune.max_params}
         return (f"prune to {json.dumps(target)} after {cfg.prune.calibration_samples} "
@@ -427,6 +462,8 @@ def _estimate_text(cfg: RunConfig, kind: str, nproc: int) -> str:
     from megatron_hybrid.planning import planner
 
     gpu = planner.GPUS[PLAN_GPU]
+    if kind == "quantize":
+        return _serving_text(cfg)
     if kind == "prune":  # a forward pass of the whole model in bf16 on one device
         memory = planner.inference_memory(cfg.model, context=cfg.seq_length,
                                        batch=cfg.train.micro_batch_size)
@@ -447,6 +484,18 @@ def _estimate_text(cfg: RunConfig, kind: str, nproc: int) -> str:
     return (f"{text}; step ~{step.seconds:.3g} s at MFU ~{step.mfu:.0%}, "
             f"{cfg.total_steps:,} steps ~{_duration(step.seconds * cfg.total_steps)} on "
             f"{nproc} GPUs")
+
+
+def _serving_text(cfg: RunConfig) -> str:
+    """The planner's serving memory of the recipe's model in bf16 and each format, at 128k."""
+    from megatron_hybrid.planning import planner
+    from megatron_hybrid.quantization.command import REFERENCE, SERVING_CONTEXT
+
+    totals = {name: planner.quantized_inference_memory(cfg.model, name,
+                                                       context=SERVING_CONTEXT).total
+              for name in [REFERENCE, *cfg.quant.formats]}
+    figures = ", ".join(f"{name} {_gib(total)}" for name, total in totals.items())
+    return f"serving one {SERVING_CONTEXT // 1024}k sequence: {figures} (the recipe's model)"
 
 
 def _gib(value: float) -> str:
@@ -490,7 +539,7 @@ def run_planned(pipeline: Pipeline, plan: StagePlan) -> None:
     started = time.monotonic()
     _launch(plan, plan.command)
     samples = pipeline.task_samples_of(plan.stage)
-    if samples:
+    if samples and plan.stage.kind not in TASK_SAMPLES_KEY:
         _launch(plan, [sys.executable, "-m", "megatron_hybrid.cli.pipeline", EVALUATE,
                        str(plan.run_dir / _final_checkpoint(plan)), str(samples),
                        str(plan.run_dir / report.TASK_METRICS)])

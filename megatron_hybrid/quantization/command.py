@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 REFERENCE = "bf16"
 """The unquantized row of the comparison."""
 REPORT = "quantize_report"
+SERVING_CONTEXT = 131072
+"""The context of the planner's serving memory per format (128k)."""
+STAGE_EXPORT = "hf"
+"""Where a quantize stage (a pipeline's) writes its HF export, in its output folder."""
 EXPORTABLE = ("fp8", "nvfp4")
 """Formats ModelOpt's Megatron export writes (it refuses SmoothQuant and AWQ scales)."""
 
@@ -74,6 +78,22 @@ class Request:
                                   f"a multiple of train.micro_batch_size ({micro_batch_size})")
 
 
+def check_stage(cfg: RunConfig, world_size: int = 1) -> None:
+    """Refuse, in one line, a quantize stage (a pipeline's) that lacks its model or format, or
+    that would run in several processes."""
+    if world_size != 1:
+        raise ConfigError(f"a quantize stage runs in one process (checkpoints of any layout "
+                          f"load), not {world_size}: give it parallel.tp=1, parallel.pp=1, "
+                          f"parallel.cp=1 and no nproc")
+    if not cfg.checkpoint.load:
+        raise ConfigError("a quantize stage quantizes checkpoint.load: give it, e.g. "
+                          "inputs: {checkpoint.load: distill}")
+    if cfg.quant.format not in EXPORTABLE:
+        raise ConfigError(f"a quantize stage saves and exports quant.format: set it to "
+                          f"{' or '.join(EXPORTABLE)} (ModelOpt's Megatron export writes "
+                          f"those), got {cfg.quant.format!r}; measure others in quant.compare")
+
+
 def checkpoint_run(cfg: RunConfig, checkpoint: str) -> RunConfig:
     """``cfg`` for quantizing ``checkpoint``: its saved model (local spec: ModelOpt's), in
     this process alone; a quantized checkpoint is refused."""
@@ -91,11 +111,13 @@ def checkpoint_run(cfg: RunConfig, checkpoint: str) -> RunConfig:
     return dataclasses.replace(cfg, model=model, parallel=parallel)
 
 
-def run(cfg: RunConfig, request: Request, *, datasets: Callable | None = None,
-        task_metric: Callable | None = None) -> dict:
+def run(cfg: RunConfig, request: Request, *, describe: Callable,
+        datasets: Callable | None = None, task_metric: Callable | None = None) -> dict:
     """The comparison (``{"rows": [...], ...}``) of ``request`` in a session of ``cfg``:
     ``datasets(cfg, request)`` gives (calibration, held-out) data (None: ``cfg.data``'s train
-    and validation splits); ``task_metric(model, tokenizer)`` a dict of task accuracies."""
+    and validation splits); ``task_metric(model, tokenizer)`` the right answers and the
+    problems asked per task metric (``{name: [correct, asked]}``); ``describe(held-out,
+    samples)`` names the held-out data for the report."""
     from megatron_hybrid.data.tokenizer import load_tokenizer
     from megatron_hybrid.engine import training_loop
 
@@ -116,8 +138,9 @@ def run(cfg: RunConfig, request: Request, *, datasets: Callable | None = None,
                          "task": task_metric(model, tokenizer) if task_metric else None})
         _write(cfg, request, model, tokenizer)
     return {"checkpoint": request.checkpoint, "calibration_samples": request.calibration_samples,
-            "heldout_samples": request.heldout_samples, "rows": rows,
-            "saved": request.save, "exported": request.export_hf}
+            "heldout_samples": request.heldout_samples,
+            "heldout_data": describe(heldout, request.heldout_samples),
+            "rows": rows, "saved": request.save, "exported": request.export_hf}
 
 
 def _corpus(cfg: RunConfig, request: Request) -> tuple:
@@ -172,7 +195,16 @@ def write_report(report: dict, directory: str | Path) -> None:
 
 
 def format_markdown(report: dict) -> str:
-    """The rows side by side: held-out loss, task accuracies, weights and serving memory."""
+    """The report: where it was calibrated and measured, and :func:`table`."""
+    return "\n".join([f"# Quantization of `{report['checkpoint']}`", "",
+                      f"Calibrated on {report['calibration_samples']} samples; held-out loss "
+                      f"on {report['heldout_samples']} samples ({report['heldout_data']}).",
+                      "", *table(report), ""])
+
+
+def table(report: dict) -> list[str]:
+    """The rows side by side: held-out loss, task accuracies (right answers of those asked),
+    weights and serving memory."""
     accuracy_names = sorted({name for row in report["rows"] for name in (row["task"] or {})})
     memory = report.get("memory") or {}
     header = ["format", "held-out loss", *accuracy_names,
@@ -180,13 +212,16 @@ def format_markdown(report: dict) -> str:
                 if memory else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
+        tally = row["task"] or {}
         cells = [row["format"], f"{row['heldout_loss']:.4f}",
-                 *(f"{(row['task'] or {}).get(name, float('nan')):.1%}"
+                 *(_accuracy(*tally[name]) if name in tally else "n/a"
                    for name in accuracy_names)]
         if memory:
             figure = memory["formats"][row["format"]]
             cells += [f"{figure['weights'] / 2**20:,.1f}", f"{figure['total'] / 2**20:,.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join([f"# Quantization of `{report['checkpoint']}`", "",
-                      f"Calibrated on {report['calibration_samples']} samples; held-out loss "
-                      f"on {report['heldout_samples']}.", "", *lines, ""])
+    return lines
+
+
+def _accuracy(correct: int, asked: int) -> str:
+    return f"{correct / asked:.1%} ({correct}/{asked})"

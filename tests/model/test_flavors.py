@@ -104,7 +104,7 @@ def test_nano_v2_12b_to_9b_published_relation():
     assert (big.num_layers, small.num_layers) == (62, 56)
     big_counts, small_counts = parse(big.pattern).counts, parse(small.pattern).counts
     dropped = {kind: big_counts[kind] - small_counts[kind] for kind in big_counts}
-    assert dropped == {"*": 2, "M": 1, "-": 3, "E": 0}
+    assert dropped == {"*": 2, "M": 1, "-": 3, "E": 0, "H": 0}
     assert is_subsequence(small.pattern, big.pattern)
     for field in ("num_attention_heads", "num_query_groups", "kv_channels", "mamba_num_heads",
                   "mamba_head_dim", "mamba_state_dim", "mamba_num_groups"):
@@ -127,7 +127,7 @@ def test_tiny_nano_v2_9b_mirrors_minitron_pruning_of_tiny_12b():
         flavors.TINY_NANO_V2_9B_DROPPED_LAYERS).text
     big_counts, small_counts = parse(big.pattern).counts, parse(small.pattern).counts
     dropped = {kind: big_counts[kind] - small_counts[kind] for kind in big_counts}
-    assert dropped == {"*": 1, "M": 1, "-": 2, "E": 0}
+    assert dropped == {"*": 1, "M": 1, "-": 2, "E": 0, "H": 0}
     assert small_counts["*"] / big_counts["*"] == 4 / 6  # published keeps 4 of 6 attention
 
 

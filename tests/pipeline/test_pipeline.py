@@ -1,4 +1,5 @@
-"""The pipeline runner on a two-stage tiny pipeline (train -> train from the first's checkpoint).
+"""The pipeline runner on a two-stage tiny pipeline (train -> train from the first's checkpoint),
+then a quantize stage of the second's model.
 
 - killed (SIGKILL) in the middle of its second stage and run again, it skips the finished
   stage, resumes the killed one from its last checkpoint, and writes the report;
@@ -6,7 +7,9 @@
 - the report opens with the final model, names the data of every held-out loss and gives
   every task accuracy its right answers and 95% interval;
 - --dry-run prints the plan and writes nothing; --only / --from select stages;
-- bad pipeline files are refused in one line before anything runs.
+- bad pipeline files are refused in one line before anything runs;
+- a quantize stage (run alone, --only) measures bf16, fp8 and nvfp4 side by side, saves and
+  exports nvfp4, and the report gains a quantization section.
 """
 
 import argparse
@@ -21,10 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid.cli.pipeline import COMMANDS
-from megatron_hybrid.pipeline import report, runner
-from megatron_hybrid.pipeline.runner import PipelineError
-from megatron_hybrid.stages import common, task
+from megatron_hybrid import backends
+
+backends.install("cpu")  # before Megatron-Core is imported (the planner's quantized memory)
+from megatron_hybrid import mcore  # noqa: E402, F401  (faulthandler before capture)
+from megatron_hybrid.cli.pipeline import COMMANDS  # noqa: E402
+from megatron_hybrid.pipeline import report, runner  # noqa: E402
+from megatron_hybrid.pipeline.runner import PipelineError  # noqa: E402
+from megatron_hybrid.stages import common, task  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pretrain.yaml"
 SMALL = ["model.flavor=tiny", "model.vocab_size=1024", "train.seq_length=64",
@@ -47,6 +54,18 @@ def two_stages(directory: Path) -> Path:
          "inputs": {"checkpoint.load": "first"}},
     ]
     return write_pipeline(directory, {"pipeline": "two", "task_samples": 2, "stages": stages})
+
+
+QUANTIZE = {"name": "quantize", "kind": "quantize", "recipe": str(RECIPE),
+            "overrides": [*SMALL, "quant.format=nvfp4", "quant.compare=[fp8]",
+                          "quant.calibration_samples=2", "quant.heldout_samples=2"],
+            "inputs": {"checkpoint.load": "second"}}
+
+
+def with_quantize(directory: Path) -> Path:
+    """``two_stages`` and a quantize stage of second's model (2 task problems per format)."""
+    content = json.loads(two_stages(directory).read_text())
+    return write_pipeline(directory, {**content, "stages": [*content["stages"], QUANTIZE]})
 
 
 def write_pipeline(directory: Path, content: dict) -> Path:
@@ -182,6 +201,78 @@ def test_a_stage_summary_and_report_give_its_heldout_loss_data_and_task_metrics(
     assert "- held-out loss: 1.5000 on poems" in text
 
 
+@pytest.fixture(scope="module")
+def quantized(resumed, tmp_path_factory):
+    """The finished two-stage run (a copy) with its quantize stage run alone (--only)."""
+    directory = tmp_path_factory.mktemp("quantized")
+    out = directory / "out"
+    shutil.copytree(resumed["out"], out, symlinks=True)
+    path = with_quantize(directory)
+    result = subprocess.run(command(path, out, "--only", "quantize"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"out": out, "stdout": result.stdout,
+            "report": json.loads((out / "quantize" / "quantize_report.json").read_text())}
+
+
+def test_a_quantize_stage_measures_each_format_and_exports_the_chosen_one(quantized):
+    out, measured = quantized["out"], quantized["report"]
+    assert f"second: finished ({out / 'second' / 'DONE'}), skipped" in quantized["stdout"]
+    assert json.loads((out / "quantize" / "DONE").read_text())["checkpoint"] == \
+        "checkpoints/nvfp4"
+    assert measured["checkpoint"] == str(out / "second" / "checkpoints" / "step_000008")
+    rows = {row["format"]: row for row in measured["rows"]}
+    assert list(rows) == ["bf16", "fp8", "nvfp4"]
+    assert len({row["heldout_loss"] for row in rows.values()}) == 3
+    assert all(asked == 2 for row in rows.values() for _, asked in row["task"].values())
+    # the stage answered the problems per format: the runner scored no checkpoint after it
+    assert "evaluate" not in (out / "quantize" / runner.LOG).read_text()
+    scored = json.loads((out / "quantize" / report.TASK_METRICS).read_text())
+    assert scored["tally"] == rows["nvfp4"]["task"]
+    meta = json.loads((out / "quantize" / "checkpoints" / "nvfp4" / "meta.json").read_text())
+    assert meta["quantization"] == {"format": "nvfp4"}
+    quant = json.loads((out / "quantize" / "hf" / "hf_quant_config.json").read_text())
+    assert quant["quantization"]["quant_algo"] == "NVFP4"
+
+
+def test_the_report_gains_a_quantization_section(quantized):
+    out, measured = quantized["out"], quantized["report"]
+    text = (out / "report.md").read_text()
+    assert "3 of 3 stages finished" in text
+    assert "## Final model: quantize (the last stage)" in text
+    section = text.split("## Quantization: quantize (second's model, fake-quantized)\n", 1)[1]
+    section = section.split("\n## ")[0]
+    assert "task accuracy on 2 held-out problems per format" in section
+    assert f"`nvfp4` is saved (`{out / 'quantize' / 'checkpoints' / 'nvfp4'}`)" in section
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert table[0] == ("| format | held-out loss | accuracy /no_think | accuracy /think | "
+                        "weights (MiB) | serving 128k (MiB) |")
+    weights = {}
+    for line, row in zip(table[1:], measured["rows"]):
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        assert cells[:2] == [row["format"], f"{row['heldout_loss']:.4f}"]
+        weights[row["format"]] = float(cells[4])
+    assert weights["nvfp4"] < weights["fp8"] < weights["bf16"]
+    bf16, fp8 = measured["rows"][:2]
+    assert (f"- fp8 - bf16: held-out loss {fp8['heldout_loss'] - bf16['heldout_loss']:+.4f}; "
+            f"accuracy /think ") in section
+    assert section.count("95% CI") == 4  # two formats x two modes against bf16
+
+
+def test_the_plan_lists_the_quantize_stage(tmp_path, capsys):
+    path, out = with_quantize(tmp_path), tmp_path / "out"
+    assert run_in_process(path, out, "--dry-run") == 0
+    plan = capsys.readouterr().out.split("3. quantize [quantize]: will run\n", 1)[1]
+    assert "PTQ in fp8, nvfp4 against bf16: calibration on 2 samples of data" in plan
+    assert "serving one 128k sequence: bf16 " in plan
+    assert "quant.task_samples=2" in plan  # the pipeline's count, answered in the stage
+    assert "evaluate 2 held-out task problems, /think and /no_think, by each format's model" \
+        in plan
+    assert one_line_error(path, out, "--only", "quantize") == (
+        "stage 'quantize' reads stage 'second', which has not finished and is not selected: "
+        "run --from second, or the whole pipeline")
+
+
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     path, out = two_stages(tmp_path), tmp_path / "out"
     result = subprocess.run(command(path, out, "--dry-run"), capture_output=True, text=True,
@@ -234,6 +325,11 @@ def test_only_and_from_select_stages(resumed, tmp_path):
      "stage 'second': checkpoint.load is both an input and an override"),
     (lambda stages: stages[1].update(overrides=["train.max_step=3"]),
      "train.max_step: unknown key; did you mean train.max_steps?"),
+    (lambda stages: stages[1].update(kind="quantize"),
+     "stage 'second' (" + str(RECIPE) + "): a quantize stage saves and exports quant.format: "
+     "set it to fp8 or nvfp4"),
+    (lambda stages: stages[1].update(kind="quantize", nproc=2),
+     "a quantize stage runs in one process (checkpoints of any layout load), not 2"),
 ])
 def test_bad_pipeline_files_are_one_line_errors(tmp_path, change, expected):
     stages = [

@@ -2,8 +2,8 @@
 zero and less than each format's bound; the published checkpoints' bf16 layers stay
 unquantized; the ``quantize`` command measures, saves and exports; the exports dequantize to
 exactly the fake-quantized weights (and transformers loads the FP8 one with the model's
-logits); a quantized checkpoint reloads with the same logits; QAT in the SFT stage lowers the
-quantized model's held-out loss from where PTQ alone left it.
+logits); a quantized checkpoint reloads with the same logits; QAT in the SFT stage ends with a
+lower quantized held-out loss than the same training in bf16 followed by PTQ.
 
 The model is ``test_loading``'s (attention and Mamba layers, weights at std 0.3, so its
 logits are peaked and a rounding shows).
@@ -239,24 +239,44 @@ def sft_overrides(tmp_path, load, *extra) -> list[str]:
             "sft.task_samples=0", "checkpoint.save_interval=null", *extra]
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_qat_lowers_the_quantized_loss_below_ptq_alone(checkpoint, tmp_path, seed):  # noqa: F811
+def finetune(run_dir: Path, load, *extra: str) -> dict:
+    """The SFT report of ``sft_overrides`` with ``extra``, run in this process."""
     from megatron_hybrid import recipe
     from megatron_hybrid.engine import training_loop
     from megatron_hybrid.stages import sft
 
-    cfg = recipe.load_recipe(RECIPE, sft_overrides(
-        tmp_path, checkpoint, f"train.seed={seed}", f"data.seed={seed}", "quant.format=nvfp4",
-        "quant.calibration_samples=8"))
+    cfg = recipe.load_recipe(RECIPE, sft_overrides(run_dir, load, *extra))
     with training_loop.session(cfg) as (backend, dims):
-        report = sft.finetune(cfg, cfg.sft, backend, dims)
-    # the start is PTQ alone (calibrated, untrained), measured quantized as the end is
+        return sft.finetune(cfg, cfg.sft, backend, dims)
+
+
+QAT_FORMAT = "int4_awq"
+QAT_MARGIN = 0.01
+"""QAT's quantized held-out loss is below that of the same SFT in bf16 followed by PTQ by more
+than this (nats). Measured, int4_awq, 6 steps at lr 3e-3 from the random checkpoint, seeds 1
+to 6 (one thread): margins 0.037, 0.082, 0.013, 0.028, 0.059, 0.072 (e.g. seed 1: QAT 6.032,
+bf16 6.031 then PTQ 6.069). The effect is small because PTQ costs this model little: at 12
+steps the margins were 0.016, 0.009, 0.001 (seeds 1-3); at lr 5e-3 -0.030, 0.028, 0.009;
+after a 40-step bf16 base, 10 more steps at lr 3e-4: 0.014, 0.029, 0.011, 20 more: 0.004,
+0.006, 0.010. nvfp4 was no better than its control: 6 steps 0.054, -0.018, 0.017; 12 steps
+-0.023, 0.006, 0.008; after the base 0.004, 0.014, -0.017 (docs/quantization.md)."""
+
+
+def test_qat_beats_the_same_training_in_bf16_then_ptq(checkpoint, tmp_path):  # noqa: F811
+    seed, quant = ["train.seed=1", "data.seed=1"], [f"quant.format={QAT_FORMAT}",
+                                                    "quant.calibration_samples=8"]
+    report = finetune(tmp_path / "qat", checkpoint, *seed, *quant)
     ptq_alone, qat = report["start"]["heldout_loss"]["all"], report["end"]["heldout_loss"]["all"]
-    assert qat < ptq_alone - 1.0, (ptq_alone, qat)  # measured 7.95 -> 6.02, 7.89 -> 6.01
-    saved = tmp_path / "checkpoints" / "step_000006"
-    with model_of(saved) as model:  # QAT's checkpoint loads as a plain model too
-        unquantized = logits(model)
-        assert relative_error(logits(quantize(model, "nvfp4")), unquantized) > 0
+    finetune(tmp_path / "bf16", checkpoint, *seed)
+    # the control, calibrated and measured as QAT's start was: the start of a quantized run
+    # from the bf16 run's model
+    trained = tmp_path / "bf16" / "checkpoints" / "step_000006"
+    control = finetune(tmp_path / "ptq", trained, *seed, *quant, "train.max_steps=2")
+    bf16_then_ptq = control["start"]["heldout_loss"]["all"]
+    assert qat < bf16_then_ptq - QAT_MARGIN < ptq_alone, (qat, bf16_then_ptq, ptq_alone)
+    with model_of(tmp_path / "qat" / "checkpoints" / "step_000006") as model:
+        unquantized = logits(model)  # QAT's checkpoint loads as a plain model too
+        assert relative_error(logits(quantize(model, QAT_FORMAT)), unquantized) > 0
 
 
 def test_quant_section_and_qad_requests_are_refused_in_one_line(tmp_path):
