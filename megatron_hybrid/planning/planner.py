@@ -44,6 +44,7 @@ the same widths of one layer kind at a time (``Widths``); split, each would re-d
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
@@ -489,8 +490,21 @@ def stage_memories(cfg: ModelConfig, layout: TrainingLayout, *,
         raise PlanError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
     check_memory_modelled(cfg)
     check_experts(cfg, layout)
-    per_kind = _layer_activations(cfg, layout, kernels)
-    return [_stage_memory(cfg, layout, kernels, per_kind, stage) for stage in range(layout.pp)]
+    per_layer = _per_layer_activations(cfg, layout, kernels)
+    return [_stage_memory(cfg, layout, kernels, per_layer, stage) for stage in range(layout.pp)]
+
+
+def _per_layer_activations(cfg: ModelConfig, layout: TrainingLayout,
+                           kernels: str) -> list[LayerActivations]:
+    """Each layer's activations at its own sizes (``model.layer_overrides``): one formula or
+    probe per distinct set of sizes."""
+    by_sizes, per_layer = {}, []
+    for index, symbol in enumerate(cfg.layer_pattern.layers):
+        sizes = tuple(sorted(cfg.layer_overrides.get(index, {}).items()))
+        if sizes not in by_sizes:
+            by_sizes[sizes] = _layer_activations(cfg.for_layer(index), layout, kernels)
+        per_layer.append(by_sizes[sizes][symbol])
+    return per_layer
 
 
 def _layer_activations(cfg: ModelConfig, layout: TrainingLayout,
@@ -538,7 +552,7 @@ def check_experts(cfg: ModelConfig, layout: TrainingLayout) -> None:
 
 
 def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
-                  per_kind: dict[str, LayerActivations], stage: int) -> TrainingMemory:
+                  per_layer: list[LayerActivations], stage: int) -> TrainingMemory:
     dense, experts = stage_parameters(cfg, layout.tp, layout.pp, ep=layout.ep,
                                       etp=layout.etp)[stage]
     states = _state_bytes_per_parameter(layout, layout.dp * layout.cp)
@@ -555,12 +569,15 @@ def _stage_memory(cfg: ModelConfig, layout: TrainingLayout, kernels: str,
     b = 4 if kernels == "cpu" or layout.precision == "fp32" else 2
     full = layout.recompute == "full"
     layer_input = b * layout.sharding.hidden(cfg.hidden_size)
-    activations = {KIND_NAMES[symbol]: in_flight * tokens * layers.count(symbol)
-                   * (layer_input if full else per_kind[symbol].saved)
-                   for symbol in dict.fromkeys(layers)}
+    first = cfg.layer_pattern.stage_offsets(layout.pp)[stage]
+    kept = collections.Counter(zip(layers, per_layer[first:first + len(layers)]))
+    activations = {}
+    for (symbol, layer), count in kept.items():  # layers of a kind at the same sizes together
+        activations[KIND_NAMES[symbol]] = activations.get(KIND_NAMES[symbol], 0.0) + (
+            in_flight * tokens * count * (layer_input if full else layer.saved))
     # While a layer runs: its working set (and, recomputed, its activations again).
-    working = tokens * max(per_kind[s].working + (per_kind[s].saved if full else 0)
-                           for s in set(layers))
+    working = tokens * max(layer.working + (layer.saved if full else 0)
+                           for _, layer in kept)
     if stage == 0:
         activations["input"] = in_flight * tokens * INPUT_ACTIVATION_BYTES
     if stage == layout.pp - 1:

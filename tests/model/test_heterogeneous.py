@@ -78,6 +78,22 @@ def test_bad_layer_overrides_are_refused_in_one_line(overrides, expected):
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_plan_keeps_each_layers_activations_at_its_own_sizes():
+    layout = planner.TrainingLayout(seq_length=32, micro_batch_size=2)
+
+    def plan(cfg):
+        memory = planner.training_memory(cfg, layout)
+        return memory.activations, memory.transient
+
+    # the pattern's MLP layers are 1 and 4: both narrowed plan as the narrow model does
+    narrow, wide = tiny({}).replace(ffn_hidden_size=16), tiny({})
+    both = {1: {"ffn_hidden_size": 16}, 4: {"ffn_hidden_size": 16}}
+    assert plan(tiny(both)) == plan(narrow) != plan(wide)
+    mixed, _ = plan(tiny({1: {"ffn_hidden_size": 16}}))  # one of each: halfway
+    assert mixed["mlp"] == pytest.approx((plan(narrow)[0]["mlp"] + plan(wide)[0]["mlp"]) / 2)
+    assert mixed["mamba"] == plan(wide)[0]["mamba"]
+
+
 def test_a_layers_own_heads_must_split_over_tensor_parallel():
     # the recipe's layer 7 is attention, with 8 heads in 2 groups elsewhere
     three_heads = ["model.layer_overrides={7: {num_attention_heads: 3, num_query_groups: 1}}"]
