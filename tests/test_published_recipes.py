@@ -203,7 +203,14 @@ def test_published_pipeline_chains_the_stages_and_plans_8_gpu_nodes(tmp_path):
 
 
 def test_tiny_pipeline_mirrors_the_published_one():
-    # and ends by quantizing the distilled student, as NVIDIA releases FP8 / NVFP4 models
+    # with GRPO after DPO (on the tiny task's verifiable rewards), whose model is pruned and
+    # teaches; and it ends by quantizing the distilled student, as NVIDIA releases FP8 / NVFP4
+    # models
     *stages, quantize = graph(RECIPES / "tiny" / "pipeline.yaml")
-    assert stages == STAGE_GRAPH
+    rl = stages.pop([name for name, *_ in stages].index("grpo"))
+    assert rl == ("grpo", "grpo", {"checkpoint.load": "dpo"})
+    reads_rl = [(name, kind, {key: "dpo" if source == "grpo" else source
+                              for key, source in inputs.items()})
+                for name, kind, inputs in stages]
+    assert reads_rl == STAGE_GRAPH and stages[4][2]["checkpoint.load"] == "grpo"
     assert quantize == ("quantize", "quantize", {"checkpoint.load": "distill"})

@@ -153,19 +153,15 @@ def _loss_text(row: dict) -> str:
 
 
 def rl_section(pipeline, stage, rows: dict) -> list[str]:
-    """The RL stage's mean reward, first and last steps, and its model's task accuracy
-    against the model it started from (the runner's tallies, with the difference's interval)."""
+    """The RL stage's mean reward over its first and last pass over its prompts, and its
+    model's task accuracy against the model it started from (the runner's tallies, with the
+    difference's interval)."""
     from megatron_hybrid.stages import grpo
 
     before_name = stage.inputs["checkpoint.load"]
-    rewards = [reward for _, reward in grpo.read_summary(pipeline.run_dir(stage.name))[
-        "reward_per_step"]]
-    window = max(1, len(rewards) // 5)
+    trend = grpo.reward_trend(grpo.read_report(pipeline.run_dir(stage.name)))
     lines = [f"## Reinforcement learning: {stage.name} (from {before_name})", "",
-             f"- mean reward per step: {sum(rewards[:window]) / window:.3f} over the first "
-             f"{window} steps -> {sum(rewards[-window:]) / window:.3f} over the last {window} "
-             f"(of {len(rewards)}; [{stage.name}/{grpo.REWARD_PLOT}]"
-             f"({stage.name}/{grpo.REWARD_PLOT}))"]
+             f"- {trend} ([{stage.name}/{grpo.REWARD_PLOT}]({stage.name}/{grpo.REWARD_PLOT}))"]
     before, after = rows.get(before_name), rows[stage.name]
     if before is not None:
         lines += [_change_line(name, before_name, before, stage.name, after)

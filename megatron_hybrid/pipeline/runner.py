@@ -437,8 +437,8 @@ def _evaluated_by(kind: str) -> str:
 
 
 def _work_text(cfg: RunConfig, kind: str, run_dir: Path) -> str:
-    """What the stage computes: pruning targets, the formats it quantizes in, or the tokens it
-    trains on."""
+    """What the stage computes: pruning targets, the formats it quantizes in, the rollouts it
+    samples, or the tokens it trains on."""
     if kind == "quantize":
         from megatron_hybrid.quantization.command import STAGE_EXPORT
 
@@ -448,6 +448,13 @@ def _work_text(cfg: RunConfig, kind: str, run_dir: Path) -> str:
                 f"{quant.calibration_samples} {data}, held-out loss on "
                 f"{quant.heldout_samples} held-out ones; {quant.format} saved and exported to "
                 f"{run_dir / STAGE_EXPORT}")
+    if kind == "grpo":
+        grpo = cfg.grpo
+        pool = (f"{grpo.train_problems} training problems" if grpo.train_problems
+                else "every training problem")
+        return (f"{cfg.total_steps:,} steps x {grpo.rollout_batch} prompts x "
+                f"{grpo.group_size} sampled completions (up to {grpo.max_new_tokens} tokens) "
+                f"from {pool}, /think and /no_think")
     if kind == "prune":
         target = cfg.prune.export_config or {"max_params": cfg.prune.max_params}
         return (f"prune to {json.dumps(target)} after {cfg.prune.calibration_samples} "

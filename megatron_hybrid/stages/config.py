@@ -304,6 +304,9 @@ class GRPOConfig:
     task_samples: int = 32
     """Held-out task problems answered greedily (with /think and /no_think) before and after
     RL for the report's accuracy (0: not measured)."""
+    train_problems: int = 0
+    """Rollout prompts come from the first this many training problems of the task, each with
+    /think and /no_think (0: all of them)."""
 
     def validate(self) -> None:
         from megatron_hybrid.stages import task
@@ -331,6 +334,10 @@ class GRPOConfig:
         if not 0 <= self.task_samples <= task.HELDOUT:
             raise ConfigError(f"grpo.task_samples={self.task_samples} must be between 0 and "
                               f"{task.HELDOUT} (the held-out problems)")
+        training = len(task.problems("train"))
+        if not 0 <= self.train_problems <= training:
+            raise ConfigError(f"grpo.train_problems={self.train_problems} must be between 0 "
+                              f"and {training} (the task's training problems; 0: all)")
 
 
 @dataclass(kw_only=True)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from functools import partial
@@ -164,7 +165,7 @@ def optimize(cfg: RunConfig, grpo: GRPOConfig, backend: str, dims) -> dict:
         raise ConfigError(f"grpo.rollout_batch={grpo.rollout_batch} must be a multiple of the "
                           f"data-parallel size ({dims.dp}): each DP rank samples a share")
     tokenizer = load_tokenizer(cfg.tokenizer)
-    prompts = reward_lib.task_prompts("train")
+    prompts = reward_lib.task_prompts("train", problems=grpo.train_problems or None)
     _check_length(cfg, grpo, prompts, tokenizer)
     trainer = training_loop.build_trainer(cfg, backend, dims, datasets=(None, None))
     loop = Loop(cfg, grpo, trainer, tokenizer, prompts, backend)
@@ -175,6 +176,7 @@ def optimize(cfg: RunConfig, grpo: GRPOConfig, backend: str, dims) -> dict:
               "grpo": {"group_size": grpo.group_size, "rollout_batch": grpo.rollout_batch,
                        "kl_coef": grpo.kl_coef, "clip_range": grpo.clip_range,
                        "temperature": grpo.temperature, "rewards": grpo.rewards},
+              "prompts": len(prompts),
               "start": start, "end": {"step": trainer.state.step, **loop.measure()},
               "rewards": [[record["step"], record["reward"]] for record in history]}
     if int(os.environ.get("RANK", 0)) == 0:
@@ -392,30 +394,55 @@ def write_report(report: dict, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{REPORT}.json").write_text(json.dumps(report, indent=2))
     (run_dir / f"{REPORT}.md").write_text(format_markdown(report))
-    metrics.plot_curves({"mean reward": report["rewards"]}, run_dir / REWARD_PLOT,
-                        title="GRPO", ylabel="mean reward")
     summary = summary_of(report)
+    curves = {"mean reward per step": report["rewards"]}
+    if len(summary["reward_per_pass"]) > 1:
+        curves[f"mean over each pass over the {report['prompts']} prompts"] = [
+            (last, reward) for _, last, reward in summary["reward_per_pass"]]
+    metrics.plot_curves(curves, run_dir / REWARD_PLOT, title="GRPO", ylabel="mean reward")
     task_metrics = {f"{name} at start": value
                     for name, value in (summary["accuracy_before"] or {}).items()}
     task_metrics.update(summary["accuracy_after"] or {})
-    rewards = summary["reward_per_step"]
+    rewards = [reward for *_, reward in summary["reward_per_pass"]]
+    if len(rewards) < 2:
+        rewards = [reward for _, reward in summary["reward_per_step"]]
     if rewards:
-        task_metrics.update({"mean reward at start": rewards[0][1],
-                             "mean reward": rewards[-1][1]})
+        task_metrics.update({"mean reward at start": rewards[0], "mean reward": rewards[-1]})
     write_summary(run_dir, task_metrics=task_metrics)
 
 
 def summary_of(report: dict) -> dict:
     """The stage's summary: mean reward per logged step ``[[step, reward], ...]`` (averaged
-    over its ``train.log_interval``) and the held-out task accuracies (``{"accuracy /think":
-    x, ...}`` or None) before and after RL."""
-    return {"reward_per_step": report["rewards"], "accuracy_before": report["start"]["accuracy"],
+    over its ``train.log_interval``), per pass over the prompts (:func:`pass_means`), and the
+    held-out task accuracies (``{"accuracy /think": x, ...}`` or None) before and after RL."""
+    steps_per_pass = math.ceil(report["prompts"] / report["grpo"]["rollout_batch"])
+    return {"reward_per_step": report["rewards"],
+            "reward_per_pass": pass_means(report["rewards"], steps_per_pass),
+            "accuracy_before": report["start"]["accuracy"],
             "accuracy_after": report["end"]["accuracy"]}
 
 
+def pass_means(rewards: list, steps_per_pass: int) -> list[tuple[int, int, float]]:
+    """``(first step, last step, mean reward)`` of each whole pass over the prompts: each pass
+    asks every prompt once, so passes differ by what the policy learned, not by which prompts
+    a step drew (a step's mean moves with its prompts' difficulty). Logged steps are grouped
+    by the pass their step falls in."""
+    passes: dict[int, list[float]] = {}
+    for step, reward in rewards:
+        passes.setdefault((step - 1) // steps_per_pass, []).append(reward)
+    last_whole = (rewards[-1][0] // steps_per_pass) if rewards else 0
+    return [(index * steps_per_pass + 1, (index + 1) * steps_per_pass, sum(got) / len(got))
+            for index, got in sorted(passes.items()) if index < last_whole]
+
+
+def read_report(run_dir: str | Path) -> dict:
+    """A finished run's ``grpo_report.json``."""
+    return json.loads((Path(run_dir) / f"{REPORT}.json").read_text())
+
+
 def read_summary(run_dir: str | Path) -> dict:
-    """:func:`summary_of` a finished run's ``grpo_report.json``."""
-    return summary_of(json.loads((Path(run_dir) / f"{REPORT}.json").read_text()))
+    """:func:`summary_of` a finished run's report."""
+    return summary_of(read_report(run_dir))
 
 
 def _percent(value: float | None) -> str:
@@ -429,6 +456,7 @@ def _accuracy(measured: dict, mode: str) -> float | None:
 def format_markdown(report: dict) -> str:
     start, end, rewards = report["start"], report["end"], report["rewards"]
     first, last = (f"{rewards[i][1]:.3f}" if rewards else "n/a" for i in (0, -1))
+    trend = reward_trend(report)
     return "\n".join([
         "# GRPO report", "",
         f"- from `{report['checkpoint']}` to `{report['output']}`",
@@ -437,14 +465,27 @@ def format_markdown(report: dict) -> str:
         f"| mean reward of the step's rollouts | {first} | {last} |",
         *(f"| held-out task accuracy ({mode}) | {_percent(_accuracy(start, mode))} | "
           f"{_percent(_accuracy(end, mode))} |" for mode in ("/think", "/no_think")),
-        "", f"Mean reward per step: `{REWARD_PLOT}`; every metric per step: "
+        "", f"{trend[:1].upper()}{trend[1:]}.", "",
+        f"Mean reward per step and per pass: `{REWARD_PLOT}`; every metric per step: "
         f"`{METRICS}`.", ""])
 
 
+def reward_trend(report: dict) -> str:
+    """The mean reward over the first and the last whole pass over the prompts, or (with
+    fewer than two passes) at the first and the last logged step."""
+    rewards, passes = report["rewards"], summary_of(report)["reward_per_pass"]
+    if len(passes) > 1:
+        (first, end, start), (last_first, last, final) = passes[0], passes[-1]
+        return (f"mean reward over a pass over the {report['prompts']} prompts {start:.3f} "
+                f"(steps {first}-{end}) -> {final:.3f} (steps {last_first}-{last})")
+    if not rewards:
+        return "no steps"
+    return (f"mean reward {rewards[0][1]:.3f} (step {rewards[0][0]}) -> {rewards[-1][1]:.3f} "
+            f"(step {rewards[-1][0]})")
+
+
 def format_summary(report: dict) -> str:
-    rewards = report["rewards"]
-    trend = (f"mean reward {rewards[0][1]:.3f} (step {rewards[0][0]}) -> {rewards[-1][1]:.3f} "
-             f"(step {rewards[-1][0]})" if rewards else "no steps")
+    trend = reward_trend(report)
     accuracies = ", ".join(f"{mode} {_percent(_accuracy(report['start'], mode))} -> "
                            f"{_percent(_accuracy(report['end'], mode))}"
                            for mode in ("/think", "/no_think"))

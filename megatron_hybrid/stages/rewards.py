@@ -116,8 +116,10 @@ def total(checkers: Mapping[str, tuple[Checker, float]], scores: Mapping[str, fl
     return sum(weight * scores[name] for name, (_, weight) in checkers.items())
 
 
-def task_prompts(split: str, seed: int = task.SEED) -> list[Prompt]:
-    """The arithmetic task's problems of ``split``, each with /think and with /no_think."""
+def task_prompts(split: str, seed: int = task.SEED, problems: int | None = None
+                 ) -> list[Prompt]:
+    """The arithmetic task's first ``problems`` (None: all) problems of ``split``, each with
+    /think and with /no_think."""
     return [Prompt(problem.prompt(think), str(problem.answer),
                    tuple(problem.reasoning().splitlines()))
-            for problem in task.problems(split, seed) for think in (True, False)]
+            for problem in task.problems(split, seed)[:problems] for think in (True, False)]

@@ -273,6 +273,17 @@ def test_the_plan_lists_the_quantize_stage(tmp_path, capsys):
         "run --from second, or the whole pipeline")
 
 
+def test_the_tiny_plan_lists_its_rl_stage(tmp_path, capsys):
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "pipeline.yaml"
+    assert run_in_process(tiny, tmp_path / "out", "--dry-run") == 0
+    plan = capsys.readouterr().out.split("5. grpo [grpo]: will run\n", 1)[1].split("\n6. ")[0]
+    assert ("16 steps x 16 prompts x 8 sampled completions (up to 24 tokens) from 32 training "
+            "problems, /think and /no_think") in plan
+    assert f"checkpoint.load <- dpo ({tmp_path / 'out' / 'dpo' / 'checkpoints' / '<final>'})" \
+        in plan
+    assert "evaluate 256 held-out task problems" in plan
+
+
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     path, out = two_stages(tmp_path), tmp_path / "out"
     result = subprocess.run(command(path, out, "--dry-run"), capture_output=True, text=True,
@@ -395,16 +406,18 @@ def test_rl_section_gives_the_reward_trend_and_the_accuracy_change(tmp_path):
     run_dir.mkdir()
     rewards = [[step, 0.30 + 0.01 * step] for step in range(1, 11)]
     (run_dir / f"{grpo.REPORT}.json").write_text(json.dumps(
-        {"rewards": rewards, "start": {"accuracy": None}, "end": {"accuracy": None}}))
+        {"rewards": rewards, "start": {"accuracy": None}, "end": {"accuracy": None},
+         "prompts": 12, "grpo": {"rollout_batch": 4}}))
     pipeline = SimpleNamespace(run_dir=lambda name: tmp_path / name)
     stage = SimpleNamespace(name="grpo", inputs={"checkpoint.load": "dpo"})
     rows = {"dpo": {"tally": {"accuracy /think": [50, 256]}},
             "grpo": {"tally": {"accuracy /think": [90, 256]}}}
     lines = report.rl_section(pipeline, stage, rows)
     assert lines[0] == "## Reinforcement learning: grpo (from dpo)"
-    # the first and last fifth of the steps: (0.31 + 0.32) / 2 and (0.39 + 0.40) / 2
-    assert lines[2].startswith("- mean reward per step: 0.315 over the first 2 steps -> 0.395 "
-                               "over the last 2 (of 10;")
+    # 3 steps ask the 12 prompts once; step 10 starts a fourth pass, which is left out:
+    # (0.31 + 0.32 + 0.33) / 3 and (0.37 + 0.38 + 0.39) / 3
+    assert lines[2].startswith("- mean reward over a pass over the 12 prompts 0.320 (steps "
+                               "1-3) -> 0.380 (steps 7-9) (")
     assert lines[3].startswith("- accuracy /think: dpo 19.5% (50/256")
     assert "grpo 35.2% (90/256" in lines[3] and lines[3].endswith(": better)")
 
