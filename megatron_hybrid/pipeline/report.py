@@ -41,7 +41,8 @@ scale: GRPO's objective, which can be negative, is drawn by its stage as the rew
 PUBLISHED_PAIR = ("nano-v2-12b", "nano-v2-9b")
 """The published compression the tiny pipeline mirrors: its parameter ratio is the yardstick."""
 HELDOUT_DATA = {"train": "held-out text of its training data", "sft": "held-out conversations, "
-                "assistant tokens", "dpo": "held-out preference pairs (DPO loss)"}
+                "assistant tokens", "dpo": "held-out preference pairs (DPO loss)",
+                "grpo": "none: RL is measured by its rewards"}
 """What a stage kind's held-out loss is measured on when its report does not say."""
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from functools import partial
@@ -414,10 +413,13 @@ def write_report(report: dict, run_dir: Path) -> None:
 def summary_of(report: dict) -> dict:
     """The stage's summary: mean reward per logged step ``[[step, reward], ...]`` (averaged
     over its ``train.log_interval``), per pass over the prompts (:func:`pass_means`), and the
-    held-out task accuracies (``{"accuracy /think": x, ...}`` or None) before and after RL."""
-    steps_per_pass = math.ceil(report["prompts"] / report["grpo"]["rollout_batch"])
+    held-out task accuracies (``{"accuracy /think": x, ...}`` or None) before and after RL.
+    Passes are whole steps only when the step's prompts divide the prompts (else, and for a
+    report that does not count its prompts, there are none)."""
+    steps_per_pass, straddled = divmod(report.get("prompts", 0), report["grpo"]["rollout_batch"])
     return {"reward_per_step": report["rewards"],
-            "reward_per_pass": pass_means(report["rewards"], steps_per_pass),
+            "reward_per_pass": ([] if straddled or not steps_per_pass
+                                else pass_means(report["rewards"], steps_per_pass)),
             "accuracy_before": report["start"]["accuracy"],
             "accuracy_after": report["end"]["accuracy"]}
 

@@ -187,6 +187,9 @@ CASES = [
           message="a group needs at least 2 completions to normalize their rewards"),
     stage("grpo", "grpo.rewards={nope: 1.0}", area=R, message="is not module:function"),
     stage("grpo", "grpo.max_new_tokens=90", area=R, message="set train.seq_length="),
+    stage("grpo", "grpo.train_problems=2000", area=R,
+          message="grpo.train_problems=2000 must be between 0 and 1643 (the task's training "
+                  "problems; 0: all)"),
     stage("grpo", "grpo.reward_model={ckpt}", area=C,
           message="has no one-score reward head: give a checkpoint of megatron-hybrid "
                   "reward-model"),

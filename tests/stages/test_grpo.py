@@ -70,6 +70,27 @@ def test_advantages_are_zero_for_a_group_with_equal_rewards():
     assert advantages[3:6].tolist() == pytest.approx(expected, rel=1e-6)
 
 
+def test_reward_per_pass_averages_each_whole_pass_over_the_prompts():
+    def rounded(passes):
+        return [(first, last, round(mean, 9)) for first, last, mean in passes]
+
+    per_step = [[1, 0.1], [2, 0.3], [3, 0.5], [4, 0.7], [5, 0.9]]
+    # two steps a pass; step 5 starts a third pass, which is left out until it is whole
+    assert rounded(grpo.pass_means(per_step, 2)) == [(1, 2, 0.2), (3, 4, 0.6)]
+    # logged every 2 steps (each record an interval's mean), 4 steps a pass
+    logged = [[2, 0.2], [4, 0.4], [6, 0.6], [8, 0.8]]
+    assert rounded(grpo.pass_means(logged, 4)) == [(1, 4, 0.3), (5, 8, 0.7)]
+    assert grpo.pass_means([], 4) == []
+    # 10 prompts, 4 a step: a pass ends inside a step, so the report keeps to steps
+    report = {"rewards": per_step, "prompts": 10, "grpo": {"rollout_batch": 4},
+              "start": {"accuracy": None}, "end": {"accuracy": None}}
+    assert grpo.summary_of(report)["reward_per_pass"] == []
+    assert grpo.reward_trend(report) == "mean reward 0.100 (step 1) -> 0.900 (step 5)"
+    report["prompts"] = 8
+    assert grpo.reward_trend(report) == ("mean reward over a pass over the 8 prompts 0.200 "
+                                         "(steps 1-2) -> 0.600 (steps 3-4)")
+
+
 def test_clipped_objective_and_kl_match_a_hand_computation():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -2.0]])
     old = torch.tensor([[-1.5, -1.9, -0.5], [-2.0, -1.2, -9.0]])

@@ -42,6 +42,9 @@ def test_task_reward_rises_over_passes_and_not_without_updates(finetuned, tmp_pa
     learned = reward_per_pass(finetuned, tmp_path / "learn", "3e-3")
     control = reward_per_pass(finetuned, tmp_path / "control", "1e-12")
     assert len(learned) == len(control) == 8  # 16 steps, 2 a pass
+    report = (tmp_path / "learn" / f"{grpo.REPORT}.md").read_text()
+    assert f"Mean reward over a pass over the 16 prompts {learned[0]:.3f} (steps 1-2) -> " \
+           f"{learned[-1]:.3f} (steps 15-16)." in report
     rise = {name: sum(curve[-2:]) / 2 - curve[0]
             for name, curve in (("learned", learned), ("control", control))}
     assert rise["learned"] > 0.05 and rise["learned"] - rise["control"] > 0.05, (learned,
