@@ -123,30 +123,6 @@ class ParallelHeadsLayer(mcore.MegatronModule):
         return hidden_states + output
 
 
-class MambaOrParallelHeads:
-    """Megatron-Core's MambaStack allocates ``M``, ``*``, ``-`` and ``E`` layers only, so the
-    pattern's ``H`` layers reach it as ``M`` (:func:`in_mamba_slots`); in its Mamba slot this
-    builds the layer the pattern ``layers`` has at the slot's global ``layer_number``. The
-    object built is the layer itself, so parameter and checkpoint names stay."""
-
-    def __new__(cls, config, *, mamba, parallel_heads, layers: str, layer_number: int,
-                **kwargs):
-        spec = parallel_heads if layers[layer_number - 1] == "H" else mamba
-        return mcore.build_module(spec, config=config, layer_number=layer_number, **kwargs)
-
-
-def in_mamba_slots(submodules, pattern: str):
-    """The stack's layer specs and pattern as MambaStack takes them: without ``H`` as they
-    are; with, the ``H`` layers as ``M`` and the Mamba slot a :class:`MambaOrParallelHeads`
-    (the specs' ``parallel_heads_layer`` builds them)."""
-    if "H" not in pattern:
-        return submodules, pattern
-    slot = mcore.ModuleSpec(module=MambaOrParallelHeads, params={
-        "mamba": submodules.mamba_layer, "parallel_heads": submodules.parallel_heads_layer,
-        "layers": pattern})
-    return dataclasses.replace(submodules, mamba_layer=slot), pattern.replace("H", "M")
-
-
 class MetaTokens(torch.nn.Module):
     """Hymba's meta tokens: ``count`` learnable vectors put before every sequence."""
 

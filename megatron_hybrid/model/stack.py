@@ -22,18 +22,16 @@ class HybridStack(mcore.MambaStack):
     final norm from the spec, and full recompute from the :class:`RecomputedLayer` subclasses
     in place of the spec's layers (:func:`stack_layers`). ``layer_sizes`` (global 0-based
     layer index -> TransformerConfig sizes, ``model.layer_overrides``) builds those layers
-    with their own sizes (:class:`SizedLayer`). The pattern's ``H`` layers are built in
-    MambaStack's Mamba slots (:func:`parallel_heads.in_mamba_slots`).
+    with their own sizes, and the pattern's ``H`` layers are built in MambaStack's Mamba
+    slots (both :class:`LayerSlot`).
     """
 
     def __init__(self, config, submodules, *, stage_sizes, final_norm, post_layer_norm=True,
                  layer_sizes=None, **kwargs):
         self.stage_sizes = tuple(stage_sizes)
-        layers, kwargs["hybrid_override_pattern"] = parallel_heads.in_mamba_slots(
-            stack_layers(submodules, config), kwargs["hybrid_override_pattern"])
-        if layer_sizes:
-            first = sum(self.stage_sizes[: kwargs["pg_collection"].pp.rank()])
-            layers = sized_layers(layers, layer_sizes, first)
+        layers, kwargs["hybrid_override_pattern"] = layer_slots(
+            stack_layers(submodules, config), kwargs["hybrid_override_pattern"],
+            layer_sizes or {}, first=sum(self.stage_sizes[: kwargs["pg_collection"].pp.rank()]))
         super().__init__(config, layers, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
@@ -144,31 +142,46 @@ def recomputed_layers(submodules: "mcore.MambaStackSubmodules") -> "mcore.MambaS
     return dataclasses.replace(submodules, **replaced)
 
 
-class SizedLayer:
-    """Builds its ``layer`` spec under the stack's config with the sizes ``layer_sizes`` gives
-    the layer's global 0-based index, where it gives some (heterogeneous blocks). Megatron-Core's
-    MambaStack builds every layer with one config; the object built is the layer itself, not
-    a wrapper, so parameter and checkpoint names stay. MambaStack numbers Mamba layers
-    globally and the others within their pipeline stage, whose first global index is
-    ``first`` (0 for Mamba layers: :func:`sized_layers`)."""
+SLOT_SYMBOLS = {"mamba_layer": "MH", "attention_layer": "*", "mlp_layer": "-", "moe_layer": "E"}
+"""MambaStack's layer slots -> the pattern symbols each builds: Megatron-Core allocates only
+M, *, - and E, so the pattern's ``H`` layers reach it as ``M`` and its Mamba slot builds them
+(from the specs' ``parallel_heads_layer``)."""
 
-    def __new__(cls, config, *, layer, layer_sizes: dict, first: int, layer_number: int,
-                **kwargs):
-        sizes = layer_sizes.get(first + layer_number - 1)
+
+class LayerSlot:
+    """One of MambaStack's layer slots: builds, for each of its layers, the spec in ``specs``
+    of the symbol ``pattern`` has at the layer's global 0-based index, under the stack's
+    config with the sizes ``layer_sizes`` gives that index, where it gives some
+    (heterogeneous blocks). The object built is the layer itself, not a wrapper, so parameter
+    and checkpoint names stay. MambaStack numbers Mamba layers globally and the others within
+    their pipeline stage, whose first global index is ``first`` (0 for the Mamba slot:
+    :func:`layer_slots`)."""
+
+    def __new__(cls, config, *, specs: dict, pattern: str, layer_sizes: dict, first: int,
+                layer_number: int, **kwargs):
+        index = first + layer_number - 1
+        sizes = layer_sizes.get(index)
         if sizes:
             config = dataclasses.replace(config, **sizes)
-        return mcore.build_module(layer, config=config, layer_number=layer_number, **kwargs)
+        return mcore.build_module(specs[pattern[index]], config=config,
+                                  layer_number=layer_number, **kwargs)
 
 
-def sized_layers(submodules: "mcore.MambaStackSubmodules", layer_sizes: dict,
-                 first: int) -> "mcore.MambaStackSubmodules":
-    """The stack's layer specs as :class:`SizedLayer` s with ``layer_sizes``, in the pipeline
-    stage whose first layer has global index ``first``."""
+def layer_slots(submodules: "mcore.MambaStackSubmodules", pattern: str, layer_sizes: dict, *,
+                first: int) -> tuple["mcore.MambaStackSubmodules", str]:
+    """The stack's layer specs and its (global) pattern as MambaStack takes them: as they are
+    without ``H`` layers and per-layer sizes; else each slot a :class:`LayerSlot`, in the
+    pipeline stage whose first layer has global index ``first``, and ``H`` as ``M``."""
+    if "H" not in pattern and not layer_sizes:
+        return submodules, pattern
+    specs = {"H": getattr(submodules, "parallel_heads_layer", None),
+             **{symbols[0]: getattr(submodules, name) for name, symbols in SLOT_SYMBOLS.items()}}
     return dataclasses.replace(submodules, **{
-        name: mcore.ModuleSpec(module=SizedLayer, params={
-            "layer": spec, "layer_sizes": layer_sizes,
-            "first": 0 if name == "mamba_layer" else first})
-        for name, spec in vars(submodules).items() if isinstance(spec, mcore.ModuleSpec)})
+        name: mcore.ModuleSpec(module=LayerSlot, params={
+            "specs": {symbol: specs[symbol] for symbol in symbols}, "pattern": pattern,
+            "layer_sizes": layer_sizes, "first": 0 if name == "mamba_layer" else first})
+        for name, symbols in SLOT_SYMBOLS.items()
+        if isinstance(getattr(submodules, name), mcore.ModuleSpec)}), pattern.replace("H", "M")
 
 
 def stack_layers(submodules: "mcore.MambaStackSubmodules",
