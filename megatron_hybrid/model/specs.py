@@ -9,8 +9,9 @@ Behaviour changes by swapping specs, never by editing model code:
   Megatron-Core's ModelOpt spec does with ``remap_te_layernorm``).
 Both wrap the layers in ``model/stack.py``'s HybridStack, which splits pipeline stages by the
 pattern and implements full activation recompute (Megatron-Core 0.16's MambaStack ignores it),
-per-layer sizes and Hymba's meta tokens, and both build their Mamba mixers as :class:`DtClampedMambaMixer` (HF NemotronH's dt clamp). The local
-spec also builds the pattern's ``H`` layers (``model/parallel_heads.py``).
+per-layer sizes and Hymba's meta tokens, and both build their Mamba mixers as
+:class:`DtClampedMambaMixer` (HF NemotronH's dt clamp). The local spec also builds the
+pattern's ``H`` layers (``model/parallel_heads.py``).
 """
 
 from __future__ import annotations

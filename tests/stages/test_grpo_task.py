@@ -37,8 +37,9 @@ def reward_per_pass(checkpoint, out, lr: str) -> list[float]:
 
 def test_task_reward_rises_over_passes_and_not_without_updates(finetuned, tmp_path):
     """The rise: the mean reward of the last two passes over the pool minus the first pass's.
-    Measured over 5 seeds (train.seed 1234, 2, 3, 4, 5; 1 thread) at lr 3e-3: 0.09-0.15 for the learning run,
-    -0.044 to +0.042 for its control; the learning run above its control by 0.09-0.17."""
+    Measured over 5 seeds (train.seed 1234, 2, 3, 4, 5; 1 thread) at lr 3e-3: 0.09-0.15 for
+    the learning run, -0.044 to +0.042 for its control; the learning run above its control by
+    0.09-0.17."""
     learned = reward_per_pass(finetuned, tmp_path / "learn", "3e-3")
     control = reward_per_pass(finetuned, tmp_path / "control", "1e-12")
     assert len(learned) == len(control) == 8  # 16 steps, 2 a pass
